@@ -1,0 +1,50 @@
+"""The `diffv2-lit` console script: one entry point, many subcommands.
+
+`fit` and `validate` go to LightningCLI (the `lightning` console script that used to offer them
+was removed in 2025). Every other subcommand is a plain function `main(argv)` in its own module,
+imported only when it is called so that `diffv2-lit prepare --help` does not pay for importing
+the whole training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+
+# subcommand -> (module, function, one-line help)
+TOOL_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("diffv2_lit.data.prepare", "main", "turn text files into LitData token chunks"),
+    "train-tokenizer": ("diffv2_lit.data.tokenizer", "train_main", "train a byte-level BPE tokenizer"),
+    "generate": ("diffv2_lit.inference.generate", "main", "sample text from a checkpoint or export"),
+    "export": ("diffv2_lit.inference.export", "main", "export a checkpoint to Hugging Face format"),
+    "consolidate": ("diffv2_lit.training.checkpoint", "consolidate_main", "merge a sharded checkpoint into one file"),
+    "compare": ("diffv2_lit.compare", "main", "overlay several runs in a Markdown/PNG report"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: diffv2-lit <subcommand> [options]", "", "training (LightningCLI):"]
+    lines += [f"  {name:<16} see `diffv2-lit {name} --help`" for name in LIGHTNING_SUBCOMMANDS]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in TOOL_SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    command = argv[0]
+    if command in LIGHTNING_SUBCOMMANDS:
+        from diffv2_lit.training.cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return
+    if command not in TOOL_SUBCOMMANDS:
+        sys.exit(f"diffv2-lit: unknown subcommand {command!r}\n\n{_usage()}")
+    module_name, function_name, _ = TOOL_SUBCOMMANDS[command]
+    function = getattr(importlib.import_module(module_name), function_name)
+    sys.exit(function(argv[1:]))

@@ -1,0 +1,170 @@
+"""Model configuration, named presets and parameter counting.
+
+Notation (DESIGN.md section 1): `dim` = D model width, `n_heads` = h output heads,
+`n_kv_heads` = h_kv key/value heads, `head_dim` = d.
+
+For every attention variant `n_heads` counts the heads that reach `o_proj`, so baseline, DIFF V2
+and DIFF V1 built from one config have identical `o_proj` shapes:
+- baseline: h query heads;
+- diffv2:   2h query heads, subtracted pairwise down to h;
+- diffv1:   h/2 differential heads, each with two d-dim queries/keys and a 2d-dim value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+ATTENTION_VARIANTS = ("baseline", "diffv2", "diffv1")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "eager")
+
+AttentionVariant = Literal["baseline", "diffv2", "diffv1"]
+AttentionBackend = Literal["auto", "flash", "sdpa", "eager"]
+
+
+def flash_attn_available() -> bool:
+    """The one availability check for the optional flash-attn kernel (never imported at top level)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: about 8/3 * dim, rounded up to a multiple of `multiple_of`."""
+    hidden = int(8 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot work; the message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320
+    n_layers: int = 6
+    dim: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_hidden_dim: int | None = None  # None: swiglu_hidden_dim(dim)
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention: AttentionVariant = "diffv2"
+    attn_backend: AttentionBackend = "auto"
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_dim is None:
+            self.ffn_hidden_dim = swiglu_hidden_dim(self.dim)
+        for name in ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_hidden_dim", "max_seq_len"):
+            _require_positive_int(name, getattr(self, name))
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number.")
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ConfigError(f"attention={self.attention!r} is unknown; choose one of {ATTENTION_VARIANTS}.")
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attn_backend={self.attn_backend!r} is unknown; choose one of {ATTENTION_BACKENDS}.")
+        self._check_heads()
+        if self.attn_backend == "flash" and not flash_attn_available():
+            raise ConfigError(
+                "attn_backend='flash' but flash-attn is not installed; install it on a CUDA machine with "
+                "`pip install 'diffv2-lit[flash]'`, or use attn_backend='auto' (flash when available, else SDPA)."
+            )
+
+    def _check_heads(self) -> None:
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: every query head must "
+                f"map to one KV head (and DIFF V2's paired heads must share one). Choose n_kv_heads among the "
+                f"divisors of {self.n_heads}: {_divisors(self.n_heads)}."
+            )
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings (rotate-half pairs).")
+        if self.attention == "diffv1" and (self.n_heads % 2 or self.n_kv_heads % 2):
+            raise ConfigError(
+                f"attention='diffv1' halves the heads (h/2 differential heads over h_kv/2 KV heads), so n_heads="
+                f"{self.n_heads} and n_kv_heads={self.n_kv_heads} must both be even; e.g. n_kv_heads="
+                f"{self.n_kv_heads + self.n_kv_heads % 2} or an even n_heads."
+            )
+
+    @property
+    def n_query_heads(self) -> int:
+        """Query heads the attention kernel sees."""
+        return {"baseline": self.n_heads, "diffv2": 2 * self.n_heads, "diffv1": self.n_heads}[self.attention]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; available presets: {sorted(PRESETS)}.")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer.")
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _gpt3_shape(n_layers: int, dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
+                **extra) -> ModelConfig:
+    """GPT-3 family shapes with Llama parts; vocab padded to a multiple of 64 (GPT-2 BPE: 50257 -> 50304)."""
+    return ModelConfig(vocab_size=50304, n_layers=n_layers, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       head_dim=head_dim or dim // n_heads, max_seq_len=2048, **extra)
+
+
+# Sizes from DESIGN.md section 3 (GQA variants of the GPT-3 table). All default to DIFF V2; pass
+# attention="baseline" / "diffv1" to get the twins.
+PRESETS: dict[str, ModelConfig] = {
+    # A few million parameters: trains on 2 CPU cores with the byte tokenizer (259 ids, padded to 320).
+    "quickstart": ModelConfig(),
+    "125m": _gpt3_shape(12, 768, 12, 4),
+    "350m": _gpt3_shape(24, 1024, 16, 4),
+    "760m": _gpt3_shape(24, 1536, 16, 4),
+    "1.3b": _gpt3_shape(24, 2048, 16, 4),
+    "2.7b": _gpt3_shape(32, 2560, 32, 8),
+    "6.7b": _gpt3_shape(32, 4096, 32, 8),
+    # The write-up's parameter-matched control (ablation 4): a baseline with 1.5h query heads has the
+    # attention parameters (3 + 2r) D^2 of DIFF V2 with h heads. 18 query heads cannot share 4 KV heads,
+    # so the 125m control uses 6 (+2.4M parameters, +1.9%); 24 heads over 4 KV heads match 1.3b exactly.
+    "quickstart-control": ModelConfig(n_heads=6, attention="baseline"),
+    "125m-control": _gpt3_shape(12, 768, 18, 6, head_dim=64, attention="baseline"),
+    "1.3b-control": _gpt3_shape(24, 2048, 24, 4, head_dim=128, attention="baseline"),
+}
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part, from a model built on the meta device (no memory allocated)."""
+    import torch
+
+    from diffv2_lit.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0}
+    for name, param in model.named_parameters():
+        counts[_parameter_group(name)] += param.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _parameter_group(name: str) -> str:
+    if name.startswith("embed_tokens"):
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "norm"

@@ -1,0 +1,161 @@
+"""Llama-style decoder (RMSNorm pre-norm, RoPE, SwiGLU, no biases) with a pluggable attention variant.
+
+Shape legend
+    B batch    T tokens of this call    D model width    V vocabulary    L layers
+
+Module names follow HF Llama (`embed_tokens`, `layers.{i}.self_attn.q_proj`, ..., `norm`, `lm_head`)
+so that a baseline state dict maps onto `LlamaForCausalLM` by prefixing `model.` to everything
+but `lm_head`. Plain PyTorch: no Lightning, no torch.distributed; parallelism is applied from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffv2_lit.model.attention import RMSNorm, build_attention
+from diffv2_lit.model.config import ModelConfig
+from diffv2_lit.model.generation import KVCache, sample_next_token
+from diffv2_lit.model.rope import rope_cos_sin
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(.)). The unit of activation checkpointing, compile and sharding."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.self_attn = build_attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.input_layernorm.reset_parameters()
+        self.post_attention_layernorm.reset_parameters()
+        self.self_attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        # Tied embeddings reuse embed_tokens.weight in forward instead of sharing a Parameter between
+        # two modules: a shared Parameter is silently untied by meta-device `to_empty`.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """input_ids [B, T] -> logits [B, T, V]. With a cache, the tokens continue at cache.length."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self._rope(input_ids.shape[1], start=cache.length if cache else 0, dtype=h.dtype)
+        for block in self.layers:
+            h = block(h, cos, sin, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
+
+    def _rope(self, n_tokens: int, start: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        end = start + n_tokens
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {end}, past max_seq_len={self.config.max_seq_len}; shorten the input "
+                "or build the model with a larger max_seq_len."
+            )
+        positions = torch.arange(start, end, device=self.embed_tokens.weight.device)
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation, also after meta-device construction and `to_empty`.
+
+        N(0, init_std) everywhere, and N(0, init_std / sqrt(2 L)) for the projections that write into
+        the residual stream (o_proj, down_proj): GPT-2's scaled residual init, so the residual's
+        variance does not grow with depth. Norm weights are 1; DIFF parameters as their references.
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=std)
+        for block in self.layers:
+            block.init_weights(std, out_std)
+        self.norm.reset_parameters()
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+
+    # ---- diagnostics (read by the monitoring callback) --------------------------------------
+
+    @contextlib.contextmanager
+    def diagnostics(self) -> Iterator[list[dict]]:
+        """Within this context every attention layer runs the eager kernel and records its internals
+        (context, values, logits, probs, effective_probs, and lambda_ for DIFF) into the yielded
+        per-layer dicts. Outside it, forward is untouched."""
+        records = [{} for _ in self.layers]
+        for block, record in zip(self.layers, records):
+            block.self_attn.diagnostics = record
+        try:
+            yield records
+        finally:
+            for block in self.layers:
+                block.self_attn.diagnostics = None
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.dtype, weight.device)
+
+    @torch.no_grad()
+    def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+        """Yields the next token [B] per step: one prefill over the prompt, then one token at a time."""
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
+            )
+        cache = self.new_cache(input_ids.shape[0], total)
+        logits = self(input_ids, cache)[:, -1]
+        for step in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            yield token
+            if step + 1 < max_new_tokens:
+                logits = self(token[:, None], cache)[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache."""
+        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator))
+        if not new_tokens:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
