@@ -1,0 +1,219 @@
+"""Training callbacks: throughput / MFU, and generated sample text.
+
+FLOPs per token (training = forward + backward = 3 x forward; PaLM appendix B convention, also
+nanoGPT's and torchtitan's):
+
+    flops_per_token = 6 * N  +  3 * L * 2 * T * (Hq * d + Hv * dv)
+
+- N: parameters that multiply activations = all parameters except the embedding lookup (the
+  output projection counts; with tied embeddings the shared matrix is counted once, as lm_head).
+- attention core per layer and token, forward: QK^T costs 2 * T * Hq * d, AV costs 2 * T * Hv * dv,
+  counted over the full T x T square (causal masking is not subtracted, as in the convention).
+  baseline: Hq = Hv = h, dv = d                      -> 12 * L * T * h * d
+  diffv2:   Hq = Hv = 2h (one call over 2h heads)     -> 24 * L * T * h * d (the doubled core)
+  diffv1:   two maps over h/2 heads: Hq = h, Hv = h, dv = 2d -> 18 * L * T * h * d
+
+MFU = achieved FLOP/s per device / dense peak FLOP/s of the device. Lightning's ThroughputMonitor
+has no dense entry for "NVIDIA H200" (and a sparse one for H100/H200), hence this table.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from diffv2_lit.model import ModelConfig, count_parameters
+
+# Dense bf16 peak FLOP/s (no 2:4 sparsity), per device.
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "A100": 312e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12 (pass peak_flops to override)
+    "H200": 989e12,
+    "B200": 2250e12,
+}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), see the module docstring."""
+    counts = count_parameters(config)
+    n_matmul = counts["total"] - counts["embedding"]
+    if config.tie_embeddings:
+        n_matmul += config.vocab_size * config.dim  # the output projection still runs
+    h, d = config.n_heads, config.head_dim
+    core = {"baseline": 2 * h * d, "diffv2": 4 * h * d, "diffv1": 3 * h * d}[config.attention]
+    return 6 * n_matmul + 3 * config.n_layers * 2 * seq_len * core
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak for a known CUDA device name, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_FLOPS_BF16.items():
+        if key in name:
+            return peak
+    return None
+
+
+class ThroughputMFU(L.Callback):
+    """Logs tokens/s per device and in total, MFU, and peak memory every `log_every_n_steps` optimizer steps.
+
+    peak_flops: dense peak FLOP/s per device; None looks the GPU up in PEAK_FLOPS_BF16 (no MFU on
+    CPU unless given).
+    """
+
+    def __init__(self, log_every_n_steps: int = 10, peak_flops: float | None = None) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps} must be >= 1.")
+        if peak_flops is not None and peak_flops <= 0:
+            raise ValueError(f"peak_flops={peak_flops} must be positive (FLOP/s, e.g. 989e12).")
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_flops = peak_flops
+        self._tokens = 0
+        self._start: float | None = None
+        self._flops_per_token: float | None = None
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.peak_flops = self.peak_flops or device_peak_flops(pl_module.device)
+        self._last_step = trainer.global_step
+        self._restart_window(pl_module.device)
+
+    def _restart_window(self, device: torch.device) -> None:
+        _synchronize(device)
+        self._tokens, self._start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        input_ids = batch[0]
+        self._tokens += input_ids.numel()
+        if self._flops_per_token is None:
+            self._flops_per_token = flops_per_token(pl_module.model_config, input_ids.shape[1])
+        if _new_optimizer_step(self, trainer) and trainer.global_step % self.log_every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._start
+        per_device = self._tokens / max(elapsed, 1e-9)
+        metrics = {"perf/tokens_per_sec_per_device": per_device,
+                   "perf/tokens_per_sec": per_device * trainer.world_size,
+                   "perf/peak_memory_gb": peak_memory_bytes(pl_module.device) / 1e9}
+        if self.peak_flops:
+            metrics["perf/mfu"] = per_device * self._flops_per_token / self.peak_flops
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._restart_window(pl_module.device)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._restart_window(pl_module.device)  # do not count validation time as training time
+
+
+def _new_optimizer_step(callback: L.Callback, trainer: L.Trainer) -> bool:
+    """True on the first batch end after an optimizer step (not after every accumulated micro-batch)."""
+    if trainer.global_step == callback._last_step:
+        return False
+    callback._last_step = trainer.global_step
+    return True
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def decode_tokens(ids: list[int], tokenizer: str | None) -> str:
+    """Token ids -> text: the data's tokenizer if it can be loaded, else the byte tokenizer (ids < 256)."""
+    if tokenizer and tokenizer != "byte":
+        try:
+            from diffv2_lit.data.tokenizer import load_tokenizer
+
+            return load_tokenizer(tokenizer).decode(ids)
+        except Exception:
+            pass
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def encode_prompt(prompt: str, tokenizer: str | None) -> list[int]:
+    if tokenizer and tokenizer != "byte":
+        try:
+            from diffv2_lit.data.tokenizer import load_tokenizer
+
+            return load_tokenizer(tokenizer).encode(prompt)
+        except Exception:
+            pass
+    return list(prompt.encode("utf-8"))
+
+
+class SampleText(L.Callback):
+    """Every `every_n_steps` optimizer steps, generate text (KV-cache `generate`) and log it to
+    TensorBoard under `samples/text`; with `print_at_end`, also print one sample when fit ends.
+
+    All ranks generate (under FSDP every forward needs every rank); only rank 0 logs and prints.
+    Sampling uses its own seeded generator so it never disturbs the training RNG streams.
+    """
+
+    def __init__(self, every_n_steps: int = 500, prompt: str = "\n", max_new_tokens: int = 200,
+                 temperature: float = 0.8, top_k: int | None = 50, seed: int = 1234,
+                 print_at_end: bool = False) -> None:
+        if every_n_steps < 1 or max_new_tokens < 1:
+            raise ValueError("every_n_steps and max_new_tokens must be >= 1.")
+        if not prompt:
+            raise ValueError("prompt must not be empty (the model needs at least one token to start from).")
+        self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed, self.print_at_end = temperature, top_k, seed, print_at_end
+        self._last_step = -1
+
+    def sample(self, pl_module: L.LightningModule) -> str:
+        tokenizer = pl_module.hparams.get("tokenizer", "byte")
+        prompt_ids = torch.tensor([encode_prompt(self.prompt, tokenizer)], device=pl_module.device)
+        room = pl_module.model_config.max_seq_len - prompt_ids.shape[1]
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        # Under FSDP2 mixed precision the KV cache takes the fp32 master dtype while activations are
+        # bf16: autocast keeps the attention inputs in one dtype. CPU runs stay in full precision.
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pl_module.device.type == "cuda")
+        try:
+            with autocast:
+                out = pl_module.model.generate(prompt_ids, max(1, min(self.max_new_tokens, room)),
+                                               temperature=self.temperature, top_k=self.top_k,
+                                               generator=generator)
+        finally:
+            pl_module.train(was_training)
+        return decode_tokens(out[0].tolist(), tokenizer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not _new_optimizer_step(self, trainer) or trainer.global_step % self.every_n_steps:
+            return
+        text = self.sample(pl_module)
+        self._log_text(trainer, text)
+
+    @rank_zero_only
+    def _log_text(self, trainer: L.Trainer, text: str) -> None:
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_text"):
+                # Markdown in TensorBoard: indent by four spaces so newlines and spacing survive.
+                logger.experiment.add_text("samples/text", "    " + text.replace("\n", "\n    "),
+                                           trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self.print_at_end:
+            return
+        text = self.sample(pl_module)
+        if trainer.is_global_zero:
+            print(f"\n---- sample after {trainer.global_step} steps (prompt {self.prompt!r}) ----\n{text}\n----")

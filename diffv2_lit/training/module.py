@@ -1,0 +1,266 @@
+"""`DecoderLM`: the LightningModule that trains a `Transformer` (any attention variant).
+
+The decoder returns logits; the fp32 cross-entropy lives here. Optimizer and schedule are built in
+`configure_optimizers` from typed `__init__` arguments (LightningCLI's automatic optimizer would
+build from `model.parameters()` before FSDP wraps them). The model is built in `configure_model()`
+on the meta device, parallelised from outside (`parallelize`), materialised and initialised once.
+
+YAML shape (LightningCLI):
+
+    model:
+      model: {preset: 125m, attention: baseline}   # a preset plus any ModelConfig field
+      lr: 6.0e-4
+      schedule: cosine
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.training.optim import ScheduleName, lr_multiplier, parameter_groups
+from diffv2_lit.training.parallel import parallelize
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelSpec:
+    """A preset name plus overrides of any `ModelConfig` field (None: keep the preset's value)."""
+
+    preset: str = "quickstart"
+    vocab_size: int | None = None
+    n_layers: int | None = None
+    dim: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_hidden_dim: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+    init_std: float | None = None
+    attention: Literal["baseline", "diffv2", "diffv1"] | None = None
+    attn_backend: Literal["auto", "flash", "sdpa", "eager"] | None = None
+
+    def build(self) -> ModelConfig:
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+        return ModelConfig.from_preset(self.preset, **overrides)
+
+
+def resolve_model_config(model: ModelSpec | ModelConfig | dict | str) -> ModelConfig:
+    """Accepts a preset name, a ModelSpec, a ModelConfig, or a dict of either's fields."""
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, str):
+        return ModelConfig.from_preset(model)
+    if isinstance(model, dict):
+        model = ModelSpec(**model) if "preset" in model else ModelConfig(**model)
+        return resolve_model_config(model)
+    return model.build()
+
+
+class DecoderLM(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec | str = "quickstart",
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        schedule: ScheduleName = "cosine",
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        decay_fraction: float = 0.2,
+        max_steps: int | None = None,
+        activation_checkpointing: bool | int = False,
+        compile: bool = False,
+        fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16",
+        fsdp_reduce_dtype: Literal["bfloat16", "float32"] | None = "float32",
+        cpu_offload: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: a preset name (`125m`) or `{preset: ..., <ModelConfig field>: ...}`.
+            lr, betas, eps, weight_decay: AdamW; decay applies to weight matrices only (see optim.py).
+            schedule: `cosine` (warmup then cosine to `min_lr_ratio`), `wsd` (warmup, stable, linear
+                decay over the last `decay_fraction` of the steps) or `constant` (after warmup).
+            max_steps: length of the schedule; None uses `trainer.max_steps` (never
+                `estimated_stepping_batches`, which breaks dataloader resume, Lightning #20550).
+            activation_checkpointing: False, True (every block) or N (every N-th block).
+            compile: torch.compile each block.
+            fsdp_param_dtype / fsdp_reduce_dtype / cpu_offload: FSDP2 settings, used only under
+                `ModelParallelStrategy` (other strategies take precision from the Trainer).
+        """
+        super().__init__()
+        self.model_config = resolve_model_config(model)
+        self.save_hyperparameters(ignore=["model"])
+        # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config,
+        # which other tools (generate, export) read to rebuild the model.
+        self.hparams["model"] = dataclasses.asdict(model) if isinstance(model, ModelSpec) else model
+        self.hparams["model_config"] = dataclasses.asdict(self.model_config)
+        self.model: Transformer | None = None
+        self._reset_train_loss()
+
+    # ---- model construction ------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # called again by validate/test after fit
+            return
+        self._check_vocab()
+        with torch.device("meta"):
+            model = Transformer(self.model_config)
+        mesh = self._device_mesh
+        if mesh is not None and mesh.device_type == "cpu":
+            # DTensor random ops are not sharding-aware on CPU (each rank would draw its shard from the
+            # same seed): initialise the full model first, then shard. Only small CPU models get here.
+            self._materialize(model)
+            self._parallelize(model)
+        else:
+            # GPU / no sharding: shard while on meta, so no rank ever holds the full model, then
+            # materialise the shards and run the one init (DTensor RNG keeps it sharding-independent).
+            self._parallelize(model)
+            self._materialize(model)
+        self.model = model
+
+    def _parallelize(self, model: Transformer) -> None:
+        parallelize(
+            model, device_mesh=self._device_mesh, activation_checkpointing=self.hparams.activation_checkpointing,
+            compile=self.hparams.compile, param_dtype=self.hparams.fsdp_param_dtype,
+            reduce_dtype=self.hparams.fsdp_reduce_dtype, cpu_offload=self.hparams.cpu_offload,
+        )
+
+    def _materialize(self, model: Transformer) -> None:
+        model.to_empty(device=self._init_device())
+        model.init_weights()  # the one initialisation
+
+    def _init_device(self) -> torch.device:
+        if self._trainer is None:
+            return torch.device("cpu")
+        if self.hparams.cpu_offload and self._device_mesh is not None:
+            return torch.device("cpu")  # FSDP2 CPU offload keeps the sharded parameters on the host
+        return self.trainer.strategy.root_device
+
+    def _check_vocab(self) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        try:
+            data_vocab = getattr(datamodule, "vocab_size", None)
+        except Exception:  # a datamodule that only knows its vocabulary after setup()
+            data_vocab = None
+        if data_vocab is not None and self.model_config.vocab_size < data_vocab:
+            raise ValueError(
+                f"the model's vocab_size={self.model_config.vocab_size} is smaller than the data's tokenizer "
+                f"vocabulary ({data_vocab} ids): tokens past {self.model_config.vocab_size - 1} would index out of "
+                f"the embedding. Set model.model.vocab_size to at least {data_vocab} (a multiple of 64 is fastest)."
+            )
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if isinstance(tokenizer, str):
+            self.hparams["tokenizer"] = tokenizer
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids)
+
+    # ---- training ----------------------------------------------------------------------------
+
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored."""
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        input_ids, targets = batch
+        loss = self.loss(self.model(input_ids), targets)
+        # Averaged over the micro-batches of one optimizer step and logged when it happens.
+        self._train_loss_sum += loss.detach()
+        self._train_loss_count += 1
+        return loss
+
+    def _reset_train_loss(self) -> None:
+        self._train_loss_sum: Tensor | float = 0.0
+        self._train_loss_count = 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning clips gradients right after this hook, so this is the norm before clipping.
+        metrics = {"train/grad_norm": global_grad_norm(self.parameters(), self._grads_sharded()),
+                   "lr": optimizer.param_groups[0]["lr"]}
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        if self._train_loss_count:
+            mean_loss = self._train_loss_sum / self._train_loss_count
+            self.log("train/loss", mean_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
+        self._reset_train_loss()
+
+    def _grads_sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    # ---- validation: token-weighted mean loss -------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        input_ids, targets = batch
+        self._val_loss_sum += self.loss(self.model(input_ids), targets, reduction="sum").double()
+        self._val_tokens += (targets != IGNORE_INDEX).sum()
+
+    def on_validation_epoch_end(self) -> None:
+        loss_sum = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        mean = (loss_sum / tokens.clamp(min=1)).float()
+        self.log_dict({"val/loss": mean, "val/ppl": mean.exp()}, prog_bar=True)
+
+    # ---- optimizer and schedule --------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(self.model, self.hparams.weight_decay)
+        for group in groups:
+            group.pop("names")  # kept out of the optimizer state (distributed checkpoints flatten it)
+        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      eps=self.hparams.eps, fused=True if on_cuda else None)
+        multiplier = functools.partial(
+            lr_multiplier, schedule=self.hparams.schedule, max_steps=self.schedule_steps(),
+            warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio,
+            decay_fraction=self.hparams.decay_fraction,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def schedule_steps(self) -> int:
+        steps = self.hparams.max_steps or (self.trainer.max_steps if self._trainer else -1)
+        if steps is None or steps <= 0:
+            raise ValueError(
+                "the LR schedule needs a length: set trainer.max_steps (or model.max_steps). It is not derived "
+                "from estimated_stepping_batches, which would skip restoring the dataloader state on resume."
+            )
+        return steps
+
+
+def global_grad_norm(parameters, sharded: bool) -> Tensor:
+    """L2 norm of all gradients. Under FSDP each rank holds a shard: sum the squares over ranks."""
+    from torch.distributed.tensor import DTensor
+
+    squares = []
+    for param in parameters:
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            squares.append(grad.detach().float().pow(2).sum())
+    if not squares:
+        return torch.zeros(())
+    total = torch.stack(squares).sum()
+    if sharded and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.sqrt()

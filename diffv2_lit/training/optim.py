@@ -1,0 +1,71 @@
+"""Optimizer parameter groups and learning-rate schedules.
+
+Weight decay goes on the 2-D weight matrices of linear layers only (q/k/v/o, gate/up/down,
+lm_head). No decay on:
+- norm weights (RMSNorm, DIFF V1's subln): they set a scale, decaying them pulls it towards 0;
+- lambda parameters (DIFF V2's lambda_proj, DIFF V1's lambda_q1/k1/q2/k2): a handful of gating
+  parameters per layer whose value is the mechanism; DESIGN.md section 6;
+- embeddings (a choice, as in Llama/OLMo-style recipes): each row only gets gradient when its token
+  appears, so decay would shrink rare tokens towards zero between their updates. With tied
+  embeddings the shared matrix is an embedding and is not decayed either.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from torch import nn
+
+# Linear layers whose weight is a lambda (gate) and therefore never decayed.
+NO_DECAY_LINEARS = ("lambda_proj",)
+
+ScheduleName = Literal["cosine", "wsd", "constant"]
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in `model.named_parameters()`) of the parameters that get weight decay."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module_name.split(".")[-1] in NO_DECAY_LINEARS:
+            continue
+        if module.weight.ndim == 2:
+            names.add(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed matrices and everything else (names kept for tests and logs)."""
+    decay_names = decay_parameter_names(model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if name in decay_names else no_decay).append((name, param))
+    return [
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, schedule: ScheduleName, max_steps: int, warmup_steps: int,
+                  min_lr_ratio: float, decay_fraction: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based).
+
+    cosine:   linear warmup to 1, then cosine from 1 to min_lr_ratio at max_steps.
+    wsd:      linear warmup, constant 1 (stable), then a linear decay to min_lr_ratio over the
+              last `decay_fraction` of max_steps (warmup-stable-decay).
+    constant: linear warmup, then 1.
+    Past max_steps the multiplier stays at its final value.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_start = max(warmup_steps, int(round(max_steps * (1.0 - decay_fraction))))
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return 1.0 - (1.0 - min_lr_ratio) * progress

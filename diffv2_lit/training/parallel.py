@@ -1,0 +1,92 @@
+"""Parallelism applied from outside the model, in one function called from `DecoderLM.configure_model()`.
+
+The order is fixed and matters:
+1. activation checkpointing per block: it wraps the block, so it must be inside what gets compiled
+   and sharded (recompute happens inside the compiled, sharded unit);
+2. torch.compile per block: compiling blocks (not the whole model) keeps graphs small and identical
+   across layers (one compilation reused), and compiles the checkpointed forward;
+3. FSDP2 `fully_shard` per block, then the root (embeddings, final norm, lm_head): each block becomes
+   one all-gather / reduce-scatter unit, and the root picks up the parameters no block owns.
+
+The model is still on the meta device when this runs; the caller materialises it (`to_empty`) and
+runs the one `init_weights()` afterwards, so no rank ever holds the full unsharded model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bool | int = False,
+                compile: bool = False, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
+                cpu_offload: bool = False) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 to a `Transformer` (in that order), in place.
+
+    activation_checkpointing: False, True (every block) or N (every N-th block: 0, N, 2N, ...).
+    device_mesh: the data-parallel mesh from Lightning's `ModelParallelStrategy` (None: no sharding).
+    param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in fp32);
+        the sharded master parameters stay in fp32 (run the Trainer with precision "32-true").
+    """
+    every = _checkpoint_interval(activation_checkpointing)
+    if every:
+        apply_activation_checkpointing(model, every)
+    if compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names stay as they were (no `_orig_mod.`)
+    if device_mesh is not None:
+        apply_fsdp2(model, device_mesh, param_dtype, reduce_dtype, cpu_offload)
+    return model
+
+
+def _checkpoint_interval(activation_checkpointing: bool | int) -> int:
+    if activation_checkpointing is True:
+        return 1
+    if activation_checkpointing is False or activation_checkpointing is None:
+        return 0
+    if activation_checkpointing < 0:
+        raise ValueError(f"activation_checkpointing={activation_checkpointing} must be a bool or a positive int.")
+    return int(activation_checkpointing)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Wrap every `every`-th block so its activations are recomputed in backward (non-reentrant).
+
+    The wrapper's `_checkpoint_wrapped_module.` prefix is removed from state dicts by the wrapper's
+    own hooks and by torch.distributed.checkpoint, so checkpoints keep the plain model names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for index, block in enumerate(model.layers):
+        if index % every == 0:
+            model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp2(model: nn.Module, device_mesh, param_dtype: str | None, reduce_dtype: str | None,
+                cpu_offload: bool) -> None:
+    """fully_shard each block, then the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = _data_parallel_mesh(device_mesh)
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(param_dtype), reduce_dtype=DTYPES.get(reduce_dtype))
+    kwargs = {"mesh": mesh, "mp_policy": policy}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    # The root's parameters (embeddings, final norm, lm_head) are needed again right at the start of
+    # backward, so keeping them gathered after forward saves one all-gather per step.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+def _data_parallel_mesh(device_mesh):
+    """Lightning's ModelParallelStrategy mesh has dims ("data_parallel", "tensor_parallel")."""
+    names = device_mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "diffv2-lit shards with FSDP2 only; set ModelParallelStrategy(data_parallel_size=<world size>, "
+            "tensor_parallel_size=1) (its 'auto' sizes mean tensor parallel over the GPUs of a node)."
+        )
+    return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
