@@ -1,0 +1,67 @@
+"""`diffv2-lit consolidate`: a sharded (distributed) checkpoint folder -> one ordinary checkpoint file.
+
+Under FSDP2 (`ModelParallelStrategy`) every rank writes its own shard into a folder named like
+`step=1000.ckpt/` (torch.distributed.checkpoint files plus Lightning's `meta.pt`); nothing is
+gathered on rank 0 while training. This command merges the shards on one machine's CPU and writes
+a single file with Lightning's layout (`state_dict` keys `model.<Transformer key>`,
+`hyper_parameters` incl. `model_config`, and optionally the optimizer state), which
+`DecoderLM.load_from_checkpoint`, `diffv2-lit generate` and `diffv2-lit export` read.
+
+    diffv2-lit consolidate runs/125m/version_0/checkpoints/last.ckpt model.ckpt [--with-optimizer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+LIGHTNING_METADATA = "meta.pt"  # what ModelParallelStrategy writes next to the shards (rank 0)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: bool = False) -> Path:
+    """Merge a distributed checkpoint folder into one `torch.save` file; returns the output path."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded_dir, output = Path(sharded_dir), Path(output)
+    if not is_sharded_checkpoint(sharded_dir):
+        raise FileNotFoundError(
+            f"{sharded_dir} is not a sharded checkpoint folder (no .metadata inside); single-file checkpoints "
+            "need no consolidation."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        merged_path = Path(tmp) / "merged.pt"
+        dcp_to_torch_save(sharded_dir, merged_path)
+        merged = torch.load(merged_path, map_location="cpu", weights_only=False)
+    checkpoint = _lightning_metadata(sharded_dir)
+    checkpoint["state_dict"] = merged["state_dict"]
+    optimizers = [merged[key] for key in sorted(merged) if key.startswith("optimizer_")]
+    if with_optimizer and optimizers:
+        checkpoint["optimizer_states"] = optimizers
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, output)
+    return output
+
+
+def _lightning_metadata(sharded_dir: Path) -> dict:
+    path = sharded_dir / LIGHTNING_METADATA
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+
+
+def consolidate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffv2-lit consolidate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="sharded checkpoint folder (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("output", help="single-file checkpoint to write")
+    parser.add_argument("--with-optimizer", action="store_true", help="also keep the optimizer state")
+    args = parser.parse_args(argv)
+    output = consolidate(args.checkpoint, args.output, args.with_optimizer)
+    size_mb = output.stat().st_size / 2**20
+    print(f"wrote {output} ({size_mb:.1f} MiB) from the shards in {args.checkpoint}")
+    return 0

@@ -1,0 +1,42 @@
+"""Tiny models, data and a loss recorder shared by the training tests (and run_tiny.py)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from diffv2_lit.training.module import DecoderLM
+from diffv2_lit.training.synthetic import SyntheticDataModule
+
+TINY_MODEL = {"preset": "quickstart", "n_layers": 2, "dim": 64, "n_heads": 2, "n_kv_heads": 1, "head_dim": 32,
+              "vocab_size": 64, "max_seq_len": 64}
+
+
+def tiny_module(attention: str = "diffv2", **kwargs) -> DecoderLM:
+    kwargs = {"lr": 3e-3, "warmup_steps": 2, **kwargs}
+    return DecoderLM(model={**TINY_MODEL, "attention": attention}, **kwargs)
+
+
+def tiny_data(batch_size: int = 4, **kwargs) -> SyntheticDataModule:
+    kwargs = {"vocab_size": 64, "seq_len": 32, "alphabet": 32, **kwargs}
+    return SyntheticDataModule(batch_size=batch_size, **kwargs)
+
+
+def tiny_trainer(max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0, gradient_clip_val=1.0, deterministic=True)
+    return L.Trainer(max_steps=max_steps, callbacks=list(callbacks), **{**defaults, **kwargs})
+
+
+class LossRecorder(L.Callback):
+    """Per optimizer step: the loss averaged over ranks, and a fingerprint of the batch it came from."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.batches: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
+        self.losses.append(float(loss))
+        self.batches.append(int(batch[0].sum()))

@@ -1,0 +1,87 @@
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from diffv2_lit.model import ModelConfig
+from diffv2_lit.training.callbacks import flops_per_token
+from diffv2_lit.training.module import DecoderLM, ModelSpec, resolve_model_config
+
+from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer
+
+
+def test_model_spec_forms_agree():
+    from_spec = resolve_model_config(ModelSpec(preset="125m", attention="baseline"))
+    assert from_spec == ModelConfig.from_preset("125m", attention="baseline")
+    assert resolve_model_config({"preset": "125m", "attention": "baseline"}) == from_spec
+    assert resolve_model_config("quickstart") == ModelConfig.from_preset("quickstart")
+    module = DecoderLM(model={"preset": "125m", "n_layers": 2})
+    assert module.hparams["model_config"]["n_layers"] == 2 and module.hparams["model_config"]["dim"] == 768
+
+
+def test_refuses_a_vocabulary_larger_than_the_model():
+    trainer = tiny_trainer(max_steps=1)
+    with pytest.raises(ValueError, match="vocab_size=64 is smaller"):
+        trainer.fit(tiny_module(), tiny_data(vocab_size=300))
+
+
+def test_attention_core_flops_per_variant():
+    config = ModelConfig.from_preset("125m", attention="baseline")
+    seq = 2048
+    core = lambda c: flops_per_token(c, seq) - 6 * _matmul_params(c)  # noqa: E731
+    base = core(config)
+    assert base == 12 * 12 * seq * 12 * 64
+    assert core(config.replace(attention="diffv2")) == 2 * base  # doubled query heads
+    assert core(config.replace(attention="diffv1")) == 1.5 * base
+
+
+def _matmul_params(config):
+    from diffv2_lit.model import count_parameters
+
+    counts = count_parameters(config)
+    return counts["total"] - counts["embedding"]
+
+
+def test_fit_logs_loss_grad_norm_lr_and_val():
+    trainer = tiny_trainer(max_steps=4, limit_val_batches=2, val_check_interval=4, accumulate_grad_batches=2)
+    module = tiny_module()
+    trainer.fit(module, tiny_data())
+    metrics = trainer.callback_metrics
+    for key in ("train/loss", "train/grad_norm", "lr", "val/loss", "val/ppl"):
+        assert key in metrics, key
+    assert torch.isclose(metrics["val/ppl"], metrics["val/loss"].exp())
+    assert metrics["train/grad_norm"] > 0
+    assert trainer.global_step == 4
+
+
+def test_resume_is_exact(tmp_path):
+    """Stop at step 4, resume from the checkpoint: steps 5-8 equal an uninterrupted run's, batch for batch."""
+    L.seed_everything(0)
+    full = LossRecorder()
+    tiny_trainer(max_steps=8, callbacks=[full]).fit(tiny_module(max_steps=8), tiny_data())
+
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True)
+    first = LossRecorder()
+    tiny_trainer(max_steps=4, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        tiny_module(max_steps=8), tiny_data())
+
+    L.seed_everything(123)  # the checkpoint, not the seed, must carry the state
+    resumed = LossRecorder()
+    tiny_trainer(max_steps=8, callbacks=[resumed]).fit(tiny_module(max_steps=8), tiny_data(),
+                                                       ckpt_path=str(tmp_path / "last.ckpt"))
+    assert first.losses == full.losses[:4]
+    assert resumed.batches == full.batches[4:]
+    assert resumed.losses == full.losses[4:]
+
+
+def test_checkpoint_holds_model_config_and_plain_keys(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = tiny_trainer(max_steps=2, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(tiny_module(), tiny_data())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["hyper_parameters"]["model_config"]["attention"] == "diffv2"
+    assert saved["hyper_parameters"]["tokenizer"] == "byte"
+    assert "model.layers.0.self_attn.lambda_proj.weight" in saved["state_dict"]
+    restored = DecoderLM.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert restored.model_config == trainer.lightning_module.model_config
