@@ -1,0 +1,56 @@
+"""Run a tiny training job in its own process (Lightning re-launches this script once per rank).
+
+    python tests/training/run_tiny.py --devices 2 --strategy fsdp2 --max-steps 4 --out losses.json \
+        --ckpt-dir ckpts [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+
+from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer  # noqa: E402
+
+GLOBAL_BATCH = 4
+SCHEDULE_STEPS = 6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", choices=["auto", "fsdp2"], default="auto")
+    parser.add_argument("--max-steps", type=int, required=True)
+    parser.add_argument("--ckpt-dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    strategy = "auto"
+    if args.strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    recorder = LossRecorder()
+    callbacks = [recorder]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=2, save_last=True))
+    trainer = tiny_trainer(max_steps=args.max_steps, callbacks=callbacks, devices=args.devices, strategy=strategy,
+                           enable_checkpointing=bool(args.ckpt_dir))
+    # fp32 everywhere on CPU: FSDP2 mixed precision off, so sharded and single runs compare closely.
+    module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None)
+    trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices),
+                ckpt_path="last" if args.resume else None)
+    if trainer.is_global_zero:
+        with open(args.out, "w") as f:
+            json.dump({"losses": recorder.losses, "grad_norm": float(trainer.callback_metrics["train/grad_norm"])}, f)
+
+
+if __name__ == "__main__":
+    main()
