@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -62,7 +63,9 @@ def build_cli(argv: list[str] | None, run: bool = True, cli_class: type[Lightnin
 def parse_config(config_files: list[str], overrides: list[str] | None = None):
     """The resolved config (a jsonargparse Namespace) of `--config f1 --config f2 ... overrides`."""
     argv = [arg for path in config_files for arg in ("--config", path)] + list(overrides or [])
-    return build_cli(argv, run=False, cli_class=_ParseOnlyCLI).config
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended")  # called from Python on purpose
+        return build_cli(argv, run=False, cli_class=_ParseOnlyCLI).config
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
