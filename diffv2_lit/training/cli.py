@@ -12,6 +12,7 @@ the resolved config is saved as config.yaml in every run's log folder.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import warnings
@@ -36,6 +37,22 @@ class DiffV2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for the whole run unless the user says otherwise (reproducible by default).
         parser.set_defaults({"seed_everything": 1234})
+
+    def before_fit(self) -> None:
+        self._resolve_last("fit")
+
+    def before_validate(self) -> None:
+        self._resolve_last("validate")
+
+    def _resolve_last(self, subcommand: str) -> None:
+        """`--ckpt_path last` across runs: every run logs into a new version folder, and Lightning
+        would look for `last.ckpt` only in the new (empty) one. Take the newest of all versions."""
+        if self.config_init[subcommand].get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(self.trainer)
+        if found:
+            self.config_init[subcommand]["ckpt_path"] = found
+            _print_rank_zero(f"resuming from {found}")
 
 
 class _ParseOnlyCLI(DiffV2CLI):
@@ -75,6 +92,25 @@ def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
     _report_outputs(cli.trainer)
     return cli
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> str | None:
+    """Newest `last*.ckpt` (file or sharded folder) under any version of this run's logger folder,
+    or in a ModelCheckpoint's fixed dirpath."""
+    patterns = []
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            patterns.append(os.path.join(callback.dirpath, "last*.ckpt"))
+    logger = trainer.logger
+    if logger is not None and logger.save_dir is not None:
+        patterns.append(os.path.join(logger.save_dir, str(logger.name), "*", "checkpoints", "last*.ckpt"))
+    candidates = [path for pattern in patterns for path in glob.glob(pattern)]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+@rank_zero_only
+def _print_rank_zero(message: str) -> None:
+    print(message)
 
 
 @rank_zero_only
