@@ -8,8 +8,9 @@ The order is fixed and matters:
 3. FSDP2 `fully_shard` per block, then the root (embeddings, final norm, lm_head): each block becomes
    one all-gather / reduce-scatter unit, and the root picks up the parameters no block owns.
 
-The model is still on the meta device when this runs; the caller materialises it (`to_empty`) and
-runs the one `init_weights()` afterwards, so no rank ever holds the full unsharded model.
+On GPUs the model is still on the meta device when this runs; the caller materialises the shards
+(`to_empty`) and runs the one `init_weights()` afterwards, so no rank ever holds the full model.
+(On CPU meshes, where DTensor's random ops are not sharding-aware, DecoderLM initialises first.)
 """
 
 from __future__ import annotations
