@@ -21,7 +21,7 @@ import torch
 
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.training.callbacks import device_peak_flops, flops_per_token
-from diffv2_lit.training.module import DecoderLM, global_grad_norm
+from diffv2_lit.training.module import DecoderLM, global_grad_norm, resolve_model_config
 from diffv2_lit.training.optim import lr_multiplier, parameter_groups
 from diffv2_lit.training.synthetic import SyntheticDataModule
 
@@ -56,7 +56,7 @@ def lightning_tokens_per_sec(steps: int) -> float:
 def plain_tokens_per_sec(steps: int) -> float:
     """The same work written by hand: forward, fp32 loss, backward, grad norm, clip, AdamW, schedule."""
     torch.manual_seed(0)
-    config = ModelConfig.from_preset(**OVERHEAD_MODEL)
+    config = resolve_model_config(OVERHEAD_MODEL)
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device="cpu")
@@ -118,31 +118,44 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-125m", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--seq-125m", type=int, default=128)
     parser.add_argument("--batch-125m", type=int, default=2)
     parser.add_argument("--steps-125m", type=int, default=4)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, lightning {L.__version__}, threads {torch.get_num_threads()}")
 
+    if not args.skip_overhead:
+        overhead(args.steps, args.repeats)
+    if not args.skip_125m:
+        compare_variants(args)
+
+
+def overhead(steps: int, repeats: int) -> None:
     plain, lightning = [], []
-    for _ in range(args.repeats):
-        plain.append(plain_tokens_per_sec(args.steps))
-        lightning.append(lightning_tokens_per_sec(args.steps))
-    print(f"overhead model {OVERHEAD_MODEL}, batch {BATCH} x {SEQ}, {args.steps} steps x {args.repeats}")
+    for _ in range(repeats):
+        plain.append(plain_tokens_per_sec(steps))
+        lightning.append(lightning_tokens_per_sec(steps))
+    print(f"overhead model {OVERHEAD_MODEL}, batch {BATCH} x {SEQ}, {steps} steps x {repeats}")
     print(f"  plain loop  tokens/s: {[round(v) for v in plain]}  median {statistics.median(plain):.0f}")
     print(f"  Lightning   tokens/s: {[round(v) for v in lightning]}  median {statistics.median(lightning):.0f}")
     print(f"  ratio Lightning / plain: {statistics.median(lightning) / statistics.median(plain):.3f}")
 
-    if args.skip_125m:
-        return
+
+def compare_variants(args: argparse.Namespace) -> None:
+    """Alternate baseline and DIFF V2 `repeats` times; report medians."""
     peak = device_peak_flops(torch.device("cpu")) or measured_cpu_peak_flops()
     print(f"125m shape, batch {args.batch_125m} x {args.seq_125m}, peak (measured fp32 GEMM) {peak / 1e9:.0f} GFLOP/s")
+    runs = {"baseline": [], "diffv2": []}
+    for _ in range(args.repeats):
+        for attention in runs:
+            runs[attention].append(variant_throughput(attention, args.seq_125m, args.batch_125m, args.steps_125m, peak))
     results = {}
-    for attention in ("baseline", "diffv2"):
-        results[attention] = variant_throughput(attention, args.seq_125m, args.batch_125m, args.steps_125m, peak)
-        r = results[attention]
-        print(f"  {attention:<8} tokens/s {r['tokens_per_sec']:.0f}  MFU {r['mfu']:.3f}  "
-              f"FLOPs/token {r['flops_per_token'] / 1e6:.0f}M")
+    for attention, rs in runs.items():
+        tokens = statistics.median(r["tokens_per_sec"] for r in rs)
+        results[attention] = r = {**rs[0], "tokens_per_sec": tokens, "mfu": tokens * rs[0]["flops_per_token"] / peak}
+        print(f"  {attention:<8} tokens/s {r['tokens_per_sec']:.0f} (runs {[round(x['tokens_per_sec']) for x in rs]})  "
+              f"MFU {r['mfu']:.3f}  FLOPs/token {r['flops_per_token'] / 1e6:.0f}M")
     ratio = results["diffv2"]["tokens_per_sec"] / results["baseline"]["tokens_per_sec"]
     print(f"  DIFF V2 / baseline tokens/s: {ratio:.3f}")
 
