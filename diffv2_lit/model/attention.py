@@ -30,6 +30,11 @@ from torch import Tensor, nn
 from diffv2_lit.model.config import ModelConfig, flash_attn_available
 from diffv2_lit.model.rope import apply_rope
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 -> fp32 for reductions; fp32 and fp64 stay as they are (tests run in fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take q [B, T, Hq, d], k [B, S, h_kv, d], v [B, S, h_kv, dv] and return
 # [B, T, Hq, dv], causal, with the T queries aligned to the *last* T keys (decoding with a cache).
@@ -54,8 +59,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     keys_t = k.permute(0, 2, 3, 1).unsqueeze(2)  # [B, h_kv, 1, d, S]
     logits = (q_grouped @ keys_t) / math.sqrt(head_dim)  # [B, h_kv, group, T, S]
     logits = logits.masked_fill(~causal_mask(n_queries, n_keys, q.device), float("-inf"))
-    softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    probs = torch.softmax(logits, dim=-1, dtype=softmax_dtype).to(v.dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=at_least_fp32(q.dtype)).to(v.dtype)
     out = probs @ v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, h_kv, group, T, dv]
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, n_queries, n_q_heads, value_dim)
     flat = (batch, n_q_heads, n_queries, n_keys)
@@ -224,8 +228,10 @@ class DiffV1Attention(Attention):
         self.subln = RMSNorm(2 * config.head_dim, eps=config.norm_eps)
 
     def lambda_full(self) -> Tensor:
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).float())
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).float())
+        """The scalar lambda, computed in at least fp32 (exp of a bf16 dot product is too coarse)."""
+        dtype = at_least_fp32(self.lambda_q1.dtype)
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).to(dtype))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).to(dtype))
         return lambda_1 - lambda_2 + self.lambda_init
 
     def _split(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
@@ -272,8 +278,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(at_least_fp32(x.dtype))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
     @torch.no_grad()
