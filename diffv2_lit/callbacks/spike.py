@@ -214,6 +214,8 @@ class GradientSpikeDetector(L.Callback):
         self.overflows = 0       # fp16 GradScaler overflows (not spikes: the scaler skips those steps itself)
         self.max_ratio = 0.0     # largest finite value / level seen on a judged step
         self.last_spike_step: int | None = None
+        self.last_grad_norm: float | None = None  # this step's global norm before clipping (all ranks agree)
+        self.last_loss: float | None = None
         self._loss_sum: Tensor | None = None
         self._stop_pending = False
 
@@ -239,6 +241,7 @@ class GradientSpikeDetector(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grad_norm, loss = self._global_values(trainer, optimizer)
+        self.last_grad_norm, self.last_loss = grad_norm, loss
         self.steps_seen += 1
         ratio = self.current_ratio(grad_norm)  # against the level before this value enters it
         spike = self._judge(grad_norm, loss, overflow_expected=_scaler(trainer) is not None)

@@ -73,6 +73,8 @@ def test_injected_gradient_spike_is_flagged_at_that_step_only(tmp_path):
     assert len(record["top_params"]) == 5 and record["top_params"][0][1] >= record["top_params"][-1][1]
     assert all(name.startswith("model.") for name, _ in record["top_params"])
     assert detector.count == 1 and detector.max_ratio == pytest.approx(record["ratio"])
+    assert math.isfinite(detector.last_grad_norm) and detector.last_loss == pytest.approx(
+        trainer.callback_metrics["train/loss"].item(), rel=1e-5)
 
     logged = scalars(logger.log_dir)
     assert logged["spike/event_ratio"] == [(50, pytest.approx(record["ratio"], rel=1e-5))]
@@ -194,3 +196,24 @@ def test_event_files_hold_no_stray_spike_records(tmp_path):
     logged = scalars(logger.log_dir)
     assert "spike/event_ratio" not in logged and logged["spike/count"] == [(s, 0.0) for s in range(12)]
     assert not glob.glob(os.path.join(logger.log_dir, "spikes.jsonl"))
+
+
+def test_callbacks_build_from_yaml_as_lightning_cli_does():
+    """The YAML of docs/monitoring.md, parsed by jsonargparse (LightningCLI's parser) into live callbacks."""
+    from jsonargparse import ArgumentParser
+
+    from diffv2_lit.callbacks import DiffMonitor
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    yaml = """
+callbacks:
+  - class_path: diffv2_lit.callbacks.GradientSpikeDetector
+    init_args: {action: skip, factor: 4.0, z: null, warmup: 50, method: median}
+  - class_path: diffv2_lit.callbacks.DiffMonitor
+    init_args: {every_n_steps: 100, probe_batch_size: 2}
+"""
+    config = parser.parse_string(yaml)
+    detector, monitor = parser.instantiate_classes(config).callbacks
+    assert isinstance(detector, GradientSpikeDetector) and isinstance(monitor, DiffMonitor)
+    assert (detector.action, detector.z, detector.method, monitor.every_n_steps) == ("skip", None, "median", 100)
