@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"device={device} dtype={args.dtype} every_n_steps={args.every_n_steps} torch={torch.__version__}")
-    print("| preset | params (M) | batch x seq | train step (s) | monitor call (s) | monitor cost | spike-detector cost |")
+    print("| preset | params (M) | batch x seq | train step (s) | monitor call (s) | monitor cost "
+          "| spike-detector cost |")
     print("|---|---|---|---|---|---|---|")
     for preset, seq_len, batch in zip(args.presets, args.seq_len, args.batch_size):
         r = bench(preset, seq_len, batch, args.every_n_steps, args.repeats, device, dtype)

@@ -89,9 +89,11 @@ class DiffMonitor(L.Callback):
         model = getattr(pl_module, "model", None)
         if model is None or not hasattr(model, "diagnostics") or not hasattr(model, "layers"):
             raise TypeError(f"DiffMonitor needs `pl_module.model` to be a diffv2_lit Transformer (with "
-                            f"`diagnostics()` and `layers`); {type(pl_module).__name__}.model is {type(model).__name__}.")
+                            f"`diagnostics()` and `layers`); {type(pl_module).__name__}.model is "
+                            f"{type(model).__name__}.")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         step = trainer.global_step
         # Under gradient accumulation every micro-batch of a step sees the same global_step: run once.
         if step % self.every_n_steps or step == self._last_step:

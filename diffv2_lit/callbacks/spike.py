@@ -206,6 +206,7 @@ class GradientSpikeDetector(L.Callback):
         self.method, self.ema_decay, self.window = method, ema_decay, window
         self.min_rel_spread, self.watch_loss, self.top_k = min_rel_spread, watch_loss, top_k
         self.log_dir = log_dir
+        self._out_dir = log_dir or "."  # resolved in setup()
         self.grad_stats = self._new_stats()
         self.loss_stats = self._new_stats()
         self.steps_seen = 0      # optimizer steps observed
@@ -230,8 +231,7 @@ class GradientSpikeDetector(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # trainer.log_dir is a collective (broadcast): resolve it here, where every rank runs.
-        if self.log_dir is None:
-            self.log_dir = trainer.log_dir or trainer.default_root_dir
+        self._out_dir = self.log_dir or trainer.log_dir or trainer.default_root_dir
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         # Lightning passes loss / accumulate_grad_batches (and times the loss scale under fp16): the sum
@@ -261,7 +261,7 @@ class GradientSpikeDetector(L.Callback):
         if not self._stop_pending:
             return
         self._stop_pending = False
-        path = os.path.join(self.log_dir, f"spike-stop-step{self.last_spike_step:08d}.ckpt")
+        path = os.path.join(self._out_dir, f"spike-stop-step{self.last_spike_step:08d}.ckpt")
         trainer.save_checkpoint(path)
         rank_zero_info(f"GradientSpikeDetector: spike at step {self.last_spike_step}; saved {path} and stopping. "
                        f"Resume with `ckpt_path={path!r}` (see {self._jsonl_path()}).")
@@ -280,7 +280,8 @@ class GradientSpikeDetector(L.Callback):
             loss = loss / scaler.get_scale()
         has_loss = self._loss_sum is not None
         self._loss_sum = None
-        pair = torch.stack([norm.float(), loss.to(norm.device).float()])
+        device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
+        pair = torch.stack([norm.float().to(device), loss.float().to(device)])
         pair = trainer.strategy.reduce(pair, reduce_op="mean")  # identity on one device
         grad_norm, loss_value = pair.tolist()
         return grad_norm, (loss_value if has_loss else None)
@@ -360,8 +361,8 @@ class GradientSpikeDetector(L.Callback):
                        f"level {spike['level']:.4g}, action {self.action!r}")
 
     def _jsonl_path(self) -> str:
-        os.makedirs(self.log_dir, exist_ok=True)
-        return os.path.join(self.log_dir, "spikes.jsonl")
+        os.makedirs(self._out_dir, exist_ok=True)
+        return os.path.join(self._out_dir, "spikes.jsonl")
 
     # ---- checkpointing -----------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ class ShardedLM(TinyLM):
         # After the detector ran: the reference norm, from the full (unsharded) gradients.
         grads = [p.grad.full_tensor() for p in self.parameters() if p.grad is not None]
         if grads:  # none after a skipped step
-            self.norms.append([self.global_step, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()])
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            self.norms.append([self.global_step, norm.item()])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1, foreach=True)
@@ -49,7 +50,8 @@ def main(out_dir: str) -> None:
     rank = trainer.global_rank
     result = {"rank": rank, "count": detector.count, "last_spike_step": detector.last_spike_step,
               "stats": detector.grad_stats.state_dict(), "reference_norms": module.norms,
-              "monitor_last_step": monitor._last_step, "first_weight_sum": float(module.model.norm.weight.full_tensor().sum())}
+              "monitor_last_step": monitor._last_step,
+              "first_weight_sum": float(module.model.norm.weight.full_tensor().sum())}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 

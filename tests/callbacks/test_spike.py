@@ -217,3 +217,13 @@ callbacks:
     detector, monitor = parser.instantiate_classes(config).callbacks
     assert isinstance(detector, GradientSpikeDetector) and isinstance(monitor, DiffMonitor)
     assert (detector.action, detector.z, detector.method, monitor.every_n_steps) == ("skip", None, "median", 100)
+
+
+def test_watch_loss_judges_the_loss_with_its_own_statistics():
+    detector = GradientSpikeDetector(warmup=3, watch_loss=True)
+    for _ in range(5):
+        assert detector._judge(1.0, 2.0, overflow_expected=False) is None
+    spike = detector._judge(1.0, 20.0, overflow_expected=False)
+    assert spike["kind"] == "loss" and spike["ratio"] == pytest.approx(10.0)
+    assert detector.loss_stats.count == 5 and detector.grad_stats.count == 5  # the spiky step entered neither
+    assert detector._judge(float("inf"), 2.0, overflow_expected=True) is None and detector.overflows == 1
