@@ -202,5 +202,5 @@ def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], s
 
 
 def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED_KEYS])
-    return shown + (f", ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else "")
+    shown = "; ".join(items[:MAX_LISTED_KEYS])
+    return shown + (f"; ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else "")
