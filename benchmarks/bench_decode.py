@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier on a machine shared with other jobs)")
     return parser.parse_args(argv)
 
 
@@ -122,6 +124,8 @@ def print_table(rows: list[dict], args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for shape in args.shapes.split(","):
         new_tokens = args.new_tokens_125m if shape == "125m" and args.new_tokens_125m else args.new_tokens
