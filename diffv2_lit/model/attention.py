@@ -69,6 +69,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """PyTorch SDPA with native GQA (`enable_gqa`, torch >= 2.5): no repeated KV copies."""
     n_queries, n_keys = q.shape[1], k.shape[1]
+    if n_queries == 1 and q.shape[2] != k.shape[2]:
+        return _sdpa_decode_step(q, k, v)
     mask, is_causal = None, n_queries > 1
     if 1 < n_queries < n_keys:  # chunked prefill with a cache: SDPA's is_causal aligns top-left
         mask, is_causal = causal_mask(n_queries, n_keys, q.device), False
@@ -77,6 +79,16 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _sdpa_decode_step(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One decoding token under GQA: fold each KV head's query group into the query axis and make an
+    ordinary h_kv-head call (no mask: the single new token reads every cached key). On CPU this avoids
+    SDPA's per-extra-query-head cost, which DIFF V2's doubled query heads would otherwise pay."""
+    batch, _, n_q_heads, head_dim = q.shape
+    folded = q.view(batch, k.shape[2], n_q_heads // k.shape[2], head_dim)
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2))
+    return out.reshape(batch, 1, n_q_heads, v.shape[-1])
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
