@@ -116,7 +116,7 @@ def prepare(
                          num_workers, verbose)
         meta = _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
         _write_json(tmp / METADATA_FILE, meta)
-        _publish(tmp, out)
+        _publish(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed above
     _print_summary(out, meta, time.perf_counter() - start, verbose)
@@ -137,9 +137,11 @@ def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Swap the finished folder into place; the old one (with --overwrite) is removed only after."""
     old = None
+    if out.exists() and not overwrite:  # another run finished first while this one worked
+        raise PrepareError(f"output {out} appeared while preparing; pass --overwrite to replace it")
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
