@@ -23,6 +23,7 @@ import hashlib
 import heapq
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -88,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
+        print(f"error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _root_cause(message: str) -> str:
+    """The first `SomeError: ...` line of a traceback flattened into a message."""
+    causes = re.findall(r"^\w+(?:Error|Exception): .*$", message, re.M)
+    return causes[0] if causes else message
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -223,8 +233,21 @@ class _WorkItem:
 _TOKENIZERS: dict[str, object] = {}  # one tokenizer per worker process
 
 
-def tokenize_item(item: _WorkItem, *, tokenizer: str, text_key: str, split: str):
-    """The function LitData runs in its workers: yield one token array (document + EOS) per document."""
+def tokenize_item(item: _WorkItem, *, tokenizer: str, text_key: str, split: str, error_dir: str):
+    """The function LitData runs in its workers: yield one token array (document + EOS) per document.
+
+    Errors are written to `error_dir` instead of raised: a LitData worker that raises is terminated
+    without its helper processes, which then linger as orphans. `prepare` raises them afterwards.
+    """
+    if any(Path(error_dir).iterdir()):
+        return  # another file already failed: the run will be discarded, stop early
+    try:
+        yield from _tokenize_documents(item, tokenizer, text_key, split)
+    except Exception as err:  # noqa: BLE001 - reported by prepare() in the main process
+        (Path(error_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.txt").write_text(f"{type(err).__name__}: {err}")
+
+
+def _tokenize_documents(item: _WorkItem, tokenizer: str, text_key: str, split: str):
     tok = _TOKENIZERS.get(tokenizer) or _TOKENIZERS.setdefault(tokenizer, load_tokenizer(tokenizer))
     dtype = token_dtype(tok.vocab_size)
     eos = np.array([tok.eos_id], dtype=dtype)
@@ -245,10 +268,15 @@ def _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes
         chunk_bytes = "64MB"
     if verbose:
         print(f"[prepare] tokenizing {split}: {len(items)} file(s), {min(num_workers, len(items))} worker(s)")
-    _run_optimize(
-        functools.partial(tokenize_item, tokenizer=tokenizer, text_key=text_key, split=split),
-        items, tmp / split, tmp / ".work", chunk_bytes, chunk_size, max(1, min(num_workers, len(items))), verbose,
-    )
+    error_dir = tmp / ".errors"
+    error_dir.mkdir(exist_ok=True)
+    fn = functools.partial(tokenize_item, tokenizer=tokenizer, text_key=text_key, split=split, error_dir=str(error_dir))
+    _run_optimize(fn, items, tmp / split, tmp / ".work", chunk_bytes, chunk_size,
+                  max(1, min(num_workers, len(items))), verbose)
+    errors = sorted(error_dir.iterdir())
+    if errors:
+        raise PrepareError(f"tokenizing failed, nothing was written: {errors[0].read_text()}")
+    shutil.rmtree(error_dir)
 
 
 def _run_optimize(fn, items, output_dir: Path, work_dir: Path, chunk_bytes, chunk_size, num_workers, verbose):
