@@ -80,20 +80,30 @@ class ShiftTokens:
         return inputs, targets
 
 
-class MixLoader(StreamingDataLoader):
-    """A StreamingDataLoader over a weighted mix that reports a fixed epoch length.
+class TrainLoader(StreamingDataLoader):
+    """The StreamingDataLoader for training, with two fixes for exact resume under Lightning.
 
-    A mix (`iterate_over_all=False`) has no length. Lightning then pre-fetches one batch ahead to
-    detect the epoch end, so the loader state it saves in a checkpoint is one batch ahead and a
-    resumed run would skip a batch. With a length, Lightning does not pre-fetch.
+    1. `num_batches` gives a weighted mix (`iterate_over_all=False`, which has no length) a fixed
+       epoch length. Without one, Lightning pre-fetches a batch to detect the epoch end, so the
+       loader state it saves is one batch ahead and a resumed run would skip a batch.
+    2. After `load_state_dict`, LitData keeps `restore` set until an epoch runs to exhaustion, so
+       when Lightning ends an epoch by count (as with a mix) the next epoch would replay the
+       checkpoint's position. Once the restored epoch has produced a batch, the next `__iter__`
+       must start a new epoch: clear the flag then. (It only steers the first worker indices,
+       which are all queued before the first batch arrives.)
     """
 
-    def __init__(self, dataset, *args, num_batches: int, **kwargs):
+    def __init__(self, dataset, *args, num_batches: int | None = None, **kwargs):
         super().__init__(dataset, *args, **kwargs)
         self.num_batches = num_batches
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches if self.num_batches is not None else super().__len__()
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.restore = False
+            yield batch
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -229,11 +239,16 @@ class TokenDataModule(L.LightningDataModule):
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                       drop_last=True)  # every step a full batch, every rank the same number of steps
         if len(datasets) == 1:
-            self._train_loader = StreamingDataLoader(datasets[0], **kwargs)
+            self._train_loader = TrainLoader(datasets[0], **kwargs)
         else:
             weights = [w for _, w in used]
+            if self.num_workers > 0:
+                rank_zero_warn(
+                    "data.mix with data.num_workers > 0: LitData 0.2.76 cannot resume a mix exactly with "
+                    "DataLoader workers (a resumed run sees different batches); set data.num_workers=0 for exact "
+                    "resume (token blocks are memory-mapped, so loading in the main process is cheap)")
             mixed = CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=False)
-            self._train_loader = MixLoader(mixed, num_batches=self._mix_epoch_batches(datasets, weights), **kwargs)
+            self._train_loader = TrainLoader(mixed, num_batches=self._mix_epoch_batches(datasets, weights), **kwargs)
         return self._train_loader
 
     def _mix_epoch_batches(self, datasets, weights) -> int:

@@ -55,12 +55,23 @@ def test_resume_sees_the_next_batches(corpus_dir, tmp_path, num_workers):
     _assert_resumes_exactly(kwargs, tmp_path)
 
 
-def test_resume_weighted_mix(tmp_path):
+MIX_WORKERS_BUG = pytest.mark.xfail(
+    strict=True, reason="LitData 0.2.76 restores each mixed source's position as if every worker had yielded "
+    "whole batches of it, so a mix with DataLoader workers does not resume exactly (documented in docs/data.md)")
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=MIX_WORKERS_BUG)])
+def test_resume_weighted_mix(tmp_path, num_workers):
+    # Source b is small, so the mix's epoch (which ends before b runs out) is a few batches:
+    # the 12 steps cross an epoch boundary.
     dirs = []
-    for name, seed in (("a", 1), ("b", 2)):
-        src = write_jsonl(tmp_path / f"{name}.jsonl", make_docs(200, seed=seed))
-        prepare([str(src)], tmp_path / name, chunk_size=1024, num_workers=1, verbose=False)
+    for name, n_docs in (("a", 200), ("b", 4)):
+        src = write_jsonl(tmp_path / f"{name}.jsonl", make_docs(n_docs, seed=len(name) + n_docs))
+        prepare([str(src)], tmp_path / name, chunk_size=1024, val_fraction=0, num_workers=1, verbose=False)
         dirs.append(str(tmp_path / name))
     mix = [{"path": dirs[0], "weight": 0.7}, {"path": dirs[1], "weight": 0.3}]
-    kwargs = dict(mix=mix, seq_len=16, batch_size=4, num_workers=0, val_tokens=0)
-    _assert_resumes_exactly(kwargs, tmp_path)
+    kwargs = dict(mix=mix, seq_len=32, batch_size=4, num_workers=num_workers, val_tokens=0)
+    dm = TokenDataModule(**kwargs)
+    dm.setup("fit")
+    assert 8 < len(dm.train_dataloader()) < 20
+    _assert_resumes_exactly(kwargs, tmp_path, total=20, at=8)
