@@ -90,3 +90,10 @@ def test_tokenizer_mismatch(corpus_dir, tmp_path):
 def test_unknown_tokenizer_file():
     with pytest.raises(FileNotFoundError, match="pass 'byte' or the path of a Hugging Face tokenizer.json"):
         TokenDataModule(tokenizer="no/such/tokenizer.json")
+
+
+def test_model_vocab_smaller_than_data_vocab():
+    dm = TokenDataModule()
+    dm.check_model_vocab(320)  # the quickstart model covers the byte tokenizer
+    with pytest.raises(DataError, match=r"vocab_size 256 is smaller than the data's tokenizer vocabulary 259"):
+        dm.check_model_vocab(256)
