@@ -197,7 +197,10 @@ class DiffV2Attention(Attention):
 
     @staticmethod
     def _subtract_pairs(out: Tensor, gate: Tensor) -> Tensor:
-        return out[:, :, 0::2] - gate.unsqueeze(-1) * out[:, :, 1::2]
+        # [B, T, 2h, d] -> pairs [B, T, h, 2, d]: heads (2i, 2i+1) become pair i. unbind's backward
+        # writes one stacked gradient instead of two zero-filled strided ones.
+        first, second = out.unflatten(2, (-1, 2)).unbind(3)
+        return first - gate.unsqueeze(-1) * second
 
     def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out, probs, logits = eager_attention(q, k, v)
