@@ -30,6 +30,11 @@ from torch import Tensor, nn
 from diffv2_lit.model.config import ModelConfig, flash_attn_available
 from diffv2_lit.model.rope import apply_rope
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 -> fp32 for reductions; fp32 and fp64 stay as they are (tests run in fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take q [B, T, Hq, d], k [B, S, h_kv, d], v [B, S, h_kv, dv] and return
 # [B, T, Hq, dv], causal, with the T queries aligned to the *last* T keys (decoding with a cache).
@@ -54,8 +59,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     keys_t = k.permute(0, 2, 3, 1).unsqueeze(2)  # [B, h_kv, 1, d, S]
     logits = (q_grouped @ keys_t) / math.sqrt(head_dim)  # [B, h_kv, group, T, S]
     logits = logits.masked_fill(~causal_mask(n_queries, n_keys, q.device), float("-inf"))
-    softmax_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    probs = torch.softmax(logits, dim=-1, dtype=softmax_dtype).to(v.dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=at_least_fp32(q.dtype)).to(v.dtype)
     out = probs @ v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, h_kv, group, T, dv]
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, n_queries, n_q_heads, value_dim)
     flat = (batch, n_q_heads, n_queries, n_keys)
@@ -65,6 +69,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """PyTorch SDPA with native GQA (`enable_gqa`, torch >= 2.5): no repeated KV copies."""
     n_queries, n_keys = q.shape[1], k.shape[1]
+    if n_queries == 1 and q.shape[2] != k.shape[2]:
+        return _sdpa_decode_step(q, k, v)
     mask, is_causal = None, n_queries > 1
     if 1 < n_queries < n_keys:  # chunked prefill with a cache: SDPA's is_causal aligns top-left
         mask, is_causal = causal_mask(n_queries, n_keys, q.device), False
@@ -73,6 +79,16 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _sdpa_decode_step(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One decoding token under GQA: fold each KV head's query group into the query axis and make an
+    ordinary h_kv-head call (no mask: the single new token reads every cached key). On CPU this avoids
+    SDPA's per-extra-query-head cost, which DIFF V2's doubled query heads would otherwise pay."""
+    batch, _, n_q_heads, head_dim = q.shape
+    folded = q.view(batch, k.shape[2], n_q_heads // k.shape[2], head_dim)
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2))
+    return out.reshape(batch, 1, n_q_heads, v.shape[-1])
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -181,7 +197,10 @@ class DiffV2Attention(Attention):
 
     @staticmethod
     def _subtract_pairs(out: Tensor, gate: Tensor) -> Tensor:
-        return out[:, :, 0::2] - gate.unsqueeze(-1) * out[:, :, 1::2]
+        # [B, T, 2h, d] -> pairs [B, T, h, 2, d]: heads (2i, 2i+1) become pair i. unbind's backward
+        # writes one stacked gradient instead of two zero-filled strided ones.
+        first, second = out.unflatten(2, (-1, 2)).unbind(3)
+        return first - gate.unsqueeze(-1) * second
 
     def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         out, probs, logits = eager_attention(q, k, v)
@@ -224,8 +243,10 @@ class DiffV1Attention(Attention):
         self.subln = RMSNorm(2 * config.head_dim, eps=config.norm_eps)
 
     def lambda_full(self) -> Tensor:
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).float())
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).float())
+        """The scalar lambda, computed in at least fp32 (exp of a bf16 dot product is too coarse)."""
+        dtype = at_least_fp32(self.lambda_q1.dtype)
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).to(dtype))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).to(dtype))
         return lambda_1 - lambda_2 + self.lambda_init
 
     def _split(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
@@ -272,8 +293,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(at_least_fp32(x.dtype))
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
     @torch.no_grad()

@@ -128,8 +128,10 @@ def _gpt3_shape(n_layers: int, dim: int, n_heads: int, n_kv_heads: int, head_dim
 PRESETS: dict[str, ModelConfig] = {
     # A few million parameters: trains on 2 CPU cores with the byte tokenizer (259 ids, padded to 320).
     "quickstart": ModelConfig(),
-    "125m": _gpt3_shape(12, 768, 12, 4),
-    "350m": _gpt3_shape(24, 1024, 16, 4),
+    # GPT-3 ties embeddings; we tie them where they are a large share of the model (125m, 350m) and
+    # untie them above, as Llama does. Either way the totals land within 10% of the names.
+    "125m": _gpt3_shape(12, 768, 12, 4, tie_embeddings=True),
+    "350m": _gpt3_shape(24, 1024, 16, 4, tie_embeddings=True),
     "760m": _gpt3_shape(24, 1536, 16, 4),
     "1.3b": _gpt3_shape(24, 2048, 16, 4),
     "2.7b": _gpt3_shape(32, 2560, 32, 8),
@@ -138,7 +140,8 @@ PRESETS: dict[str, ModelConfig] = {
     # attention parameters (3 + 2r) D^2 of DIFF V2 with h heads. 18 query heads cannot share 4 KV heads,
     # so the 125m control uses 6 (+2.4M parameters, +1.9%); 24 heads over 4 KV heads match 1.3b exactly.
     "quickstart-control": ModelConfig(n_heads=6, attention="baseline"),
-    "125m-control": _gpt3_shape(12, 768, 18, 6, head_dim=64, attention="baseline"),
+    "125m-control": _gpt3_shape(12, 768, 18, 6, head_dim=64, tie_embeddings=True,
+                                attention="baseline"),
     "1.3b-control": _gpt3_shape(24, 2048, 24, 4, head_dim=128, attention="baseline"),
 }
 

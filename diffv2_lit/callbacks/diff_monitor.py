@@ -1,0 +1,265 @@
+"""DIFF monitor: λ, context RMS, attention sinks and activation outliers on a fixed probe batch.
+
+Every `every_n_steps` optimizer steps (at the start of the step, so the numbers at step k describe the
+weights after k updates; step 0 is the initialisation) the callback runs one forward pass of the model
+on its probe batch, in eval mode without gradients, inside `model.diagnostics()` (eager attention that
+records its internals) with a forward hook on every block. Each hook reduces its layer's records to a
+handful of scalars as soon as the block finishes and frees them, so only one layer's attention maps
+are alive at a time. Hooks exist only inside that window: other steps cost one modulo.
+
+Shape legend (what `model.diagnostics()` records per layer)
+    B probe rows   T probe tokens (= S keys)   h heads reaching o_proj   dv value width per head
+    context [B,T,h,dv]   values [B,S,h_kv',dv]   logits [B,Hq,T,S]   probs / probs_2 / effective_probs [B,h',T,S]
+    lambda_ [B,T,h] (diffv2: sigmoid(λ)) or a 0-d tensor (diffv1: λ)
+
+Metrics (TensorBoard tag `diff/<name>/layer_<ii>` per layer and `diff/<name>` = mean over layers):
+    lambda_mean/std/min/max   sigmoid(λ) over tokens and heads (diffv2); lambda_mean = λ (diffv1)
+    context_rms_mean/p05      RMS over dv of each head's output before o_proj, per (token, head)
+    context_rms_norm_mean/p05 the same divided by the RMS of the values of the KV head it reads
+    below_floor_frac          fraction of (token, head) with normalised RMS < floor_margin / sqrt(n),
+                              n = 1-based query position = number of visible keys
+    sink_mass                 attention weight on the first key (effective map), mean over rows, heads
+                              and query positions >= sink_warmup; sink_mass_a1 / sink_mass_a2: DIFF's maps
+    max_hidden, max_logit     largest |hidden state| after the block; largest finite attention logit
+                              (also `diff/max_hidden_peak`, `diff/max_logit_peak`: max over layers)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+PROBES = ("batch", "random")
+PEAK_METRICS = ("max_hidden", "max_logit")
+
+
+class DiffMonitor(L.Callback):
+    """Logs what the DIFF V2 write-up says to watch, for every attention variant (so runs overlay).
+
+    Args:
+        every_n_steps: run at optimizer steps 0, N, 2N, ... (at the start of the step).
+        probe: "batch" (default): the first rows of the first training batch this callback sees, i.e. real
+            text; "random": uniform random token ids from a `seed`ed generator (identical across runs and
+            ranks, but not text, so sinks and λ behave differently than on data).
+        probe_batch_size: rows in the probe.
+        probe_seq_len: tokens per row; None = the batch's length ("batch") or `max_seq_len` ("random").
+            The eager attention maps cost B x Hq x T^2 floats per layer: shorten it for very long contexts.
+        seed: generator seed of the "random" probe.
+        sink_warmup: query positions below this are left out of the sink mass (early queries see only
+            a few keys, so their weight on the first key is large for any model).
+        floor_margin: a (token, head) counts as below the softmax floor when its normalised context RMS
+            is < floor_margin / sqrt(n). 1.0 is the floor itself; the default 0.5 leaves room for the
+            sampling noise of a d-dim average, so a plain softmax head reports ~0.
+        histograms: also write a histogram of sigmoid(λ) per layer (DIFF V2) to TensorBoard loggers.
+    """
+
+    def __init__(self, every_n_steps: int = 100, probe: str = "batch", probe_batch_size: int = 2,
+                 probe_seq_len: int | None = None, seed: int = 0, sink_warmup: int = 16, floor_margin: float = 0.5,
+                 histograms: bool = True) -> None:
+        super().__init__()
+        for name, value, low in (("every_n_steps", every_n_steps, 1), ("probe_batch_size", probe_batch_size, 1),
+                                 ("sink_warmup", sink_warmup, 0), ("probe_seq_len", probe_seq_len, 1)):
+            if value is None and name == "probe_seq_len":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"DiffMonitor: {name}={value!r} must be an integer >= {low}.")
+        if probe not in PROBES:
+            raise ValueError(f"DiffMonitor: probe={probe!r} is unknown; choose one of {PROBES}.")
+        if not 0 < floor_margin <= 1:
+            raise ValueError(f"DiffMonitor: floor_margin={floor_margin!r} must be in (0, 1] (1 = the 1/sqrt(n) floor).")
+        self.every_n_steps, self.probe, self.probe_batch_size = every_n_steps, probe, probe_batch_size
+        self.probe_seq_len, self.seed, self.sink_warmup = probe_seq_len, seed, sink_warmup
+        self.floor_margin, self.histograms = floor_margin, histograms
+        self.probe_tokens: Tensor | None = None  # [B, T] long, kept on CPU and in checkpoints
+        self._last_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "DiffMonitor"
+
+    # ---- Lightning hooks ---------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if model is None or not hasattr(model, "diagnostics") or not hasattr(model, "layers"):
+            raise TypeError(f"DiffMonitor needs `pl_module.model` to be a diffv2_lit Transformer (with "
+                            f"`diagnostics()` and `layers`); {type(pl_module).__name__}.model is "
+                            f"{type(model).__name__}.")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        # Under gradient accumulation every micro-batch of a step sees the same global_step: run once.
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        if self.probe_tokens is None:
+            self.probe_tokens = self.make_probe(batch, pl_module.model)
+        # Every rank runs the forward (FSDP2 all-gathers parameters inside it, a collective); rank 0 logs.
+        with trainer.precision_plugin.forward_context():
+            scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device))
+        if trainer.is_global_zero:
+            self._log(trainer, scalars, histograms)
+
+    # ---- probe -------------------------------------------------------------------------------
+
+    def make_probe(self, batch: Any, model: nn.Module) -> Tensor:
+        config = model.config
+        if self.probe == "random":
+            length = self.probe_seq_len or config.max_seq_len
+            generator = torch.Generator().manual_seed(self.seed)
+            return torch.randint(0, config.vocab_size, (self.probe_batch_size, length), generator=generator)
+        tokens = _input_ids(batch)
+        length = min(self.probe_seq_len or tokens.shape[1], tokens.shape[1], config.max_seq_len)
+        return tokens[: self.probe_batch_size, :length].detach().cpu().clone()
+
+    # ---- measuring ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, tokens: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """One diagnostic forward of `model` on `tokens` [B, T]; returns (scalars by tag, λ values by tag)."""
+        was_training = model.training
+        model.eval()
+        per_layer: list[dict[str, Tensor]] = [{} for _ in model.layers]
+        try:
+            with model.diagnostics() as records:
+                hooks = [block.register_forward_hook(self._layer_hook(records[i], per_layer[i]))
+                         for i, block in enumerate(model.layers)]
+                try:
+                    # Eager, even when blocks are torch.compile'd: the diagnostics path records Python dicts.
+                    torch.compiler.disable(lambda ids: model(ids))(tokens)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+        finally:
+            model.train(was_training)
+        return self._summarise(per_layer)
+
+    def _layer_hook(self, record: dict, out: dict) -> Callable:
+        def hook(block: nn.Module, args: Any, output: Tensor) -> None:
+            out.update(layer_stats(record, output, self.sink_warmup, self.floor_margin))
+            record.clear()  # free this layer's attention maps before the next block runs
+        return hook
+
+    def _summarise(self, per_layer: list[dict[str, Tensor]]) -> tuple[dict[str, float], dict[str, Tensor]]:
+        scalars: dict[str, float] = {}
+        histograms: dict[str, Tensor] = {}
+        names = [k for k in per_layer[0] if k != "lambda_values"]
+        # One device->host copy for everything instead of one sync per number.
+        table = torch.stack([torch.stack([layer[k].float() for k in names]) for layer in per_layer]).cpu()
+        for j, name in enumerate(names):
+            column = table[:, j]
+            for i, value in enumerate(column.tolist()):
+                scalars[f"diff/{name}/layer_{i:02d}"] = value
+            scalars[f"diff/{name}"] = column.mean().item()
+            if name in PEAK_METRICS:
+                scalars[f"diff/{name}_peak"] = column.max().item()
+        for i, layer in enumerate(per_layer):
+            if "lambda_values" in layer:
+                histograms[f"diff/lambda_hist/layer_{i:02d}"] = layer["lambda_values"]
+        return scalars, histograms
+
+    def _log(self, trainer: L.Trainer, scalars: dict[str, float], histograms: dict[str, Tensor]) -> None:
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            if self.histograms and isinstance(logger, TensorBoardLogger):
+                for tag, values in histograms.items():
+                    logger.experiment.add_histogram(tag, values, global_step=step)
+
+    # ---- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        # The probe is saved so the curves stay on the same tokens across a resume.
+        return {"probe_tokens": self.probe_tokens, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe_tokens = state_dict.get("probe_tokens")
+        self._last_step = state_dict.get("last_step")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer reductions (all return 0-d tensors on the model's device; the caller syncs once)
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_stats(record: dict[str, Tensor], hidden: Tensor, sink_warmup: int, floor_margin: float) -> dict[str, Tensor]:
+    stats = {**lambda_stats(record["lambda_"])} if "lambda_" in record else {}
+    stats.update(context_stats(record["context"], record["values"], floor_margin))
+    stats.update(sink_stats(record, sink_warmup))
+    stats["max_hidden"] = hidden.detach().abs().amax().float()
+    stats["max_logit"] = finite_max(record["logits"])
+    return stats
+
+
+def lambda_stats(lam: Tensor) -> dict[str, Tensor]:
+    """DIFF V2: sigmoid(λ) [B,T,h] summarised (+ the values for a histogram); DIFF V1: the scalar λ."""
+    lam = lam.float()
+    if lam.dim() == 0:
+        return {"lambda_mean": lam}
+    return {"lambda_mean": lam.mean(), "lambda_std": lam.std(unbiased=False), "lambda_min": lam.amin(),
+            "lambda_max": lam.amax(), "lambda_values": lam.flatten().cpu()}
+
+
+def context_rms(context: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """(RMS over dv of each head's context [B,T,h], the same divided by its KV head's value RMS).
+
+    Output head j reads KV head j // (h / h_kv') for every variant (contiguous GQA groups; a DIFF V2
+    pair shares its KV head; a DIFF V1 head reads one 2d-wide value head)."""
+    rms = context.float().pow(2).mean(-1).sqrt()
+    value_rms = values.float().pow(2).mean(dim=(0, 1, 3)).sqrt()  # [h_kv']
+    group = rms.shape[-1] // value_rms.shape[0]
+    return rms, rms / value_rms.repeat_interleave(group).clamp_min(1e-12)
+
+
+def context_stats(context: Tensor, values: Tensor, floor_margin: float) -> dict[str, Tensor]:
+    rms, normalised = context_rms(context, values)
+    n_visible = torch.arange(1, rms.shape[1] + 1, device=rms.device, dtype=torch.float32)
+    floor = floor_margin / n_visible.sqrt()  # softmax over n keys of unit-RMS uncorrelated values: >= 1/sqrt(n)
+    return {"context_rms_mean": rms.mean(), "context_rms_p05": quantile(rms, 0.05),
+            "context_rms_norm_mean": normalised.mean(), "context_rms_norm_p05": quantile(normalised, 0.05),
+            "below_floor_frac": (normalised < floor[None, :, None]).float().mean()}
+
+
+def sink_mass(probs: Tensor, sink_warmup: int) -> Tensor:
+    """Mean attention weight on key 0 over rows, heads and query positions >= sink_warmup."""
+    first = min(sink_warmup, probs.shape[2] - 1)
+    return probs[:, :, first:, 0].float().mean()
+
+
+def sink_stats(record: dict[str, Tensor], sink_warmup: int) -> dict[str, Tensor]:
+    stats = {"sink_mass": sink_mass(record["effective_probs"], sink_warmup)}
+    if "probs_2" in record:  # DIFF: each of the two maps as well
+        stats["sink_mass_a1"] = sink_mass(record["probs"], sink_warmup)
+        stats["sink_mass_a2"] = sink_mass(record["probs_2"], sink_warmup)
+    return stats
+
+
+def finite_max(x: Tensor) -> Tensor:
+    x = x.float()
+    return torch.where(torch.isfinite(x), x, torch.full_like(x, -math.inf)).amax()
+
+
+def quantile(x: Tensor, q: float) -> Tensor:
+    """Lower q-quantile via kthvalue (torch.quantile refuses inputs over 16M elements)."""
+    flat = x.flatten()
+    k = max(1, math.ceil(q * flat.numel()))
+    return flat.kthvalue(k).values
+
+
+def _input_ids(batch: Any) -> Tensor:
+    """Token ids from a batch: a tensor, a tuple/list whose first item is the inputs, or a dict."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), Tensor):
+        return batch["input_ids"]
+    raise TypeError(f"DiffMonitor(probe='batch') cannot find token ids in a batch of type {type(batch).__name__}; "
+                    f"use batches (input_ids, targets), a tensor, or a dict with 'input_ids', or probe='random'.")

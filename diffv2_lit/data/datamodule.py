@@ -1,0 +1,318 @@
+"""`TokenDataModule`: prepared LitData token folders -> (input_ids, targets) batches for training.
+
+Training streams `StreamingDataset(TokensLoader(block_size=seq_len + 1))` through a
+`StreamingDataLoader`: LitData shards chunks per rank (from the distributed environment) and per
+worker, shuffles with `seed`, and its loader is stateful, so Lightning stores the loader position in
+every checkpoint (`loops.fit_loop.state_dict.combined_loader`) and a resumed run continues with
+exactly the next batch. Do not call `trainer.estimated_stepping_batches` before the checkpoint is
+restored (e.g. in `configure_optimizers`): it builds the loaders early and silently skips that
+restore (Lightning #20550).
+
+Validation reads a fixed budget of `val_tokens` tokens: the first blocks of each validation split,
+in order, through a plain map-style DataLoader, so every validation run sees the same tokens.
+
+Several folders can be mixed with weights (`mix`), sampled per sequence by
+`CombinedStreamingDataset(..., weights, iterate_over_all=False)`; an epoch ends when one source
+runs out.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from diffv2_lit.data.corpus import builtin_name, is_builtin
+from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
+from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
+from diffv2_lit.data.tokenizer import load_tokenizer
+
+IGNORE_INDEX = -100
+
+
+def cache_root() -> Path:
+    """Where built-in corpora are prepared: $DIFFV2_LIT_CACHE, else ~/.cache/diffv2-lit."""
+    return Path(os.environ.get("DIFFV2_LIT_CACHE", "~/.cache/diffv2-lit")).expanduser()
+
+
+def ensure_builtin(spec: str, tokenizer: str = "byte") -> Path:
+    """Prepare a `builtin:` corpus once into the cache (atomic, so concurrent ranks are safe)."""
+    ident = load_tokenizer(tokenizer).identity()
+    target = cache_root() / "data" / f"{builtin_name(spec)}-{ident['name']}-{ident['hash'][:12]}"
+    if (target / METADATA_FILE).is_file():
+        return target
+    try:
+        # Small chunks (~0.5M tokens) so several DataLoader workers and ranks each get chunks.
+        prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False,
+                command=f"TokenDataModule builtin {spec} tokenizer={tokenizer}")
+    except PrepareError:
+        if not (target / METADATA_FILE).is_file():  # not "another process finished first"
+            raise
+    return target
+
+
+class ShiftTokens:
+    """TokensLoader block of seq_len + 1 tokens -> (input_ids, targets) LongTensors of seq_len.
+
+    With `pack=False` each sequence is cut at its first EOS: targets after it are IGNORE_INDEX,
+    so no prediction ever uses context from a previous document (the cut-off tokens are wasted).
+    """
+
+    def __init__(self, eos_id: int | None, pack: bool = True):
+        self.eos_id = eos_id
+        self.pack = pack
+
+    def __call__(self, block) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(np.asarray(block, dtype=np.int64))
+        inputs, targets = tokens[:-1], tokens[1:].clone()
+        if not self.pack and self.eos_id is not None:
+            eos_at = (inputs == self.eos_id).nonzero()
+            if len(eos_at):
+                targets[int(eos_at[0]):] = IGNORE_INDEX
+        return inputs, targets
+
+
+class TrainLoader(StreamingDataLoader):
+    """The StreamingDataLoader for training, with two fixes for exact resume under Lightning.
+
+    1. `num_batches` gives a weighted mix (`iterate_over_all=False`, which has no length) a fixed
+       epoch length. Without one, Lightning pre-fetches a batch to detect the epoch end, so the
+       loader state it saves is one batch ahead and a resumed run would skip a batch.
+    2. After `load_state_dict`, LitData keeps `restore` set until an epoch runs to exhaustion, so
+       when Lightning ends an epoch by count (as with a mix) the next epoch would replay the
+       checkpoint's position. Once the restored epoch has produced a batch, the next `__iter__`
+       must start a new epoch: clear the flag then. (It only steers the first worker indices,
+       which are all queued before the first batch arrives.)
+    """
+
+    def __init__(self, dataset, *args, num_batches: int | None = None, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches if self.num_batches is not None else super().__len__()
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.restore = False
+            yield batch
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Token batches from `diffv2-lit prepare` folders (or the built-in corpus), resumable.
+
+    Args:
+        data_dir: a prepared folder, or `builtin:shakespeare` (prepared on first use into
+            $DIFFV2_LIT_CACHE, default ~/.cache/diffv2-lit). Ignored when `mix` is set.
+        mix: weighted sources, e.g. `[{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]`;
+            weights are normalised, so they need only be >= 0 with a positive sum.
+        seq_len: tokens per training sequence (blocks of seq_len + 1 are read for the shift).
+        batch_size: sequences per device per step (the micro-batch).
+        num_workers: DataLoader worker processes per device.
+        seed: shuffling seed (LitData shuffles chunks and the blocks inside them).
+        shuffle: shuffle the training stream.
+        val_tokens: validation budget in target tokens, the same tokens every run (0: no validation).
+        tokenizer: `byte` or a tokenizer.json path; must be the tokenizer the data was prepared with.
+        pack: True packs documents across EOS into full sequences; False cuts each sequence at its
+            first EOS (targets after it are -100).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "builtin:shakespeare",
+        mix: list[dict[str, Any]] | None = None,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        seed: int = 42,
+        shuffle: bool = True,
+        val_tokens: int = 65536,
+        tokenizer: str = "byte",
+        pack: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
+        self.num_workers, self.seed, self.shuffle, self.pack = num_workers, seed, shuffle, pack
+        self.val_tokens, self.tokenizer = val_tokens, tokenizer
+        self._check_numbers()
+        self.sources, self.weights = self._parse_mix(data_dir, mix)
+        tok = load_tokenizer(tokenizer)
+        self.vocab_size: int = tok.vocab_size  # the data's vocabulary: setup() checks the data matches it
+        self.tokenizer_identity: dict = tok.identity()
+        self.eos_id: int = tok.eos_id
+        self.folders: list[DataFolder] = []
+        self._train_loader = None
+
+    # ------------------------------------------------------------ argument checks
+
+    def _check_numbers(self) -> None:
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.val_tokens < 0:
+            raise DataError("data.num_workers and data.val_tokens must be >= 0")
+
+    @staticmethod
+    def _parse_mix(data_dir: str, mix: list[dict[str, Any]] | None) -> tuple[list[str], list[float]]:
+        if not mix:
+            return [str(data_dir)], [1.0]
+        sources, weights = [], []
+        for i, entry in enumerate(mix):
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise DataError(f"data.mix[{i}] must be a mapping with 'path' (and 'weight'), got {entry!r}")
+            weight = float(entry.get("weight", 1.0))
+            if not math.isfinite(weight) or weight < 0:
+                raise DataError(f"data.mix[{i}] ({entry['path']}): weight must be a finite number >= 0, got {weight}")
+            sources.append(str(entry["path"]))
+            weights.append(weight)
+        if sum(weights) <= 0:
+            raise DataError(f"data.mix weights {weights} do not sum to a positive number; give at least one weight > 0")
+        return sources, [w / sum(weights) for w in weights]
+
+    # ------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Local rank 0 only: prepare built-in corpora into the cache."""
+        for source in self.sources:
+            if is_builtin(source):
+                ensure_builtin(source, self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.folders:
+            return
+        folders = [open_folder(self._resolve(s)) for s in self.sources]
+        for folder in folders:
+            self._check_tokenizer(folder)
+            self._check_length(folder)
+        self.folders = folders
+
+    def _resolve(self, source: str) -> Path:
+        # Builtins are normally prepared by prepare_data; doing it here too keeps direct use simple.
+        return ensure_builtin(source, self.tokenizer) if is_builtin(source) else Path(source).expanduser()
+
+    def _check_tokenizer(self, folder: DataFolder) -> None:
+        if folder.meta is None:
+            rank_zero_warn(f"{folder.root} has no {METADATA_FILE}: cannot check it was made with tokenizer "
+                           f"{self.tokenizer!r}; assuming it was")
+            return
+        data_tok = folder.meta["tokenizer"]
+        if data_tok["hash"] != self.tokenizer_identity["hash"]:
+            raise DataError(
+                f"tokenizer mismatch: {folder.root} was prepared with tokenizer {data_tok['name']!r} "
+                f"(vocab {data_tok['vocab_size']}, sha256 {data_tok['hash'][:12]}), but data.tokenizer is "
+                f"{self.tokenizer!r} (vocab {self.vocab_size}, sha256 {self.tokenizer_identity['hash'][:12]}); "
+                "set data.tokenizer to the tokenizer the data was prepared with, or prepare the data again"
+            )
+
+    def _check_length(self, folder: DataFolder) -> None:
+        blocks, tokens, largest = count_blocks(folder.train, self.seq_len + 1)
+        if blocks < self.batch_size:
+            raise DataError(
+                f"data.seq_len={self.seq_len} with batch_size={self.batch_size} is more than {folder.train} can give: "
+                f"it holds {tokens} tokens, largest chunk {largest} tokens, so only {blocks} sequence(s) of "
+                f"{self.seq_len + 1} tokens (blocks never cross chunks); lower seq_len or batch_size, or prepare "
+                "more data / bigger chunks (--chunk-bytes)"
+            )
+
+    def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Raise if a model with this vocabulary cannot embed every token id of the data."""
+        if model_vocab_size < self.vocab_size:
+            raise DataError(
+                f"the model's vocab_size {model_vocab_size} is smaller than the data's tokenizer vocabulary "
+                f"{self.vocab_size} ({self.tokenizer_identity['name']}); set model vocab_size >= {self.vocab_size} "
+                "(rounded up to a multiple of 64 is efficient)"
+            )
+
+    # ------------------------------------------------------------ loaders
+
+    def _streaming(self, split_dir: Path, shuffle: bool, eos_id: int | None):
+        return StreamingDataset(
+            str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=shuffle,
+            seed=self.seed, transform=ShiftTokens(eos_id, self.pack),
+        )
+
+    def train_dataloader(self):
+        self._require_setup()
+        # Sources of weight 0 are never sampled: leave them out.
+        used = [(f, w) for f, w in zip(self.folders, self.weights) if w > 0]
+        datasets = [self._streaming(f.train, self.shuffle, self._eos(f)) for f, _ in used]
+        kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=True)  # every step a full batch, every rank the same number of steps
+        if len(datasets) == 1:
+            self._train_loader = TrainLoader(datasets[0], **kwargs)
+        else:
+            weights = [w for _, w in used]
+            if self.num_workers > 0:
+                rank_zero_warn(
+                    "data.mix with data.num_workers > 0: LitData 0.2.76 cannot resume a mix exactly with "
+                    "DataLoader workers (a resumed run sees different batches); set data.num_workers=0 for exact "
+                    "resume (token blocks are memory-mapped, so loading in the main process is cheap)")
+            mixed = CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=False)
+            self._train_loader = TrainLoader(mixed, num_batches=self._mix_epoch_batches(datasets, weights), **kwargs)
+        return self._train_loader
+
+    def _mix_epoch_batches(self, datasets, weights) -> int:
+        # A mix ends its epoch when the first source runs out, after about min(len_i / w_i)
+        # sequences (random). Cut the epoch 10% before that so its length is known and fixed.
+        expected = min(len(d) / w for d, w in zip(datasets, weights))
+        return max(1, int(0.9 * expected) // self.batch_size)
+
+    def val_dataloader(self):
+        self._require_setup()
+        parts = self._val_parts()
+        if not parts:
+            return []
+        # Map-style and sequential: the same blocks, in the same order, every time. Under DDP
+        # Lightning adds a DistributedSampler that splits them across ranks.
+        return DataLoader(ConcatDataset(parts), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def _val_parts(self) -> list[Subset]:
+        with_val = [(f, w) for f, w in zip(self.folders, self.weights) if f.val is not None and w > 0]
+        if self.val_tokens == 0 or not with_val:
+            if self.val_tokens:
+                rank_zero_warn("no validation split in the data folder(s): validation is skipped")
+            return []
+        total_weight = sum(w for _, w in with_val)
+        parts = []
+        for folder, weight in with_val:
+            wanted = math.ceil(self.val_tokens * weight / total_weight / self.seq_len)
+            available, _, _ = count_blocks(folder.val, self.seq_len + 1)
+            if available < wanted:
+                rank_zero_warn(f"{folder.val} holds {available * self.seq_len} validation tokens at "
+                               f"seq_len={self.seq_len}, fewer than its share of val_tokens; using them all")
+            if min(wanted, available) > 0:
+                dataset = self._streaming(folder.val, shuffle=False, eos_id=self._eos(folder))
+                parts.append(Subset(dataset, range(min(wanted, available))))
+        return parts
+
+    def _eos(self, folder: DataFolder) -> int:
+        return folder.eos_id if folder.eos_id is not None else self.eos_id
+
+    def _require_setup(self) -> None:
+        if not self.folders:
+            raise RuntimeError("TokenDataModule.setup() must run before asking for dataloaders")
+
+    # ------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        # The loader position itself is saved by Lightning's fit loop (the StreamingDataLoader is
+        # stateful). This records what the position means, to warn when a resume changes it.
+        return {"sources": self.sources, "weights": self.weights, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                "tokenizer_hash": self.tokenizer_identity["hash"]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = [k for k, v in state_dict.items() if self.state_dict().get(k) != v]
+        if changed:
+            rank_zero_warn(f"resuming with different data settings ({', '.join(changed)}): the data stream "
+                           "will not continue exactly where the checkpoint left it")

@@ -1,0 +1,384 @@
+"""`diffv2-lit prepare`: text files -> LitData token chunks (train and validation) + metadata.
+
+Output layout (`--output DIR`):
+    DIR/train/         LitData folder written with `optimize(..., item_loader=TokensLoader())`
+    DIR/val/           same, for the validation documents (absent when there are none)
+    DIR/diffv2_data.json   tokenizer identity, token/document counts per split, sources, command
+
+Every document is followed by exactly one EOS token, so documents are separated by one EOS.
+The split is by document: a seeded hash of each document's key `(source_id, index)` orders the
+documents, and the validation split takes the first ones of that order (a fraction of the documents
+or enough documents for `--val-tokens`). The result does not depend on worker count or file order.
+
+The run writes into a hidden sibling folder and renames it at the very end, so an interrupted run
+never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import heapq
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from diffv2_lit.data.sources import Source, count_documents, iter_documents, resolve_inputs
+from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
+
+METADATA_FILE = "diffv2_data.json"
+FORMAT_NAME = "diffv2-lit-data"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+class PrepareError(RuntimeError):
+    """A problem with the user's inputs or output folder; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------- command line
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="diffv2-lit prepare",
+        description="Tokenize text into LitData streaming chunks with a train/validation split.",
+    )
+    p.add_argument("--input", action="append", required=True,
+                   help="file or folder of .txt/.txt.gz/.jsonl/.jsonl.gz/.parquet, or builtin:shakespeare; repeatable")
+    p.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
+    p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-fraction", type=float, default=None,
+                     help="fraction of documents for validation (default 0.05)")
+    val.add_argument("--val-tokens", type=int, default=None,
+                     help="instead: the fewest documents holding at least this many validation tokens")
+    p.add_argument("--seed", type=int, default=42, help="seed of the document split")
+    chunk = p.add_mutually_exclusive_group()
+    chunk.add_argument("--chunk-bytes", default=None, help="target chunk file size, e.g. 64MB (default)")
+    chunk.add_argument("--chunk-size", type=int, default=None, help="instead: target tokens per chunk")
+    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    try:
+        prepare(
+            args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
+            val_fraction=0.05 if args.val_fraction is None else args.val_fraction, val_tokens=args.val_tokens,
+            seed=args.seed, chunk_bytes=args.chunk_bytes, chunk_size=args.chunk_size,
+            num_workers=args.num_workers, overwrite=args.overwrite, verbose=not args.quiet,
+            command=shlex.join(["diffv2-lit", "prepare", *argv]),
+        )
+    except (PrepareError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
+        print(f"error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _root_cause(message: str) -> str:
+    """The first `SomeError: ...` line of a traceback flattened into a message."""
+    causes = re.findall(r"^\w+(?:Error|Exception): .*$", message, re.M)
+    return causes[0] if causes else message
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def prepare(
+    inputs: list[str], output: str | Path, *, tokenizer: str = "byte", text_key: str = "text",
+    val_fraction: float = 0.05, val_tokens: int | None = None, seed: int = 42,
+    chunk_bytes: str | int | None = None, chunk_size: int | None = None, num_workers: int = 1,
+    overwrite: bool = False, verbose: bool = True, command: str | None = None,
+) -> dict:
+    """Run the whole preparation; returns the metadata written to `diffv2_data.json`."""
+    start = time.perf_counter()
+    out = Path(output).expanduser().resolve()
+    _check_output(out, overwrite)
+    _check_split_args(val_fraction, val_tokens)
+    tok = load_tokenizer(tokenizer)
+    sources = resolve_inputs(list(inputs))
+    val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose)
+
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        for split in SPLITS:
+            _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes, chunk_size,
+                         num_workers, verbose)
+        meta = _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
+        _write_json(tmp / METADATA_FILE, meta)
+        _publish(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed above
+    _print_summary(out, meta, time.perf_counter() - start, verbose)
+    return meta
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise PrepareError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"output {out} exists and is not a folder")
+
+
+def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
+    if val_tokens is not None and val_tokens < 0:
+        raise PrepareError(f"--val-tokens must be >= 0, got {val_tokens}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Swap the finished folder into place; the old one (with --overwrite) is removed only after."""
+    old = None
+    if out.exists() and not overwrite:  # another run finished first while this one worked
+        raise PrepareError(f"output {out} appeared while preparing; pass --overwrite to replace it")
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the train/validation split
+
+def document_priority(seed: int, source_id: str, index: int) -> float:
+    """A uniform number in [0, 1) per document: the seeded order in which documents go to validation."""
+    digest = hashlib.blake2b(f"{seed}\0{source_id}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose) -> dict[str, set[int]]:
+    """Return {source_id: {document index, ...}} of the validation documents."""
+    if val_tokens is not None:
+        chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose)
+    else:
+        chosen = _select_by_fraction(sources, seed, val_fraction, verbose)
+    val_keys: dict[str, set[int]] = {}
+    for source_id, index in chosen:
+        val_keys.setdefault(source_id, set()).add(index)
+    return val_keys
+
+
+def _select_by_fraction(sources, seed, fraction, verbose) -> list[tuple[str, int]]:
+    counts = {s.source_id: count_documents(s) for s in _progress(sources, "count documents", verbose)}
+    total = sum(counts.values())
+    if fraction <= 0 or total < 2:
+        return []
+    # At least one validation document and at least one training document.
+    k = min(max(round(fraction * total), 1), total - 1)
+    keys = ((document_priority(seed, sid, i), sid, i) for sid, n in counts.items() for i in range(n))
+    return [(sid, i) for _, sid, i in heapq.nsmallest(k, keys)]
+
+
+def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tuple[str, int]]:
+    """The fewest lowest-priority documents that hold >= budget tokens, in one pass over the text.
+
+    A max-heap keeps the current choice; only documents that would enter it are tokenized.
+    """
+    if budget <= 0:
+        return []
+    heap: list[tuple[float, str, int, int]] = []  # (-priority, source_id, index, tokens incl. EOS)
+    total = seen = 0
+    for source in _progress(sources, "choose validation documents", verbose):
+        for index, text in iter_documents(source, text_key):
+            seen += 1
+            priority = document_priority(seed, source.source_id, index)
+            if total >= budget and priority > -heap[0][0]:
+                continue
+            n_tokens = len(tok.encode_array(text)) + 1
+            heapq.heappush(heap, (-priority, source.source_id, index, n_tokens))
+            total += n_tokens
+            while total - heap[0][3] >= budget:
+                total -= heapq.heappop(heap)[3]
+    if len(heap) >= seen:
+        raise PrepareError(
+            f"--val-tokens {budget} would take all {seen} documents ({total} tokens) for validation; "
+            "lower --val-tokens or add data"
+        )
+    return [(sid, i) for _, sid, i, _ in heap]
+
+
+# ---------------------------------------------------------------- tokenizing with litdata.optimize
+
+@dataclass(frozen=True)
+class _WorkItem:
+    """One input file for one split. A dataclass (not a bare path) so LitData does not treat the
+    inputs as files to copy or reorder."""
+
+    source: Source
+    val_indices: frozenset[int]
+
+
+_TOKENIZERS: dict[str, object] = {}  # one tokenizer per worker process
+
+
+def tokenize_item(item: _WorkItem, *, tokenizer: str, text_key: str, split: str, error_dir: str):
+    """The function LitData runs in its workers: yield one token array (document + EOS) per document.
+
+    Errors are written to `error_dir` instead of raised: a LitData worker that raises is terminated
+    without its helper processes, which then linger as orphans. `prepare` raises them afterwards.
+    """
+    if any(Path(error_dir).iterdir()):
+        return  # another file already failed: the run will be discarded, stop early
+    try:
+        yield from _tokenize_documents(item, tokenizer, text_key, split)
+    except Exception as err:  # noqa: BLE001 - reported by prepare() in the main process
+        (Path(error_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.txt").write_text(f"{type(err).__name__}: {err}")
+
+
+def _tokenize_documents(item: _WorkItem, tokenizer: str, text_key: str, split: str):
+    tok = _TOKENIZERS.get(tokenizer) or _TOKENIZERS.setdefault(tokenizer, load_tokenizer(tokenizer))
+    dtype = token_dtype(tok.vocab_size)
+    eos = np.array([tok.eos_id], dtype=dtype)
+    for index, text in iter_documents(item.source, text_key):
+        if (index in item.val_indices) != (split == "val"):
+            continue
+        yield np.concatenate([tok.encode_array(text).astype(dtype, copy=False), eos])
+
+
+def _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes, chunk_size,
+                 num_workers, verbose) -> None:
+    items = [_WorkItem(s, frozenset(val_keys.get(s.source_id, ()))) for s in sources]
+    if split == "val":
+        items = [it for it in items if it.val_indices]
+    if not items:
+        return
+    if chunk_bytes is None and chunk_size is None:
+        chunk_bytes = "64MB"
+    if verbose:
+        print(f"[prepare] tokenizing {split}: {len(items)} file(s), {min(num_workers, len(items))} worker(s)")
+    error_dir = tmp / ".errors"
+    error_dir.mkdir(exist_ok=True)
+    fn = functools.partial(tokenize_item, tokenizer=tokenizer, text_key=text_key, split=split, error_dir=str(error_dir))
+    _run_optimize(fn, items, tmp / split, tmp / ".work", chunk_bytes, chunk_size,
+                  max(1, min(num_workers, len(items))), verbose)
+    errors = sorted(error_dir.iterdir())
+    if errors:
+        raise PrepareError(f"tokenizing failed, nothing was written: {errors[0].read_text()}")
+    shutil.rmtree(error_dir)
+
+
+def _run_optimize(fn, items, output_dir: Path, work_dir: Path, chunk_bytes, chunk_size, num_workers, verbose):
+    from litdata import TokensLoader, optimize
+
+    # LitData wipes its scratch folders (default /tmp/chunks, /tmp/data) at start: give each run
+    # its own so concurrent runs (tests, several users) cannot delete each other's files.
+    scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(work_dir / "chunks"),
+               "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work_dir / "data")}
+    with _environ(scratch), _quiet_stdout(not verbose):
+        optimize(
+            fn=fn, inputs=items, output_dir=str(output_dir), chunk_bytes=chunk_bytes, chunk_size=chunk_size,
+            num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
+            # fork starts workers in milliseconds; spawn re-imports torch in each (seconds). Workers
+            # only read files and tokenize, which is fork-safe. Elsewhere fork is unsafe or absent.
+            start_method="fork" if sys.platform == "linux" else "spawn",
+            verbose=verbose,
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_stdout(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+# ---------------------------------------------------------------- metadata and summary
+
+def split_stats(split_dir: Path) -> dict:
+    """Documents, tokens, chunks and bytes of one LitData split, read from its index.json."""
+    index_file = split_dir / "index.json"
+    if not index_file.is_file():
+        return {"documents": 0, "tokens": 0, "chunks": 0, "bytes": 0}
+    chunks = json.loads(index_file.read_text())["chunks"]
+    return {
+        "documents": sum(c["chunk_size"] for c in chunks),  # one LitData item per document
+        "tokens": sum(c["dim"] or 0 for c in chunks),
+        "chunks": len(chunks),
+        "bytes": sum(c["chunk_bytes"] for c in chunks),
+    }
+
+
+def _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, command) -> dict:
+    import litdata
+
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "tokenizer": tok.identity(),
+        "eos_id": tok.eos_id,
+        "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
+        "splits": {split: split_stats(tmp / split) for split in SPLITS},
+        "split": {"seed": seed, "val_fraction": None if val_tokens is not None else val_fraction,
+                  "val_tokens": val_tokens, "val_documents": sum(len(v) for v in val_keys.values())},
+        "sources": [s.source_id for s in sources],
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "litdata_version": litdata.__version__,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _print_summary(out: Path, meta: dict, seconds: float, verbose: bool) -> None:
+    if not verbose:
+        return
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    tokens = train["tokens"] + val["tokens"]
+    size = sum(s["bytes"] for s in meta["splits"].values())
+    print(
+        f"[prepare] wrote {out}\n"
+        f"  documents: {train['documents']:,} train, {val['documents']:,} val\n"
+        f"  tokens:    {train['tokens']:,} train, {val['tokens']:,} val "
+        f"({tokens / max(seconds, 1e-9):,.0f} tokens/s over {seconds:.1f} s)\n"
+        f"  size:      {size / 2**20:.1f} MiB in {train['chunks'] + val['chunks']} chunks; "
+        f"tokenizer {meta['tokenizer']['name']} (vocab {meta['tokenizer']['vocab_size']})"
+    )
+
+
+def _progress(iterable, desc: str, verbose: bool):
+    if not verbose:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"[prepare] {desc}", unit="file", leave=False)

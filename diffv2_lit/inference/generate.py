@@ -1,0 +1,198 @@
+"""`diffv2-lit generate`: sample text from a checkpoint or an exported folder, with the KV cache.
+
+    diffv2-lit generate --ckpt PATH (--prompt TEXT ... | --prompt-file FILE) [--tokenizer SPEC]
+        [--max-new-tokens 200] [--temperature 0.8] [--top-k K] [--top-p P] [--seed 0]
+        [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--ignore-eos]
+
+PATH is a Lightning .ckpt file, a sharded (FSDP2) checkpoint directory or a `diffv2-lit export` folder.
+One prompt streams its continuation to the terminal token by token. Several prompts (repeated --prompt,
+or one per non-empty line of --prompt-file) are decoded in batches of prompts with the same token
+count (the model has no padding mask, so batching equal lengths keeps every result exact); each
+continuation is printed when its batch finishes. Generation stops at max-new-tokens or, per prompt, at
+the tokenizer's end-of-text token. On CUDA the default dtype is bfloat16, on CPU float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
+from diffv2_lit.model import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenerateError(ValueError):
+    """A request that cannot be served (prompt too long, tokenizer does not fit the model, ...)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffv2-lit generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; '' starts a document)")
+    prompts.add_argument("--prompt-file", help="file with one prompt per line (a batch)")
+    parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the one recorded in the checkpoint)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep sampling after the end-of-text token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CheckpointError, TokenizerError, GenerateError, ConfigError) as error:
+        print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    _check_sampling_args(args)
+    device = _resolve_device(args.device)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, config, stored_spec = load_model(args.ckpt, device=device, dtype=dtype)
+    tokenizer = _tokenizer(args.tokenizer or stored_spec, config.vocab_size)
+    prompts = _read_prompts(args)
+    encoded = [_encode(tokenizer, text, config.max_seq_len, args.max_new_tokens) for text in prompts]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos_id = None if args.ignore_eos else tokenizer.eos_id
+    started, n_tokens = time.perf_counter(), 0
+    for indices in _equal_length_groups(encoded):
+        n_tokens += _generate_group(model, tokenizer, prompts, encoded, indices, args, generator, eos_id)
+    elapsed = time.perf_counter() - started
+    print(f"\n[{n_tokens} new tokens in {elapsed:.1f} s, {n_tokens / max(elapsed, 1e-9):.1f} tokens/s, "
+          f"{config.attention}, {device.type}, {str(dtype).removeprefix('torch.')}]", file=sys.stderr)
+
+
+# ---- arguments ------------------------------------------------------------------------------------
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise GenerateError(f"--max-new-tokens={args.max_new_tokens} must be at least 1.")
+    if args.top_k is not None and args.top_k < 1:
+        raise GenerateError(f"--top-k={args.top_k} must be at least 1.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise GenerateError(f"--top-p={args.top_p} must be in (0, 1].")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name} was asked for but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def _tokenizer(spec: str | None, model_vocab_size: int):
+    if spec is None:
+        raise GenerateError("the checkpoint records no tokenizer; pass --tokenizer byte or --tokenizer PATH/tokenizer.json.")
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise GenerateError(
+            f"tokenizer {spec!r} has {tokenizer.vocab_size} ids but the model only {model_vocab_size}: this is not "
+            "the tokenizer the model was trained with."
+        )
+    return tokenizer
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            prompts = [line.rstrip("\n") for line in handle if line.strip()]
+    except OSError as error:
+        raise GenerateError(f"cannot read --prompt-file: {error}") from error
+    if not prompts:
+        raise GenerateError(f"--prompt-file {args.prompt_file!r} holds no prompt (one prompt per non-empty line).")
+    return prompts
+
+
+def _encode(tokenizer, text: str, context: int, max_new_tokens: int) -> list[int]:
+    """Token ids of one prompt; an empty prompt starts a new document (documents are EOS-separated)."""
+    ids = tokenizer.encode(text) or [tokenizer.eos_id]
+    if len(ids) + max_new_tokens > context:
+        raise GenerateError(
+            f"prompt {_preview(text)} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that is "
+            f"{len(ids) + max_new_tokens}, more than the model's context of {context} tokens. Shorten the prompt "
+            f"or lower --max-new-tokens to at most {max(context - len(ids), 0)}."
+        )
+    return ids
+
+
+def _preview(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+# ---- decoding -------------------------------------------------------------------------------------
+
+
+def _equal_length_groups(encoded: list[list[int]]) -> list[list[int]]:
+    """Prompt indices grouped by token count, in order of first appearance."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(encoded):
+        groups[len(ids)].append(index)
+    return list(groups.values())
+
+
+def _generate_group(model, tokenizer, prompts, encoded, indices, args, generator, eos_id) -> int:
+    """Decode one batch of equal-length prompts; returns the number of tokens generated."""
+    device = model.embed_tokens.weight.device
+    input_ids = torch.tensor([encoded[i] for i in indices], dtype=torch.long, device=device)
+    live = len(prompts) == 1  # one prompt: stream to the terminal as it is sampled
+    streams = [_TextStream(tokenizer) for _ in indices]
+    if live:
+        _write(prompts[indices[0]])
+    finished = [False] * len(indices)
+    steps = model.stream(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, generator=generator)
+    for step, tokens in enumerate(steps):
+        for row, token in enumerate(tokens.tolist()):
+            finished[row] = finished[row] or token == eos_id
+            if not finished[row]:
+                text = streams[row].push(token)
+                if live:
+                    _write(text)
+        if all(finished):
+            break
+    if not live:
+        for row, index in enumerate(indices):
+            _write(f"=== prompt {index + 1} ===\n{prompts[index]}{streams[row].text}\n")
+    return (step + 1) * len(indices)
+
+
+class _TextStream:
+    """Incremental detokenisation: emits only completed text (a multi-byte character split across
+    byte tokens is held back until its last byte arrives)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

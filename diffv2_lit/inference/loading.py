@@ -1,0 +1,206 @@
+"""One loader for every place a trained model lives.
+
+- a Lightning checkpoint file (`.ckpt`): torch.save dict, `state_dict` keys `model.<Transformer key>`,
+  `hyper_parameters["model_config"]` (dataclasses.asdict(ModelConfig)), optional `hyper_parameters["tokenizer"]`;
+- a sharded FSDP2 checkpoint directory (torch.distributed.checkpoint, as Lightning's ModelParallelStrategy
+  writes it): the same `state_dict` under DCP, the hyper-parameters in `meta.pt` beside it;
+- a folder written by `diffv2-lit export` (config.json + model.safetensors), or a plain Llama folder.
+
+`load_model` returns a ready Transformer in eval mode; `load_state_dict_for_training` returns the raw
+pieces for `--model.init_from` (continued training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from diffv2_lit.inference import hf_format
+from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.model.config import flash_attn_available
+
+LIGHTNING_METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a DCP checkpoint
+DCP_METADATA_FILE = ".metadata"
+# Wrappers that training may leave in parameter names: torch.compile and activation checkpointing.
+WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+MAX_LISTED_KEYS = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be read, or whose weights do not fit its model config."""
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None):
+    """-> (Transformer in eval mode, ModelConfig, tokenizer spec or None). dtype None keeps the stored dtype."""
+    config, state_dict, tokenizer_spec = _read_checkpoint(Path(path))
+    check_state_dict(config, state_dict, source=str(path))
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state_dict, assign=True)  # assign: take the loaded tensors, no second copy
+    model.to(device=device, dtype=dtype)
+    return model.eval(), config, tokenizer_spec
+
+
+def load_state_dict_for_training(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (dataclasses.asdict(ModelConfig), state dict with Transformer keys, i.e. without `model.`).
+
+    For `--model.init_from`: accepts the same three kinds of path as load_model, checks that the weights
+    fit the config, and leaves dtype and attention backend exactly as stored.
+    """
+    config, state_dict, _ = _read_checkpoint(Path(path))
+    check_state_dict(config, state_dict, source=str(path))
+    return dataclasses.asdict(config), state_dict
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'lightning' (a file), 'dcp' (a sharded checkpoint directory) or 'hf' (an exported folder)."""
+    if path.is_file():
+        return "lightning"
+    if path.is_dir() and (path / DCP_METADATA_FILE).is_file():
+        return "dcp"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
+    raise CheckpointError(
+        f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA_FILE} file) nor an exported "
+        "model (no config.json). Pass a Lightning .ckpt file, a sharded checkpoint directory, or an export folder."
+    )
+
+
+def _read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+    readers = {"lightning": _read_lightning_file, "dcp": _read_dcp_dir, "hf": _read_hf_folder}
+    return readers[checkpoint_kind(path)](path)
+
+
+# ---- Lightning checkpoints ------------------------------------------------------------------------
+
+
+def _read_lightning_file(path: Path):
+    try:
+        # Lightning checkpoints pickle arbitrary hyper-parameters, so weights_only=False: load only
+        # checkpoints you trust. mmap keeps a large checkpoint's tensors on disk until used.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch/Lightning checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} has no 'state_dict': not a Lightning checkpoint of a diffv2-lit model.")
+    config, tokenizer_spec = _config_from_hparams(checkpoint.get("hyper_parameters", {}), path)
+    return config, _model_weights(checkpoint["state_dict"], path), tokenizer_spec
+
+
+def _read_dcp_dir(path: Path):
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    hparams = {}
+    if (path / LIGHTNING_METADATA_FILE).is_file():
+        hparams = torch.load(path / LIGHTNING_METADATA_FILE, map_location="cpu", weights_only=False).get(
+            "hyper_parameters", {})
+    config, tokenizer_spec = _config_from_hparams(hparams, path / LIGHTNING_METADATA_FILE)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is exactly the intent
+        warnings.simplefilter("ignore", UserWarning)
+        # Only the model's keys: the optimizer states beside them are twice the model's size.
+        loaded = _load_state_dict_from_keys(keys={"state_dict"}, checkpoint_id=str(path))
+    return config, _model_weights(loaded.get("state_dict", {}), path), tokenizer_spec
+
+
+def _config_from_hparams(hparams: dict, source: Path) -> tuple[ModelConfig, str | None]:
+    model_config = hparams.get("model_config")
+    if model_config is None:
+        raise CheckpointError(
+            f"{str(source)!r} has no hyper_parameters['model_config']: it was not written by diffv2-lit's DecoderLM "
+            "(or is from an older version). Export it from the training code, or rebuild the config by hand."
+        )
+    if isinstance(model_config, ModelConfig):
+        model_config = dataclasses.asdict(model_config)
+    return _config_from_dict(model_config, source), hparams.get("tokenizer")
+
+
+def _config_from_dict(fields: dict, source) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"model config in {str(source)!r} has fields this version does not know: {unknown}.")
+    if fields.get("attn_backend") == "flash" and not flash_attn_available():
+        # Trained with flash-attn, read where it is not installed: same math through SDPA.
+        fields = {**fields, "attn_backend": "auto"}
+    return ModelConfig(**fields)
+
+
+def _model_weights(state_dict: dict, source: Path) -> dict[str, torch.Tensor]:
+    """`model.<key>` entries with the prefix and any compile/checkpoint wrapper names removed."""
+    weights = {}
+    for key, value in state_dict.items():
+        if key.startswith("model."):
+            weights[_strip_wrappers(key.removeprefix("model."))] = value
+    if not weights:
+        raise CheckpointError(f"{str(source)!r} holds no 'model.*' weights (found keys like {list(state_dict)[:3]}).")
+    return weights
+
+
+def _strip_wrappers(key: str) -> str:
+    for segment in WRAPPER_SEGMENTS:
+        key = key.replace(segment, "")
+    return key
+
+
+# ---- exported folders -----------------------------------------------------------------------------
+
+
+def _read_hf_folder(path: Path):
+    from safetensors.torch import load_file
+
+    hf = json.loads((path / "config.json").read_text())
+    try:
+        fields = hf_format.model_config_fields_from_hf(hf)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{str(path / 'config.json')!r} does not describe a supported model: {error}") from error
+    config = _config_from_dict(fields, path / "config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{str(path)!r} has a config.json but no *.safetensors weights.")
+    state_dict = {}
+    for file in files:  # one file, or the shards of a save_pretrained(max_shard_size=...) folder
+        state_dict.update(load_file(file))
+    return config, hf_format.from_hf_keys(state_dict, config), _folder_tokenizer_spec(path, hf)
+
+
+def _folder_tokenizer_spec(path: Path, hf: dict) -> str | None:
+    spec = (hf.get("diffv2_lit") or {}).get("tokenizer")
+    if spec == "byte":
+        return "byte"
+    # A BPE tokenizer travels with the folder; the path it was trained at may no longer exist.
+    return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else spec
+
+
+# ---- checks ---------------------------------------------------------------------------------------
+
+
+def check_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and wrong shapes, if the weights do not fit."""
+    with torch.device("meta"):
+        expected = {key: tuple(t.shape) for key, t in Transformer(config).state_dict().items()}
+    found = {key: tuple(t.shape) for key, t in state_dict.items()}
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{key}: checkpoint {found[key]}, config {expected[key]}"
+             for key in sorted(expected.keys() & found.keys()) if found[key] != expected[key]]
+    if not (missing or unexpected or wrong):
+        return
+    problems = [f"{label} ({len(items)}): {_listing(items)}"
+                for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", wrong)) if items]
+    raise CheckpointError(
+        f"the weights in {source!r} do not match its model config (attention={config.attention!r}, "
+        f"n_layers={config.n_layers}, dim={config.dim}, n_heads={config.n_heads}, n_kv_heads={config.n_kv_heads}, "
+        f"head_dim={config.head_dim}, vocab_size={config.vocab_size}):\n  " + "\n  ".join(problems)
+    )
+
+
+def _listing(items: list[str]) -> str:
+    shown = "; ".join(items[:MAX_LISTED_KEYS])
+    return shown + (f"; ... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else "")

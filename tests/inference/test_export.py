@@ -1,0 +1,132 @@
+"""diffv2-lit export: the folders load in real `transformers` models with our logits, generate, and import back."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from diffv2_lit.inference import export as export_module  # noqa: E402
+from diffv2_lit.inference.export import export  # noqa: E402
+from diffv2_lit.inference.loading import load_model, load_state_dict_for_training  # noqa: E402
+
+ATOL = 1e-5  # fp32
+
+
+def _tokens(vocab: int, shape=(2, 16), seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _load_hf(folder, attention: str):
+    if attention == "baseline":  # plain Llama: no custom code anywhere
+        return transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+def _check_cached_generation(hf_model, model, prompt: torch.Tensor) -> None:
+    """HF generate (with its KV cache) picks the greedy token of our uncached forward at every step.
+
+    Compared through logits, not token ids: on random tiny models two logits can tie to 1e-7 and
+    either argmax is right.
+    """
+    out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    step_logits = torch.stack(out.logits, dim=1)  # [B, new, V]
+    new = out.sequences.shape[1] - prompt.shape[1]
+    with torch.no_grad():
+        reference = model(out.sequences)[:, prompt.shape[1] - 1:-1]
+    torch.testing.assert_close(step_logits, reference, rtol=0, atol=1e-4)
+    picked = step_logits.gather(-1, out.sequences[:, -new:, None])
+    torch.testing.assert_close(picked.squeeze(-1), step_logits.max(-1).values)
+
+
+@pytest.mark.parametrize("attention,tie", [("baseline", False), ("baseline", True), ("diffv2", False),
+                                           ("diffv2", True), ("diffv1", False)])
+def test_exported_logits_generation_and_import_back(make_checkpoint, tmp_path, attention, tie):
+    ckpt, model = make_checkpoint(attention, tie_embeddings=tie)
+    folder = export(ckpt, tmp_path / "hf")
+    hf_model = _load_hf(folder, attention)
+    tokens = _tokens(model.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf_model(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=ATOL)
+
+    _check_cached_generation(hf_model, model, tokens[:, :6])
+
+    back, config, spec = load_model(folder)  # import back: same config, same logits
+    assert config == model.config and spec == "byte"
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), ours, rtol=0, atol=0)
+
+
+def test_folder_contents(make_checkpoint, tmp_path):
+    baseline = export(make_checkpoint("baseline")[0], tmp_path / "baseline")
+    diff = export(make_checkpoint("diffv2")[0], tmp_path / "diffv2")
+    assert not list(baseline.glob("*.py"))
+    config = json.loads((baseline / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "modeling_diffv2.py", "configuration_diffv2.py"} <= {p.name for p in diff.iterdir()}
+    config = json.loads((diff / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_diffv2.DiffV2LitForCausalLM"
+    for name in export_module.MODELING_FILES:  # self-contained: loads where diffv2_lit is not installed
+        assert not re.search(r"^\s*(from|import)\s+diffv2_lit", (diff / name).read_text(), re.MULTILINE)
+
+
+def test_padded_batch_generation_matches_single_prompts(make_checkpoint, tmp_path):
+    """Left padding (how generate and lm-eval batch prompts of different lengths) changes nothing."""
+    ckpt, model = make_checkpoint("diffv1")
+    hf_model = _load_hf(export(ckpt, tmp_path / "hf"), "diffv1")
+    short, long = _tokens(model.config.vocab_size, (1, 4), seed=2), _tokens(model.config.vocab_size, (1, 7), seed=3)
+    pad = torch.full((1, 3), 258)
+    batch = torch.cat([torch.cat([pad, short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros_like(pad), torch.ones_like(short)], 1), torch.ones_like(long)])
+    out = hf_model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, pad_token_id=258)
+    for row, prompt in ((0, short), (1, long)):  # each row's step logits = its own unpadded forward
+        sequence = out.sequences[row:row + 1, batch.shape[1] - prompt.shape[1]:]
+        with torch.no_grad():
+            reference = model(sequence)[0, prompt.shape[1] - 1:-1]
+        torch.testing.assert_close(torch.stack(out.logits, 1)[row], reference, rtol=0, atol=1e-4)
+
+
+def test_byte_tokenizer_loads_in_transformers(make_checkpoint, tmp_path):
+    folder = export(make_checkpoint("diffv2")[0], tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    text = "héllo, wörld"
+    assert tokenizer(text)["input_ids"] == list(text.encode("utf-8"))
+    assert tokenizer.decode(list(text.encode("utf-8"))) == text
+    assert (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) == (256, 257, 258)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["eos_token_id"], config["bos_token_id"]) == (256, 257)
+
+
+def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["to be or not to be"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
+    folder = export(ckpt, tmp_path / "hf")
+    _, _, spec = load_model(folder)
+    assert spec == str(folder / "tokenizer.json")
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|> trained first
+
+
+def test_export_cli_and_training_import(make_checkpoint, tmp_path, capsys):
+    ckpt, model = make_checkpoint("diffv2")
+    out = tmp_path / "hf"
+    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out), "--dtype", "bfloat16"]) == 0
+    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out)]) == 2  # not empty, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    config_dict, state_dict = load_state_dict_for_training(out)
+    assert config_dict == {**model.config.__dict__}
+    assert state_dict.keys() == model.state_dict().keys()
+    assert state_dict["embed_tokens.weight"].dtype == torch.bfloat16

@@ -1,0 +1,98 @@
+"""diffv2-lit generate: end to end through the console entry point, and its error messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffv2_lit.inference import generate
+from diffv2_lit.inference.export import export
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LITDATA_DISABLE_VERSION_CHECK": "1"}
+    return subprocess.run([sys.executable, "-m", "diffv2_lit", "generate", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def _greedy_text(model, prompt: str, n: int) -> str:
+    ids = torch.tensor([list(prompt.encode())])
+    new = model.generate(ids, n, temperature=0)[0, ids.shape[1]:].tolist()
+    return bytes(t for t in new if t < 256).decode("utf-8", errors="replace")
+
+
+def test_generate_cli_streams_greedy_continuation(make_checkpoint):
+    ckpt, model = make_checkpoint("diffv2")
+    result = _cli("--ckpt", str(ckpt), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0",
+                  "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    expected = "To be" + _greedy_text(model, "To be", 12)
+    assert result.stdout.rstrip("\ufffd") == expected.rstrip("\ufffd")  # a split last character is held back
+    assert "12 new tokens" in result.stderr
+
+
+def test_generate_cli_batch_from_export_folder(make_checkpoint, tmp_path):
+    ckpt, model = make_checkpoint("diffv1")
+    folder = export(ckpt, tmp_path / "hf")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\ncd\n\nlonger\n")  # two of length 2 share a batch; the blank line is skipped
+    result = _cli("--ckpt", str(folder), "--prompt-file", str(prompts), "--max-new-tokens", "5",
+                  "--temperature", "0", "--ignore-eos", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    for index, prompt in enumerate(["ab", "cd", "longer"], start=1):
+        assert f"=== prompt {index} ===\n{prompt}" in result.stdout
+    assert "ab" + _greedy_text(model, "ab", 5).rstrip("\ufffd") in result.stdout
+
+
+def test_sampling_is_reproducible_with_a_seed(make_checkpoint, capsys):
+    ckpt, _ = make_checkpoint("baseline")
+    args = ["--ckpt", str(ckpt), "--prompt", "x", "--max-new-tokens", "16", "--top-k", "50", "--top-p", "0.9",
+            "--ignore-eos"]
+    outputs = []
+    for seed in ("1", "1", "2"):
+        assert generate.main([*args, "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt", "x" * 60, "--max-new-tokens", "10"], "is 60 tokens; with --max-new-tokens 10 that is 70"),
+    (["--prompt", "hi", "--tokenizer", "no/such/tokenizer.json"], "unknown tokenizer"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens=0"),
+])
+def test_request_errors(make_checkpoint, capsys, extra, message):
+    ckpt, _ = make_checkpoint("diffv2")
+    assert generate.main(["--ckpt", str(ckpt), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_checkpoint_and_tokenizer_errors(make_checkpoint, tmp_path, capsys):
+    ckpt, _ = make_checkpoint("diffv2", tokenizer=None)
+    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi"]) == 2
+    assert "records no tokenizer" in capsys.readouterr().err
+
+    small, _ = make_checkpoint("diffv2", vocab_size=200)  # fewer ids than the byte tokenizer's 259
+    assert generate.main(["--ckpt", str(small), "--prompt", "hi"]) == 2
+    assert "not the tokenizer the model was trained with" in capsys.readouterr().err
+
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["model_config"]["dim"] = 32
+    torch.save(checkpoint, tmp_path / "mismatch.ckpt")
+    result = _cli("--ckpt", str(tmp_path / "mismatch.ckpt"), "--prompt", "hi", "--tokenizer", "byte")
+    assert result.returncode == 2 and "do not match its model config" in result.stderr
+    assert "embed_tokens.weight: checkpoint (300, 64), config (300, 32)" in result.stderr
+
+
+def test_text_stream_holds_back_split_characters():
+    from diffv2_lit.inference.tokenizer import _ByteTokenizer
+
+    stream = generate._TextStream(_ByteTokenizer())
+    pieces = [stream.push(byte) for byte in "é!".encode()]
+    assert pieces == ["", "é", "!"]
