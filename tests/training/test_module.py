@@ -26,7 +26,7 @@ def test_refuses_a_vocabulary_larger_than_the_model():
 
 
 def test_attention_core_flops_per_variant():
-    config = ModelConfig.from_preset("125m", attention="baseline")
+    config = ModelConfig.from_preset("125m", attention="baseline", tie_embeddings=False)
     seq = 2048
     core = lambda c: flops_per_token(c, seq) - 6 * _matmul_params(c)  # noqa: E731
     base = core(config)
