@@ -33,10 +33,15 @@ TRAINER_DEFAULTS = {
 }
 
 
+DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
+
+
 class DiffV2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for the whole run unless the user says otherwise (reproducible by default).
         parser.set_defaults({"seed_everything": 1234})
+        # Without a `data:` section, train on the built-in corpus (TokenDataModule's own defaults).
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA_MODULE}})
 
     def before_fit(self) -> None:
         self._resolve_last("fit")

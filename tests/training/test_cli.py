@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).parents[2]
@@ -15,7 +16,8 @@ EXPECTED_SCALARS = {"train/loss", "train/grad_norm", "lr", "val/loss", "val/ppl"
 
 
 def _diffv2_lit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1",
+           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "diffv2_lit", *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -43,3 +45,15 @@ def test_fit_through_the_console_script_then_resume(tmp_path):
     resumed = EventAccumulator(str(tmp_path / "runs" / "tiny" / "version_1"))
     resumed.Reload()
     assert [e.step for e in resumed.Scalars("train/loss")] == [3, 4, 5]
+
+
+def test_quickstart_recipe_runs_on_the_builtin_corpus(tmp_path):
+    """The real recipe, cut to 2 steps: built-in corpus prepared on first use, byte tokenizer, sample."""
+    result = _diffv2_lit(tmp_path, "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
+                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                         "--data.init_args.val_tokens", "512", "--trainer.callbacks.max_new_tokens", "8")
+    assert "---- sample after 2 steps (prompt 'ROMEO:') ----\nROMEO:" in result.stdout
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["hyper_parameters"]["tokenizer"] == "byte"
+    assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"

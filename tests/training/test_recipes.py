@@ -52,10 +52,10 @@ def test_recipe_parses(path):
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_fragment_composes_with_a_recipe(path):
-    """Each fragment parses on top of a complete config (repeated --config), data fragments also alone."""
-    _needs_data_module(path)
-    if path.parent.name == "data":
-        parse_config([str(path)])
+    """Each fragment parses alone (the data defaults to the built-in corpus) and on top of a complete
+    config (repeated --config)."""
+    pytest.importorskip("diffv2_lit.data.datamodule", reason="TokenDataModule (issue 3) not merged yet")
+    parse_config([str(path)])
     composed = parse_config([str(TINY), str(path)])
     assert composed.model.lr == pytest.approx(3e-3)
 
