@@ -85,3 +85,19 @@ def test_checkpoint_holds_model_config_and_plain_keys(tmp_path):
     assert "model.layers.0.self_attn.lambda_proj.weight" in saved["state_dict"]
     restored = DecoderLM.load_from_checkpoint(tmp_path / "last.ckpt")
     assert restored.model_config == trainer.lightning_module.model_config
+
+
+def test_activation_checkpointing_and_compile_keep_the_losses():
+    """parallelize's AC (every block / every 2nd) and per-block torch.compile change speed and memory, not math."""
+    runs = {}
+    for name, kwargs in {"plain": {}, "ac": {"activation_checkpointing": True},
+                         "ac2+compile": {"activation_checkpointing": 2, "compile": True}}.items():
+        L.seed_everything(0)
+        recorder = LossRecorder()
+        module = tiny_module(**kwargs)
+        tiny_trainer(max_steps=2, callbacks=[recorder]).fit(module, tiny_data())
+        runs[name] = recorder.losses
+        # names stay the plain model's, so checkpoints and optimizer groups do not change
+        assert "model.layers.0.self_attn.q_proj.weight" in module.state_dict()
+    torch.testing.assert_close(runs["ac"], runs["plain"], rtol=0, atol=0)
+    torch.testing.assert_close(runs["ac2+compile"], runs["plain"], rtol=1e-5, atol=1e-5)
