@@ -73,7 +73,7 @@ def resolve_model_config(model: ModelSpec | ModelConfig | dict | str) -> ModelCo
 class DecoderLM(L.LightningModule):
     def __init__(
         self,
-        model: ModelSpec | str = "quickstart",
+        model: ModelSpec | str = "quickstart",  # also a ModelConfig or a dict, from Python
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -107,7 +107,7 @@ class DecoderLM(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config,
         # which other tools (generate, export) read to rebuild the model.
-        self.hparams["model"] = dataclasses.asdict(model) if isinstance(model, ModelSpec) else model
+        self.hparams["model"] = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else model
         self.hparams["model_config"] = dataclasses.asdict(self.model_config)
         self.model: Transformer | None = None
         self._reset_train_loss()

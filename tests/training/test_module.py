@@ -1,3 +1,5 @@
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -101,3 +103,9 @@ def test_activation_checkpointing_and_compile_keep_the_losses():
         assert "model.layers.0.self_attn.q_proj.weight" in module.state_dict()
     torch.testing.assert_close(runs["ac"], runs["plain"], rtol=0, atol=0)
     torch.testing.assert_close(runs["ac2+compile"], runs["plain"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_config_from_python_is_stored_as_a_plain_dict():
+    config = ModelConfig(n_layers=1, dim=64, n_heads=2, n_kv_heads=1, head_dim=32)
+    module = DecoderLM(model=config)
+    assert module.model_config == config and module.hparams["model"] == dataclasses.asdict(config)
