@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.training.synthetic import SyntheticDataModule
