@@ -109,4 +109,4 @@ def test_presets_are_the_size_their_name_claims(preset, billions, attention):
 def test_quickstart_has_a_few_million_parameters():
     for attention in VARIANTS:
         total = count_parameters(ModelConfig.from_preset("quickstart", attention=attention))["total"]
-        assert 2e6 < total < 10e6
+        assert 1e6 < total < 10e6  # ~1.5M: fast enough for the 10-minute CPU quickstart
