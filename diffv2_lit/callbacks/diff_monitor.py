@@ -85,7 +85,8 @@ class DiffMonitor(L.Callback):
 
     # ---- Lightning hooks ---------------------------------------------------------------------
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Checked here, not in setup(): DecoderLM builds its model in configure_model(), after setup.
         model = getattr(pl_module, "model", None)
         if model is None or not hasattr(model, "diagnostics") or not hasattr(model, "layers"):
             raise TypeError(f"DiffMonitor needs `pl_module.model` to be a diffv2_lit Transformer (with "

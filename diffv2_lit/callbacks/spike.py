@@ -30,6 +30,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from diffv2_lit.training.gradients import global_grad_norm, is_dtensor
+
 ACTIONS = ("log", "skip", "stop")
 METHODS = ("ema", "median")
 
@@ -112,35 +114,9 @@ def _median(values: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def _full(norm: Tensor) -> Tensor:
     """A DTensor norm holds per-shard partial results; `full_tensor()` reduces them (a collective)."""
-    return norm.full_tensor() if _is_dtensor(norm) else norm
-
-
-def global_grad_norm(params: list[Tensor]) -> Tensor:
-    """L2 norm of all gradients, as `clip_grad_norm_` computes it; global across ranks for DTensor grads.
-
-    DTensor and plain grads are normed separately (they cannot be stacked together) and combined.
-    Returns a 0-d float32 tensor (0 when there are no gradients).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    squares = []
-    for group in ([g for g in grads if _is_dtensor(g)], [g for g in grads if not _is_dtensor(g)]):
-        if group:
-            norm = _full(torch.nn.utils.get_total_norm(group, norm_type=2.0))
-            squares.append(norm.float().square())
-    device = squares[0].device
-    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+    return norm.full_tensor() if is_dtensor(norm) else norm
 
 
 def top_grad_norms(named_params: list[tuple[str, Tensor]], k: int = 5) -> dict[str, list]:
@@ -240,7 +216,7 @@ class GradientSpikeDetector(L.Callback):
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        grad_norm, loss = self._global_values(trainer, optimizer)
+        grad_norm, loss = self._global_values(trainer, pl_module, optimizer)
         self.last_grad_norm, self.last_loss = grad_norm, loss
         self.steps_seen += 1
         ratio = self.current_ratio(grad_norm)  # against the level before this value enters it
@@ -268,10 +244,12 @@ class GradientSpikeDetector(L.Callback):
 
     # ---- measuring ---------------------------------------------------------------------------
 
-    def _global_values(self, trainer: L.Trainer, optimizer) -> tuple[float, float | None]:
+    def _global_values(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> tuple[float, float | None]:
         """(grad norm, mean loss of the window), identical on every rank: one all-reduce, one host sync."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = global_grad_norm(params)
+        if hasattr(pl_module, "gradient_norm"):  # DecoderLM: computed once per step, shared with its logging
+            norm = pl_module.gradient_norm()
+        else:
+            norm = global_grad_norm(p for group in optimizer.param_groups for p in group["params"])
         scaler = _scaler(trainer)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             norm = norm / scaler.get_scale()  # fused optimizers unscale inside step(): grads are still scaled

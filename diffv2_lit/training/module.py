@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.training.gradients import global_grad_norm
 from diffv2_lit.training.optim import ScheduleName, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
 
@@ -110,6 +110,7 @@ class DecoderLM(L.LightningModule):
         self.hparams["model"] = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else model
         self.hparams["model_config"] = dataclasses.asdict(self.model_config)
         self.model: Transformer | None = None
+        self._grad_norm, self._grad_norm_step = torch.zeros(()), -1
         self._reset_train_loss()
 
     # ---- model construction ------------------------------------------------------------------
@@ -192,18 +193,28 @@ class DecoderLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning clips gradients right after this hook, so this is the norm before clipping.
-        metrics = {"train/grad_norm": global_grad_norm(self.parameters(), self._grads_sharded()),
-                   "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {"train/grad_norm": self.gradient_norm(), "lr": optimizer.param_groups[0]["lr"]}
         self.log_dict(metrics, on_step=True, on_epoch=False)
         if self._train_loss_count:
             mean_loss = self._train_loss_sum / self._train_loss_count
             self.log("train/loss", mean_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         self._reset_train_loss()
 
-    def _grads_sharded(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    def gradient_norm(self) -> Tensor:
+        """This optimizer step's global gradient norm before clipping, computed once per step.
 
-        return isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        Callbacks run their `on_before_optimizer_step` before this module's, so the spike detector
+        asks first and may then drop the gradients (skip mode); the logged norm is still the real one.
+        """
+        if self._grad_norm_step != self.global_step:
+            self._grad_norm = global_grad_norm(self.parameters(), plain_grads_sharded=self._grads_sharded())
+            self._grad_norm_step = self.global_step
+        return self._grad_norm
+
+    def _grads_sharded(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(self.trainer.strategy, FSDPStrategy)  # FSDP1 flat shards; FSDP2 grads are DTensors
 
     # ---- validation: token-weighted mean loss -------------------------------------------------
 
@@ -247,20 +258,3 @@ class DecoderLM(L.LightningModule):
                 "from estimated_stepping_batches, which would skip restoring the dataloader state on resume."
             )
         return steps
-
-
-def global_grad_norm(parameters, sharded: bool) -> Tensor:
-    """L2 norm of all gradients. Under FSDP each rank holds a shard: sum the squares over ranks."""
-    from torch.distributed.tensor import DTensor
-
-    squares = []
-    for param in parameters:
-        if param.grad is not None:
-            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-            squares.append(grad.detach().float().pow(2).sum())
-    if not squares:
-        return torch.zeros(())
-    total = torch.stack(squares).sum()
-    if sharded and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.sqrt()
