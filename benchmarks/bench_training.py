@@ -20,7 +20,8 @@ import lightning as L
 import torch
 
 from diffv2_lit.model import ModelConfig, Transformer
-from diffv2_lit.training.callbacks import device_peak_flops, flops_per_token
+from diffv2_lit.model.flops import training_flops_per_token
+from diffv2_lit.training.callbacks import device_peak_flops
 from diffv2_lit.training.module import DecoderLM, global_grad_norm, resolve_model_config
 from diffv2_lit.training.optim import lr_multiplier, parameter_groups
 from diffv2_lit.training.synthetic import SyntheticDataModule
@@ -109,8 +110,8 @@ def variant_throughput(attention: str, seq: int, batch: int, steps: int, peak: f
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     tokens_per_sec = batch * seq / statistics.median(times[1:])
-    return {"tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * flops_per_token(config, seq) / peak,
-            "flops_per_token": flops_per_token(config, seq)}
+    return {"tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * training_flops_per_token(config, seq) / peak,
+            "flops_per_token": training_flops_per_token(config, seq)}
 
 
 def main() -> None:

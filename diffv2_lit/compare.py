@@ -4,7 +4,8 @@
 
 Each argument is a run folder or a folder holding runs; every folder below it that holds a
 TensorBoard event file is one run. A run is labelled by the logger name above its `version_N`
-folder (recipes set it to the recipe name). Runs whose labels differ only by a trailing `seedN`
+folder, plus its attention variant (from hparams.yaml) when the name does not say it, since recipe
+twins share one logger name. Runs whose labels differ only by a trailing `seedN`
 are one group: charts draw the group mean with its min-max band, and the table gives mean ± std.
 Event files are read with tensorboard's own EventAccumulator.
 """
@@ -28,10 +29,11 @@ CHARTS: dict[str, tuple[str, ...]] = {
     "context RMS, mean": ("diff/context_rms_mean",),
     "context RMS, 5th percentile": ("diff/context_rms_p05",),
     "attention sink mass": ("diff/sink_mass",),
-    "max |activation|": ("diff/max_activation",),
-    "tokens/s": ("perf/tokens_per_sec", "throughput/tokens_per_sec", "perf/tokens_per_s"),
+    "max |hidden state|": ("diff/max_hidden_peak", "diff/max_hidden"),
+    "max attention logit": ("diff/max_logit_peak", "diff/max_logit"),
+    "tokens/s": ("perf/tokens_per_sec",),
 }
-TOKENS_TAGS = ("perf/tokens_seen", "train/tokens_seen", "throughput/tokens", "perf/tokens")
+TOKENS_TAG = "perf/tokens_seen"
 SEED_SUFFIX = re.compile(r"[-_.]?seed[-_]?\d+$")
 
 
@@ -73,8 +75,20 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
 
 
 def run_label(run_dir: Path) -> str:
-    """The logger name: the folder above `version_N`, else the folder itself."""
-    return run_dir.parent.name if re.fullmatch(r"version_\d+", run_dir.name) else run_dir.name
+    """The logger name (the folder above `version_N`), plus the attention variant from hparams.yaml
+    when the name lacks it: recipe twins share one logger name and differ only in the variant."""
+    name = run_dir.parent.name if re.fullmatch(r"version_\d+", run_dir.name) else run_dir.name
+    attention = _attention_variant(run_dir / "hparams.yaml")
+    return f"{name}-{attention}" if attention and attention not in name else name
+
+
+def _attention_variant(hparams_file: Path) -> str | None:
+    if not hparams_file.is_file():
+        return None
+    import yaml
+
+    hparams = yaml.safe_load(hparams_file.read_text()) or {}
+    return (hparams.get("model_config") or {}).get("attention")
 
 
 def load_run(run_dir: Path) -> Run:
@@ -97,11 +111,12 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def _x_axis(run: Run, steps: list[int]) -> tuple[list[float], str]:
-    """Tokens seen when the run logged them, else optimizer steps."""
-    tokens = dict(run.series(TOKENS_TAGS))
-    if tokens and all(step in tokens for step in steps):
-        return [tokens[s] for s in steps], "tokens"
-    return [float(s) for s in steps], "step"
+    """Tokens seen when the run logged them (tokens per step is constant), else optimizer steps."""
+    seen = [(step, tokens) for step, tokens in run.series((TOKENS_TAG,)) if step > 0]
+    if not seen:
+        return [float(s) for s in steps], "step"
+    tokens_per_step = seen[-1][1] / seen[-1][0]
+    return [s * tokens_per_step for s in steps], "tokens"
 
 
 def _group_band(runs: list[Run], candidates: tuple[str, ...]):
@@ -158,8 +173,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "spikes / 1k steps": ("spike/per_1k_steps",),
     "largest spike ratio": ("spike/max_ratio",),
     "tokens/s": CHARTS["tokens/s"],
-    "MFU": ("perf/mfu", "throughput/mfu"),
-    "peak memory GiB": ("perf/peak_memory_gib", "perf/max_memory_gib"),
+    "MFU": ("perf/mfu",),
+    "peak memory GB": ("perf/peak_memory_gb",),
 }
 
 

@@ -17,7 +17,7 @@ def _write_run(folder, losses, spikes_at=()):
         writer.add_scalar("train/loss", loss, step)
         writer.add_scalar("train/grad_norm", 10.0 if step in spikes_at else 1.0, step)
         writer.add_scalar("spike/count", count, step)
-        writer.add_scalar("perf/tokens_seen", 1000 * (step + 1), step)
+        writer.add_scalar("perf/tokens_seen", 1000 * step, step)
     writer.add_scalar("val/loss", losses[-1] + 0.1, len(losses) - 1)
     writer.add_scalar("spike/per_1k_steps", 1000 * count / len(losses), len(losses) - 1)
     writer.close()
@@ -35,6 +35,16 @@ def test_report_groups_seeds_and_tabulates_final_values(tmp_path):
         assert (tmp_path / "report" / chart).stat().st_size > 1000
         assert f"({chart})" in page
     assert "sigmoid" not in page  # no chart for tags no run logged
+
+
+def test_recipe_twins_sharing_a_logger_name_are_labelled_by_variant(tmp_path):
+    for version, attention in enumerate(["diffv2", "baseline"]):
+        folder = tmp_path / "runs" / "quickstart" / f"version_{version}"
+        _write_run(folder, [3.0, 2.0 + version])
+        (folder / "hparams.yaml").write_text(f"model_config:\n  attention: {attention}\n")
+    assert main([str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "| quickstart-diffv2 | 1 | 2.1 |" in page and "| quickstart-baseline | 1 | 3.1 |" in page
 
 
 def test_folder_without_event_files_is_a_clear_error(tmp_path):

@@ -1,17 +1,7 @@
 """Training callbacks: throughput / MFU, and generated sample text.
 
-FLOPs per token (training = forward + backward = 3 x forward; PaLM appendix B convention, also
-nanoGPT's and torchtitan's):
-
-    flops_per_token = 6 * N  +  3 * L * 2 * T * (Hq * d + Hv * dv)
-
-- N: parameters that multiply activations = all parameters except the embedding lookup (the
-  output projection counts; with tied embeddings the shared matrix is counted once, as lm_head).
-- attention core per layer and token, forward: QK^T costs 2 * T * Hq * d, AV costs 2 * T * Hv * dv,
-  counted over the full T x T square (causal masking is not subtracted, as in the convention).
-  baseline: Hq = Hv = h, dv = d                      -> 12 * L * T * h * d
-  diffv2:   Hq = Hv = 2h (one call over 2h heads)     -> 24 * L * T * h * d (the doubled core)
-  diffv1:   two maps over h/2 heads: Hq = h, Hv = h, dv = 2d -> 18 * L * T * h * d
+FLOPs per token come from `diffv2_lit.model.flops.training_flops_per_token` (PaLM convention:
+6 per matmul parameter plus the attention core, DIFF V2's doubled query heads included).
 
 MFU = achieved FLOP/s per device / dense peak FLOP/s of the device. Lightning's ThroughputMonitor
 has no dense entry for "NVIDIA H200" (and a sparse one for H100/H200), hence this table.
@@ -27,7 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffv2_lit.model import ModelConfig, count_parameters
+from diffv2_lit.model.flops import training_flops_per_token
 
 # Dense bf16 peak FLOP/s (no 2:4 sparsity), per device.
 PEAK_FLOPS_BF16: dict[str, float] = {
@@ -36,17 +26,6 @@ PEAK_FLOPS_BF16: dict[str, float] = {
     "H200": 989e12,
     "B200": 2250e12,
 }
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), see the module docstring."""
-    counts = count_parameters(config)
-    n_matmul = counts["total"] - counts["embedding"]
-    if config.tie_embeddings:
-        n_matmul += config.vocab_size * config.dim  # the output projection still runs
-    h, d = config.n_heads, config.head_dim
-    core = {"baseline": 2 * h * d, "diffv2": 4 * h * d, "diffv1": 3 * h * d}[config.attention]
-    return 6 * n_matmul + 3 * config.n_layers * 2 * seq_len * core
 
 
 def device_peak_flops(device: torch.device) -> float | None:
@@ -75,6 +54,7 @@ class ThroughputMFU(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.peak_flops = peak_flops
         self._tokens = 0
+        self._batch_tokens = 0
         self._start: float | None = None
         self._flops_per_token: float | None = None
         self._last_step = -1
@@ -91,8 +71,9 @@ class ThroughputMFU(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         input_ids = batch[0]
         self._tokens += input_ids.numel()
+        self._batch_tokens = input_ids.numel()
         if self._flops_per_token is None:
-            self._flops_per_token = flops_per_token(pl_module.model_config, input_ids.shape[1])
+            self._flops_per_token = training_flops_per_token(pl_module.model_config, input_ids.shape[1])
         if _new_optimizer_step(self, trainer) and trainer.global_step % self.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
@@ -100,8 +81,11 @@ class ThroughputMFU(L.Callback):
         _synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._start
         per_device = self._tokens / max(elapsed, 1e-9)
+        # Tokens seen so far by all ranks (the x-axis `diffv2-lit compare` plots losses against).
+        tokens_per_step = self._batch_tokens * trainer.accumulate_grad_batches * trainer.world_size
         metrics = {"perf/tokens_per_sec_per_device": per_device,
                    "perf/tokens_per_sec": per_device * trainer.world_size,
+                   "perf/tokens_seen": float(trainer.global_step * tokens_per_step),
                    "perf/peak_memory_gb": peak_memory_bytes(pl_module.device) / 1e9}
         if self.peak_flops:
             metrics["perf/mfu"] = per_device * self._flops_per_token / self.peak_flops

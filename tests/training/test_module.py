@@ -6,7 +6,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffv2_lit.model import ModelConfig
-from diffv2_lit.training.callbacks import flops_per_token
 from diffv2_lit.training.module import DecoderLM, ModelSpec, resolve_model_config
 
 from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer
@@ -25,23 +24,6 @@ def test_refuses_a_vocabulary_larger_than_the_model():
     trainer = tiny_trainer(max_steps=1)
     with pytest.raises(ValueError, match="vocab_size=64 is smaller"):
         trainer.fit(tiny_module(), tiny_data(vocab_size=300))
-
-
-def test_attention_core_flops_per_variant():
-    config = ModelConfig.from_preset("125m", attention="baseline", tie_embeddings=False)
-    seq = 2048
-    core = lambda c: flops_per_token(c, seq) - 6 * _matmul_params(c)  # noqa: E731
-    base = core(config)
-    assert base == 12 * 12 * seq * 12 * 64
-    assert core(config.replace(attention="diffv2")) == 2 * base  # doubled query heads
-    assert core(config.replace(attention="diffv1")) == 1.5 * base
-
-
-def _matmul_params(config):
-    from diffv2_lit.model import count_parameters
-
-    counts = count_parameters(config)
-    return counts["total"] - counts["embedding"]
 
 
 def test_fit_logs_loss_grad_norm_lr_and_val():
