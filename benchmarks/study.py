@@ -94,6 +94,51 @@ def plan(models: list[str], lrs: list[float], seeds: list[int]) -> list[tuple[st
     return [(m, lr, s) for s in seeds for lr in lrs for m in models]
 
 
+SUMMARY_TAGS = {
+    "val loss": "val/loss",
+    "spikes": "spike/count",
+    "largest spike ratio": "spike/max_ratio",
+    "sigmoid(λ) mean": "diff/lambda_mean",
+    "context RMS mean": "diff/context_rms_mean",
+    "context RMS p05": "diff/context_rms_p05",
+    "normalised RMS p05": "diff/context_rms_norm_p05",
+    "below-floor fraction": "diff/below_floor_frac",
+    "sink mass": "diff/sink_mass",
+    "max attention logit (peak)": "diff/max_logit_peak",
+    "max abs hidden (peak)": "diff/max_hidden_peak",
+}
+
+
+def summarize(run_dirs: list[Path], command: str) -> str:
+    """A Markdown table of the last value of each study metric, mean ± std over seeds, per group."""
+    import statistics
+
+    from diffv2_lit.compare import find_run_dirs, group_runs, load_run
+
+    groups = group_runs([load_run(d) for d in find_run_dirs(run_dirs)])
+
+    def cell(values: list[float], digits: int = 3) -> str:
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    lines = [f"Command: `{command}`", "",
+             "Last logged value of each metric, mean ± std over seeds (DiffMonitor metrics: mean over layers "
+             "on the monitor's fixed probe batch; spikes: GradientSpikeDetector defaults, factor 4 / z 6).", "",
+             "| run | seeds | " + " | ".join(SUMMARY_TAGS) + " | val loss per seed |",
+             "|" + "---|" * (len(SUMMARY_TAGS) + 3)]
+    for label, runs in sorted(groups.items()):
+        cells = []
+        for tag in SUMMARY_TAGS.values():
+            values = [run.last((tag,)) for run in runs]
+            cells.append(cell([v for v in values if v is not None], 0 if tag == "spike/count" else 3))
+        per_seed = ", ".join(f"{run.last(('val/loss',)):.3f}" for run in sorted(runs, key=lambda r: r.label))
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {per_seed} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -158,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffv2_lit.compare import main as compare
 
     report = args.report or out / "report"
-    return compare([str(out / run_name(m, lr, s)) for m, lr, s in runs if is_finished(out, run_name(m, lr, s))]
-                   + ["--output", str(report)])
+    finished = [out / run_name(m, lr, s) for m, lr, s in runs if is_finished(out, run_name(m, lr, s))]
+    rc = compare([str(d) for d in finished] + ["--output", str(report)])
+    command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (report / "summary.md").write_text("# Study summary\n\n" + summarize(finished, command) + "\n## Versions\n\n"
+                                      + "\n".join(f"- {k}: {v}" for k, v in versions().items()) + "\n")
+    return rc
 
 
 if __name__ == "__main__":
