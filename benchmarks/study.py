@@ -96,9 +96,9 @@ def plan(models: list[str], lrs: list[float], seeds: list[int]) -> list[tuple[st
 
 SUMMARY_TAGS = {
     "val loss": "val/loss",
-    "spikes": "spike/count",
+    "spikes (per seed)": "spike/count",
     "largest spike ratio": "spike/max_ratio",
-    "sigmoid(λ) mean": "diff/lambda_mean",
+    "λ mean (V2: sigmoid(λ); V1: λ)": "diff/lambda_mean",
     "context RMS mean": "diff/context_rms_mean",
     "context RMS p05": "diff/context_rms_p05",
     "normalised RMS p05": "diff/context_rms_norm_p05",
@@ -131,10 +131,11 @@ def summarize(run_dirs: list[Path], command: str) -> str:
              "|" + "---|" * (len(SUMMARY_TAGS) + 3)]
     for label, runs in sorted(groups.items()):
         cells = []
+        runs = sorted(runs, key=lambda r: r.label)
         for tag in SUMMARY_TAGS.values():
-            values = [run.last((tag,)) for run in runs]
-            cells.append(cell([v for v in values if v is not None], 0 if tag == "spike/count" else 3))
-        per_seed = ", ".join(f"{run.last(('val/loss',)):.3f}" for run in sorted(runs, key=lambda r: r.label))
+            values = [v for v in (run.last((tag,)) for run in runs) if v is not None]
+            cells.append(", ".join(f"{v:.0f}" for v in values) if tag == "spike/count" else cell(values))
+        per_seed = ", ".join(f"{run.last(('val/loss',)):.3f}" for run in runs)
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {per_seed} |")
     return "\n".join(lines) + "\n"
 
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     report = args.report or out / "report"
     finished = [out / run_name(m, lr, s) for m, lr, s in runs if is_finished(out, run_name(m, lr, s))]
     rc = compare([str(d) for d in finished] + ["--output", str(report)])
-    command = "python benchmarks/study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/study.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                        if a != "--compare-only")
     (report / "summary.md").write_text("# Study summary\n\n" + summarize(finished, command) + "\n## Versions\n\n"
                                       + "\n".join(f"- {k}: {v}" for k, v in versions().items()) + "\n")
     return rc
