@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     rc = compare([os.path.relpath(d) for d in finished] + ["--output", str(report)])
     command = "python benchmarks/study.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                         if a != "--compare-only")
+    info = versions()
+    header = (f"Study: `{command}`  \nVersions: Python {info['python']}, torch {info['torch']}, Lightning "
+              f"{info['lightning']}; {info['platform']}, {info['cpu cores']} CPU cores, {info['torch threads']} torch "
+              "threads. Monitor metrics per group: [summary.md](summary.md).\n")
+    page = report / "report.md"
+    title, _, rest = page.read_text().partition("\n")
+    page.write_text(f"{title}\n\n{header}{rest}")
     (report / "summary.md").write_text("# Study summary\n\n" + summarize(finished, command) + "\n## Versions\n\n"
                                       + "\n".join(f"- {k}: {v}" for k, v in versions().items()) + "\n")
     return rc
