@@ -7,9 +7,10 @@ then runs `diffv2-lit compare` over all runs. Runs already finished are skipped,
 command resumes a study that was interrupted.
 
     # what docs/study/ holds (reduced to fit the CPU time we had; see docs/study/README.md)
-    python benchmarks/study.py --steps 300 --seeds 1 2 3 --lrs 3e-3 2e-2 --out runs/study --report docs/study
-    # the issue-sized study (about 2 hours on 2 CPU cores)
-    python benchmarks/study.py --steps 1200 --seeds 1 2 3 --lrs 3e-3 2e-2 --out runs/study-full --report docs/study-full
+    python benchmarks/study.py --steps 400 --val-every 100 --val-tokens 8192 --seeds 1 2 3 --lrs 3e-3 5e-2 \
+        --out runs/study-400 --report docs/study/steps400
+    # the issue-sized study (about 1.5-2 hours on 2 quiet CPU cores)
+    python benchmarks/study.py --steps 1200 --seeds 1 2 3 --lrs 3e-3 5e-2 --out runs/study-full --report docs/study-full
 
 Each run gets a derived config written next to its logs (`<out>/configs/<name>.yaml`): the recipe with
 the overrides applied, and with the SampleText callback and checkpoints dropped (they cost time and the
@@ -144,7 +145,7 @@ def summarize(run_dirs: list[Path], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 2e-2], help="peak learning rates")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 5e-2], help="peak learning rates")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per run")
     parser.add_argument("--val-every", type=int, default=100)
