@@ -78,6 +78,13 @@ class DiffV2CLI(LightningCLI):
             help="Sequences per optimizer step over all devices; derives trainer.accumulate_grad_batches = "
                  "global_batch_size / (data.batch_size x devices x nodes) and refuses one that does not divide.")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning 2.6 parses an explicit `--ckpt_path FILE`'s hyper-parameters over the config, which
+        (a) fails on DecoderLM's extra hparams (`model_config`, `tokenizer`: "Parsing of ckpt_path
+        hyperparameters failed!"), (b) would silently replace the user's model settings with the
+        checkpoint's, and (c) torch.loads a damaged file with a pickle traceback. The config stays the
+        user's; `_check_checkpoint` refuses a checkpoint that does not match it, naming the fields."""
+
     # ---- checks before anything heavy -------------------------------------------------------
 
     def before_instantiate_classes(self) -> None:
