@@ -171,6 +171,21 @@ class DecoderLM(L.LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
+        (instead of a size-mismatch traceback, or silently loading DIFF V2 weights into a baseline), and
+        warn when the data's tokenizer changed since it was written."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from diffv2_lit.training.checks import check_resume
+
+        saved = checkpoint.get("hyper_parameters", {}) or {}
+        check_resume(saved, self.model_config, "the checkpoint")
+        before, now = saved.get("tokenizer"), self.hparams.get("tokenizer")
+        if before and now and before != now:
+            rank_zero_warn(f"resuming with tokenizer {now!r}, but the checkpoint was trained with {before!r}: "
+                           "token ids now mean different text; set data.tokenizer back unless this is intended.")
+
     # ---- training ----------------------------------------------------------------------------
 
     @staticmethod
