@@ -63,7 +63,8 @@ def derived_config(recipe: dict, model: str, lr: float, seed: int, steps: int, o
     trainer["max_steps"] = steps
     trainer["val_check_interval"] = val_every
     trainer["enable_checkpointing"] = False
-    trainer["logger"]["init_args"] = {"save_dir": str(out), "name": run_name(model, lr, seed), "version": 0}
+    save_dir = os.path.relpath(out, ROOT) if out.is_relative_to(ROOT) else str(out)  # the fit runs in ROOT
+    trainer["logger"]["init_args"] = {"save_dir": save_dir, "name": run_name(model, lr, seed), "version": 0}
     trainer["callbacks"] = [cb for cb in trainer["callbacks"]
                             if not any(cb["class_path"].endswith(name) for name in DROP_CALLBACKS)]
     config["model"]["model"] = {"preset": preset, "attention": attention}
@@ -205,9 +206,16 @@ def main(argv: list[str] | None = None) -> int:
 
     report = args.report or out / "report"
     finished = [out / run_name(m, lr, s) for m, lr, s in runs if is_finished(out, run_name(m, lr, s))]
-    rc = compare([str(d) for d in finished] + ["--output", str(report)])
+    rc = compare([os.path.relpath(d) for d in finished] + ["--output", str(report)])
     command = "python benchmarks/study.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                         if a != "--compare-only")
+    info = versions()
+    header = (f"Study: `{command}`  \nVersions: Python {info['python']}, torch {info['torch']}, Lightning "
+              f"{info['lightning']}; {info['platform']}, {info['cpu cores']} CPU cores, {info['torch threads']} torch "
+              "threads. Monitor metrics per group: [summary.md](summary.md).\n")
+    page = report / "report.md"
+    title, _, rest = page.read_text().partition("\n")
+    page.write_text(f"{title}\n\n{header}{rest}")
     (report / "summary.md").write_text("# Study summary\n\n" + summarize(finished, command) + "\n## Versions\n\n"
                                       + "\n".join(f"- {k}: {v}" for k, v in versions().items()) + "\n")
     return rc
