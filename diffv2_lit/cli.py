@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
         run_lightning_cli(argv)
         return
     if command not in TOOL_SUBCOMMANDS:
-        sys.exit(f"diffv2-lit: unknown subcommand {command!r}\n\n{_usage()}")
+        print(f"diffv2-lit: unknown subcommand {command!r}\n\n{_usage()}", file=sys.stderr)
+        sys.exit(2)  # a usage error, as argparse reports them
     module_name, function_name, _ = TOOL_SUBCOMMANDS[command]
     function = getattr(importlib.import_module(module_name), function_name)
     sys.exit(function(argv[1:]))

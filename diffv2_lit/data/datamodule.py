@@ -312,7 +312,15 @@ class TokenDataModule(L.LightningDataModule):
                 "tokenizer_hash": self.tokenizer_identity["hash"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = [k for k, v in state_dict.items() if self.state_dict().get(k) != v]
+        current = self.state_dict()
+        changed = [f"{_DATA_KEYS.get(k, k)}: checkpoint {v!r}, now {current.get(k)!r}"
+                   for k, v in state_dict.items() if current.get(k) != v]
         if changed:
-            rank_zero_warn(f"resuming with different data settings ({', '.join(changed)}): the data stream "
+            rank_zero_warn(f"resuming with different data settings ({'; '.join(changed)}): the data stream "
                            "will not continue exactly where the checkpoint left it")
+
+
+# How each recorded setting is called in the YAML (tokenizer_hash: the tokenizer's sha256).
+_DATA_KEYS = {"sources": "data.data_dir / data.mix", "weights": "data.mix weights", "seq_len": "data.seq_len",
+              "batch_size": "data.batch_size", "seed": "data.seed", "shuffle": "data.shuffle",
+              "tokenizer_hash": "data.tokenizer (sha256)"}

@@ -8,6 +8,13 @@
 
 `--config` may be repeated (later files override earlier ones), dotted flags override both, and
 the resolved config is saved as config.yaml in every run's log folder.
+
+Fault tolerance (docs/faults.md): every run gets `AtomicCheckpointIO` (crash-safe checkpoint files)
+and `PreemptionCheckpoint` (SIGTERM / SIGUSR1 -> checkpoint at the next step, clean exit) unless the
+config brings its own; `--global_batch_size` derives the gradient accumulation; configuration
+mistakes end with one line naming the key (exit code 2), runtime faults (corrupt data or
+checkpoint, a checkpoint of another model, out of memory) with a message saying what to do (exit
+code 1). DIFFV2_LIT_DEBUG=1 shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -18,10 +25,16 @@ import sys
 import warnings
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+import yaml
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from diffv2_lit.training.module import DecoderLM
+from diffv2_lit.model.config import ConfigError
+from diffv2_lit.training import checks
+from diffv2_lit.training.atomic_io import AtomicCheckpointIO, CheckpointError, checkpoint_problem, unreadable_message
+from diffv2_lit.training.module import DecoderLM, resolve_model_config
+from diffv2_lit.training.preemption import PreemptionCheckpoint
 
 # TensorBoard by default; each run gets its own runs/<name>/version_<n> folder, and checkpoints go
 # to its checkpoints/ subfolder (ModelCheckpoint's default dirpath).
@@ -36,18 +49,97 @@ TRAINER_DEFAULTS = {
 DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
 
 
+EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
+EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
+
+
+class _ConciseParser(LightningArgumentParser):
+    """jsonargparse prints the whole usage (a hundred lines) before an error; print only the error."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        _exit(EXIT_USAGE, f"{message}\n(`diffv2-lit fit --help` lists the options; --print_config shows the "
+                          "resolved config)")
+
+
 class DiffV2CLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", _ConciseParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # One seed for the whole run unless the user says otherwise (reproducible by default).
         parser.set_defaults({"seed_everything": 1234})
         # Without a `data:` section, train on the built-in corpus (TokenDataModule's own defaults).
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA_MODULE}})
+        parser.add_argument(
+            "--global_batch_size", type=int | None, default=None,
+            help="Sequences per optimizer step over all devices; derives trainer.accumulate_grad_batches = "
+                 "global_batch_size / (data.batch_size x devices x nodes) and refuses one that does not divide.")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning 2.6 parses an explicit `--ckpt_path FILE`'s hyper-parameters over the config, which
+        (a) fails on DecoderLM's extra hparams (`model_config`, `tokenizer`: "Parsing of ckpt_path
+        hyperparameters failed!"), (b) would silently replace the user's model settings with the
+        checkpoint's, and (c) torch.loads a damaged file with a pickle traceback. The config stays the
+        user's; `_check_checkpoint` refuses a checkpoint that does not match it, naming the fields."""
+
+    # ---- checks before anything heavy -------------------------------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        model_config = self._model_config(config)
+        data_args = config.get("data", {}).get("init_args", {}) if config.get("data") else {}
+        checks.check_seq_len(model_config, data_args.get("seq_len"))
+
+    @staticmethod
+    def _model_config(config):
+        spec = config.model.model
+        spec = spec.as_dict() if hasattr(spec, "as_dict") else spec
+        try:
+            return resolve_model_config(spec)
+        except ConfigError as err:
+            raise checks.model_config_error(err) from None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except checks.UsageError:
+            raise
+        except (ValueError, TypeError) as err:
+            # Raised by an __init__ while building the configured classes: a configuration mistake.
+            raise checks.UsageError(f"{type(err).__name__}: {err}") from err
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
+        callbacks = _as_list(trainer_config.get("callbacks"))
+        if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+            kwargs.setdefault("callbacks", callbacks + [PreemptionCheckpoint()])
+        trainer = super().instantiate_trainer(**kwargs)
+        self._apply_global_batch(trainer)
+        return trainer
+
+    def _apply_global_batch(self, trainer: L.Trainer) -> None:
+        global_batch = self._get(self.config_init, "global_batch_size", default=None)
+        if global_batch is None:
+            return
+        micro = getattr(self.datamodule, "batch_size", None)
+        trainer.accumulate_grad_batches = checks.accumulation_for(
+            global_batch, micro, trainer.world_size, trainer.accumulate_grad_batches)
+        _print_rank_zero(f"global batch {global_batch} = {micro} per device x {trainer.world_size} device(s) x "
+                         f"{trainer.accumulate_grad_batches} accumulation step(s)")
+
+    # ---- resume -------------------------------------------------------------------------------
 
     def before_fit(self) -> None:
         self._resolve_last("fit")
+        self._check_checkpoint("fit")
 
     def before_validate(self) -> None:
         self._resolve_last("validate")
+        self._check_checkpoint("validate")
 
     def _resolve_last(self, subcommand: str) -> None:
         """`--ckpt_path last` across runs: every run logs into a new version folder, and Lightning
@@ -59,10 +151,27 @@ class DiffV2CLI(LightningCLI):
             self.config_init[subcommand]["ckpt_path"] = found
             _print_rank_zero(f"resuming from {found}")
 
+    def _check_checkpoint(self, subcommand: str) -> None:
+        """A given checkpoint must be complete and of this model: say so now, not as a load traceback."""
+        path = self.config_init[subcommand].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path) and not os.path.islink(path):
+            return
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(unreadable_message(path, problem))
+        try:
+            hparams = checks.peek_hyper_parameters(path)
+        except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
+            raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
+        checks.check_resume(hparams, self.model.model_config, path)
+
 
 class _ParseOnlyCLI(DiffV2CLI):
     """Parses and validates a config (types, class paths, values) without building anything:
     lets tests and `--print_config`-style checks read GPU recipes on a CPU machine."""
+
+    def before_instantiate_classes(self) -> None:
+        pass  # the cross-key checks belong to real runs; fragments alone may be incomplete
 
     def instantiate_classes(self) -> None:
         pass
@@ -93,24 +202,95 @@ def parse_config(config_files: list[str], overrides: list[str] | None = None):
 def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
     """Entry point of `diffv2-lit fit|validate` (argv starts with the subcommand)."""
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get("DIFFV2_LIT_DEBUG"):
+        return _run(argv)
+    try:
+        _check_yaml_files(args)
+        return _run(argv)
+    except (checks.UsageError, ConfigError) as err:
+        _exit(EXIT_USAGE, str(err))
+    except Exception as err:
+        if checks.is_out_of_memory(err):
+            _exit(EXIT_FAULT, checks.OOM_ADVICE.format(error=_first_line(err)))
+        if _is_known_fault(err):
+            _exit(EXIT_FAULT, str(err))
+        raise
+
+
+def _run(argv: list[str] | None) -> LightningCLI:
     # LightningCLI warns when given args that also sit in sys.argv (the console-script case).
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
     _report_outputs(cli.trainer)
     return cli
 
 
+def _is_known_fault(err: BaseException) -> bool:
+    from diffv2_lit.data.folder import DataError
+
+    return isinstance(err, (CheckpointError, checks.ResumeError, DataError))
+
+
+def _check_yaml_files(args: list[str]) -> None:
+    """A malformed --config file: name the file and the line (jsonargparse says `<unicode string>`)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise checks.UsageError(f"malformed YAML in {path}{where}: {problem}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _exit(code: int, message: str) -> None:
+    prog = "diffv2-lit " + (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate") else "fit")
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _with_atomic_io(plugins, strategy) -> list:
+    """The configured plugins plus AtomicCheckpointIO, unless a CheckpointIO is already chosen."""
+    plugins = _as_list(plugins)
+    if any(isinstance(p, CheckpointIO) for p in plugins) or getattr(strategy, "_checkpoint_io", None) is not None:
+        return plugins
+    return plugins + [AtomicCheckpointIO()]
+
+
 def find_last_checkpoint(trainer: L.Trainer) -> str | None:
-    """Newest `last*.ckpt` (file or sharded folder) under any version of this run's logger folder,
-    or in a ModelCheckpoint's fixed dirpath."""
-    patterns = []
-    for callback in trainer.checkpoint_callbacks:
-        if getattr(callback, "dirpath", None):
-            patterns.append(os.path.join(callback.dirpath, "last*.ckpt"))
+    """The newest complete checkpoint (file or sharded folder) under any version of this run's logger
+    folder, or in a ModelCheckpoint's fixed dirpath: usually the newest `last*.ckpt` (a preemption
+    save is `last-preempted.ckpt`). Incomplete ones (a save killed half-way, a dangling `last.ckpt`
+    link) are skipped with a warning, so a newer `step=N.ckpt` or an older checkpoint is used instead."""
+    folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)]
     logger = trainer.logger
     if logger is not None and logger.save_dir is not None:
-        patterns.append(os.path.join(logger.save_dir, str(logger.name), "*", "checkpoints", "last*.ckpt"))
-    candidates = [path for pattern in patterns for path in glob.glob(pattern)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+        folders.append(os.path.join(logger.save_dir, str(logger.name), "*", "checkpoints"))
+    candidates = {p for folder in folders for p in glob.glob(os.path.join(folder, "*.ckpt"))}
+    complete = []
+    for path in sorted(candidates):
+        problem = checkpoint_problem(path)
+        if problem:
+            rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
+        else:
+            complete.append(path)
+    # Newest write = latest training state (a `last.ckpt` link reports its target's time).
+    return max(complete, key=lambda p: (os.path.getmtime(p), os.path.basename(p).startswith("last"))) if complete else None
 
 
 @rank_zero_only

@@ -88,6 +88,7 @@ class DecoderLM(L.LightningModule):
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16",
         fsdp_reduce_dtype: Literal["bfloat16", "float32"] | None = "float32",
         cpu_offload: bool = False,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -101,6 +102,9 @@ class DecoderLM(L.LightningModule):
             compile: torch.compile each block.
             fsdp_param_dtype / fsdp_reduce_dtype / cpu_offload: FSDP2 settings, used only under
                 `ModelParallelStrategy` (other strategies take precision from the Trainer).
+            init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
+                `diffv2-lit export` folder, with a fresh optimizer and schedule (to continue the same
+                run, use `--ckpt_path` instead). Its model config must match this one.
         """
         super().__init__()
         self.model_config = resolve_model_config(model)
@@ -144,6 +148,21 @@ class DecoderLM(L.LightningModule):
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self._init_device())
         model.init_weights()  # the one initialisation
+        if self.hparams.init_from:
+            self._load_initial_weights(model, self.hparams.init_from)
+
+    def _load_initial_weights(self, model: Transformer, path: str) -> None:
+        """Full (unsharded) weights into a plain or FSDP2-sharded model: each rank keeps its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from diffv2_lit.inference.loading import load_state_dict_for_training
+        from diffv2_lit.training.checks import ResumeError, model_mismatch
+
+        saved_config, state_dict = load_state_dict_for_training(path)
+        problem = model_mismatch(saved_config, self.model_config)
+        if problem:
+            raise ResumeError(f"cannot initialise from {path}: {problem}")
+        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
 
     def _init_device(self) -> torch.device:
         if self._trainer is None:
@@ -170,6 +189,21 @@ class DecoderLM(L.LightningModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
+        (instead of a size-mismatch traceback, or silently loading DIFF V2 weights into a baseline), and
+        warn when the data's tokenizer changed since it was written."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from diffv2_lit.training.checks import check_resume
+
+        saved = checkpoint.get("hyper_parameters", {}) or {}
+        check_resume(saved, self.model_config, "the checkpoint")
+        before, now = saved.get("tokenizer"), self.hparams.get("tokenizer")
+        if before and now and before != now:
+            rank_zero_warn(f"resuming with tokenizer {now!r}, but the checkpoint was trained with {before!r}: "
+                           "token ids now mean different text; set data.tokenizer back unless this is intended.")
 
     # ---- training ----------------------------------------------------------------------------
 

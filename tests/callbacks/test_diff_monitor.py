@@ -178,11 +178,11 @@ def test_probe_survives_a_checkpoint_and_random_probe_is_seeded(tmp_path):
     assert torch.equal(a, b) and a.shape == (2, 12) and int(a.max()) < model.config.vocab_size
 
 
-def test_setup_rejects_a_module_without_a_transformer(tmp_path):
+def test_fit_start_rejects_a_module_without_a_transformer(tmp_path):
     import lightning as L
 
     class NoModel(L.LightningModule):
         pass
 
     with pytest.raises(TypeError, match="pl_module.model"):
-        DiffMonitor().setup(None, NoModel(), "fit")
+        DiffMonitor().on_fit_start(None, NoModel())

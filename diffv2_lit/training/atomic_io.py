@@ -1,0 +1,149 @@
+"""Crash-safe checkpoint files, and telling a complete checkpoint from a half-written one.
+
+Lightning 2.6's `TorchCheckpointIO` serialises the whole checkpoint into memory, writes it to a
+`tempfile.mkstemp()` file in the system temp folder and `shutil.move`s it into place (fsspec's
+transaction). When /tmp is another filesystem the move is a copy, in place, so a kill during it
+leaves a truncated file under the final name; nothing is fsynced, and a killed run leaves a
+checkpoint-sized orphan in /tmp. `AtomicCheckpointIO` writes next to the target instead:
+
+    <dir>/.<name>.partial-<pid>   torch.save, flush, fsync
+    os.replace -> <dir>/<name>    atomic on POSIX: readers see the old file or the new one
+    fsync(<dir>)                  the rename itself survives a power loss
+
+The temporary name starts with a dot and does not end in `.ckpt`, so no `*.ckpt` search (Lightning's
+or `find_last_checkpoint`'s) ever matches it. Sharded (FSDP2) checkpoints are folders written by
+torch.distributed.checkpoint and never pass through a CheckpointIO; `checkpoint_problem` recognises
+an incomplete folder instead (see there).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+PARTIAL_MARK = ".partial-"
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint writes it after every shard
+LIGHTNING_META = "meta.pt"      # ModelParallelStrategy writes it (rank 0) after the shards
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file and what to use instead."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose saves are atomic (temp file in the same folder, fsync, rename) and
+    whose load errors name the file instead of surfacing as a pickle / zip traceback."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(path)
+        partial = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+        try:
+            self._write(checkpoint, partial)
+            os.replace(partial, path)
+        finally:
+            if partial.exists():  # the write failed (disk full, ...): leave the old checkpoint alone
+                partial.unlink()
+        _fsync_dir(path.parent)
+
+    def _write(self, checkpoint: dict[str, Any], partial: Path) -> None:
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict:
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(unreadable_message(path, problem))
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(unreadable_message(path, f"torch.load failed: {message}")) from err
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Temp files of this checkpoint name left by a killed process."""
+    for stale in glob.glob(str(path.with_name(f".{path.name}{PARTIAL_MARK}*"))):
+        try:
+            os.remove(stale)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when it looks complete. Cheap: reads no tensors.
+
+    - a file: torch.save's zip format ends with a central directory, which a truncated file lacks;
+    - a sharded folder: `.metadata` and `meta.pt` must exist, `meta.pt` must be complete and be the
+      newest file (shards newer than it mean a save that was rewriting the folder was interrupted).
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"it is a link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return "it does not exist"
+    if path.is_dir():
+        return _sharded_problem(path)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return "the file is truncated or not a torch.save archive (no zip central directory)"
+    return None
+
+
+def _sharded_problem(folder: Path) -> str | None:
+    if not (folder / SHARDED_METADATA).is_file():
+        return f"the sharded folder has no {SHARDED_METADATA} (the save was interrupted)"
+    meta = folder / LIGHTNING_META
+    if not meta.is_file():
+        return f"the sharded folder has no {LIGHTNING_META} (the save was interrupted)"
+    if not zipfile.is_zipfile(meta):
+        return f"{LIGHTNING_META} is truncated (the save was interrupted)"
+    newest_shard = max((p.stat().st_mtime for p in folder.iterdir() if p.name != LIGHTNING_META), default=0.0)
+    if newest_shard > meta.stat().st_mtime:
+        return f"shards are newer than {LIGHTNING_META}: a save rewriting this folder was interrupted"
+    return None
+
+
+def unreadable_message(path, problem: str) -> str:
+    message = f"cannot resume from checkpoint {path}: {problem}."
+    alternatives = [p for p in sibling_checkpoints(path) if os.path.abspath(p) != os.path.abspath(path)]
+    if alternatives:
+        message += f" The newest complete checkpoint next to it is {alternatives[0]}: pass it as --ckpt_path"
+        message += " (or --ckpt_path last, which skips incomplete checkpoints)."
+    else:
+        message += " No complete checkpoint is next to it; start without --ckpt_path or pick another run's."
+    return message
+
+
+def sibling_checkpoints(path) -> list[str]:
+    """Complete `*.ckpt` next to `path`, newest first."""
+    folder = Path(path).parent
+    found = [str(p) for p in folder.glob("*.ckpt") if checkpoint_problem(p) is None]
+    return sorted(found, key=os.path.getmtime, reverse=True)

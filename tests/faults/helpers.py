@@ -1,0 +1,78 @@
+"""Run `python -m diffv2_lit fit` as a real process and read back what it logged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).parents[2]
+TINY = Path(__file__).with_name("tiny.yaml")
+MAX_STEPS = 12
+
+
+def env(tmp_path: Path) -> dict:
+    # One thread: deterministic reductions (identical losses across processes) and kind to shared CPUs.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
+            "DIFFV2_LIT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def fit_args(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "diffv2_lit", "fit", "--config", str(TINY), *extra]
+
+
+def fit(tmp_path: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(fit_args(*extra), cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    log = open(tmp_path / "killed.log", "w")
+    return subprocess.Popen(fit_args(*extra), cwd=tmp_path, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before the fault could be injected")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting to inject the fault")
+        time.sleep(0.05)
+
+
+def step_reached(marker: Path, step: int):
+    def reached() -> bool:
+        try:
+            return int(marker.read_text() or -1) >= step
+        except (FileNotFoundError, ValueError):
+            return False
+    return reached
+
+
+def kill(process: subprocess.Popen, signum: int = signal.SIGKILL, timeout: float = 120) -> int:
+    process.send_signal(signum)
+    return process.wait(timeout=timeout)
+
+
+def run_dir(tmp_path: Path, version: int) -> Path:
+    return tmp_path / "runs" / "faults" / f"version_{version}"
+
+
+def scalars(directory: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr

@@ -1,0 +1,76 @@
+"""Test-only callbacks and plugins that inject faults into a real `diffv2-lit fit` process. They are
+given on the command line (`--trainer.callbacks+=tests.faults.inject.X`), never part of the package."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from diffv2_lit.training.atomic_io import AtomicCheckpointIO
+
+
+class StepMarker(L.Callback):
+    """Writes the finished optimizer step count to `path` after every step (the test polls it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        Path(self.path).write_text(str(trainer.global_step))
+
+
+class RaiseMemoryError(L.Callback):
+    """Raises MemoryError on the first step, as an allocation failing there would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        raise MemoryError("injected: could not allocate 17179869184 bytes")
+
+
+class NaNAtStep(L.Callback):
+    """Makes the logits NaN in the forward pass of optimizer step `step` (so the loss and every gradient are
+    NaN), and records a checksum of the weights before and after that step into `record`."""
+
+    def __init__(self, step: int, record: str) -> None:
+        self.step, self.record = step, record
+        self.sums: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def poison(module, args, output):
+            return output * float("nan") if trainer.global_step == self.step else output
+
+        pl_module.model.register_forward_hook(poison)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.sums["before"] = _checksum(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step + 1:
+            self.sums["after"] = _checksum(pl_module)
+            Path(self.record).write_text(json.dumps(self.sums))
+
+
+def _checksum(pl_module) -> float:
+    return float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+
+
+class SlowAtomicCheckpointIO(AtomicCheckpointIO):
+    """AtomicCheckpointIO that, from the `after`-th save on, pauses between writing the temporary file
+    and renaming it, after touching `marker`: the test kills the process inside that window."""
+
+    def __init__(self, marker: str, after: int = 2, pause_s: float = 60.0) -> None:
+        super().__init__()
+        self.marker, self.after, self.pause_s = marker, after, pause_s
+        self.saves = 0
+
+    def _write(self, checkpoint, partial) -> None:
+        super()._write(checkpoint, partial)
+        self.saves += 1
+        if self.saves > self.after:
+            Path(self.marker).write_text(str(partial))
+            time.sleep(self.pause_s)

@@ -1,0 +1,75 @@
+"""SIGKILL (at a random step, and inside a checkpoint write), SIGTERM and SIGUSR1 against real runs;
+every resumed run must log exactly the losses the uninterrupted baseline logged for the same steps."""
+
+import random
+import signal
+
+import torch
+
+from tests.faults.helpers import MAX_STEPS, fit, kill, output, run_dir, scalars, start, step_reached, wait_for
+
+
+def _resume_and_compare(tmp_path, baseline, min_step: int) -> int:
+    """Resume with --ckpt_path last; returns the step the resumed run started from."""
+    result = fit(tmp_path, "--ckpt_path", "last")
+    assert result.returncode == 0, output(result)[-3000:]
+    resumed = scalars(run_dir(tmp_path, 1), "train/loss")
+    first = min(resumed)
+    assert min_step <= first and sorted(resumed) == list(range(first, MAX_STEPS))
+    assert resumed == {step: baseline["losses"][step] for step in resumed}  # bit-identical
+    return first
+
+
+def test_sigkill_at_a_random_step_then_resume(tmp_path, baseline):
+    kill_after = random.Random(8).randint(4, 10)
+    marker = tmp_path / "step.txt"
+    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
+                    f"--trainer.callbacks.path={marker}")
+    wait_for(step_reached(marker, kill_after), process)
+    assert kill(process) == -signal.SIGKILL
+    # At most the steps since the last checkpoint (every 3) are lost.
+    _resume_and_compare(tmp_path, baseline, min_step=3 * (kill_after // 3) - 3)
+
+
+def test_sigkill_inside_a_checkpoint_write(tmp_path, baseline):
+    """Killed while last.ckpt's temporary file is written (step 6): the old last.ckpt (step 3) stays
+    intact, the temporary file never counts as a checkpoint, and the resume starts from step=6."""
+    marker = tmp_path / "in_write.txt"
+    plugin = tmp_path / "slow_io.yaml"
+    plugin.write_text("trainer:\n  plugins:\n    - class_path: tests.faults.inject.SlowAtomicCheckpointIO\n"
+                      f"      init_args: {{marker: '{marker}', after: 3}}\n")
+    process = start(tmp_path, "--config", str(plugin))
+    wait_for(marker.exists, process)
+    assert kill(process) == -signal.SIGKILL
+    checkpoints = run_dir(tmp_path, 0) / "checkpoints"
+    partial = [p.name for p in checkpoints.iterdir() if ".partial-" in p.name]
+    assert len(partial) == 1 and partial[0].startswith(".last.ckpt.partial-") and not partial[0].endswith(".ckpt")
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert _resume_and_compare(tmp_path, baseline, min_step=6) == 6
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(tmp_path, baseline):
+    marker = tmp_path / "step.txt"
+    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
+                    f"--trainer.callbacks.path={marker}")
+    wait_for(step_reached(marker, 4), process)
+    assert kill(process, signal.SIGTERM) == 0
+    log = (tmp_path / "killed.log").read_text()
+    assert "preempted (SIGTERM) after step" in log and "resume with --ckpt_path last" in log
+    saved = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt", weights_only=False)
+    stopped_at = saved["global_step"]
+    assert 4 < stopped_at < MAX_STEPS
+    assert max(scalars(run_dir(tmp_path, 0), "train/loss")) == stopped_at - 1  # no step after the save
+    # Nothing lost: the resume starts exactly where the preempted run stopped.
+    assert _resume_and_compare(tmp_path, baseline, min_step=stopped_at) == stopped_at
+
+
+def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
+    marker = tmp_path / "step.txt"
+    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
+                    f"--trainer.callbacks.path={marker}")
+    wait_for(step_reached(marker, 2), process)
+    assert kill(process, signal.SIGUSR1) == 0
+    assert "preempted (SIGUSR1) after step" in (tmp_path / "killed.log").read_text()
+    saved = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt", weights_only=False)
+    assert 2 < saved["global_step"] < MAX_STEPS
