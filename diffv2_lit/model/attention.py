@@ -16,7 +16,7 @@ GQA grouping is contiguous everywhere: query head j reads KV head j // (Hq / h_k
 of flash-attn, SDPA `enable_gqa` and HF `repeat_kv`. DIFF V2 pairs heads (2i, 2i+1); since each GQA
 group holds 2h/h_kv (an even number) consecutive query heads, both heads of a pair always read the
 same KV head. Splitting the 2h heads into halves instead (`chunk(2)`) would pair heads of different
-groups: the documented wrong implementation, which tests/test_attention.py guards against.
+groups: the documented wrong implementation, which tests/model/test_attention.py guards against.
 """
 
 from __future__ import annotations
