@@ -29,7 +29,7 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def lightning_checkpoint(model: Transformer, tokenizer: str | None = "byte") -> dict:
-    """The dict a Lightning .ckpt holds for DecoderLM (CONTRACTS.md)."""
+    """The dict a Lightning .ckpt holds for DecoderLM: `model.`-prefixed weights, `model_config` hparams."""
     hparams = {"model_config": dataclasses.asdict(model.config)}
     if tokenizer is not None:
         hparams["tokenizer"] = tokenizer
