@@ -91,8 +91,8 @@ def test_checkpoint_and_tokenizer_errors(make_checkpoint, tmp_path, capsys):
 
 
 def test_text_stream_holds_back_split_characters():
-    from diffv2_lit.inference.tokenizer import _ByteTokenizer
+    from diffv2_lit.data.tokenizer import ByteTokenizer
 
-    stream = generate._TextStream(_ByteTokenizer())
+    stream = generate._TextStream(ByteTokenizer())
     pieces = [stream.push(byte) for byte in "é!".encode()]
     assert pieces == ["", "é", "!"]
