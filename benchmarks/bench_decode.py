@@ -61,7 +61,7 @@ def build(shape: str, attention: str, context: int, device, dtype) -> Transforme
 
 
 def filled_cache(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> KVCache:
-    cache = model.new_cache(batch, prompt_len + new_tokens)
+    cache = model.new_cache(batch, prompt_len + new_tokens, dtype=model.embed_tokens.weight.dtype)
     for keys, values in zip(cache.keys, cache.values):
         keys[:, :prompt_len].normal_()
         values[:, :prompt_len].normal_()

@@ -35,6 +35,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
+from diffv2_lit.callbacks.model_access import model_call
+
 PROBES = ("batch", "random")
 PEAK_METRICS = ("max_hidden", "max_logit")
 
@@ -104,7 +106,8 @@ class DiffMonitor(L.Callback):
             self.probe_tokens = self.make_probe(batch, pl_module.model)
         # Every rank runs the forward (FSDP2 all-gathers parameters inside it, a collective); rank 0 logs.
         with trainer.precision_plugin.forward_context():
-            scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device))
+            scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device),
+                                               forward=model_call(trainer, pl_module))
         if trainer.is_global_zero:
             self._log(trainer, scalars, histograms)
 
@@ -123,8 +126,11 @@ class DiffMonitor(L.Callback):
     # ---- measuring ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, tokens: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
-        """One diagnostic forward of `model` on `tokens` [B, T]; returns (scalars by tag, λ values by tag)."""
+    def measure(self, model: nn.Module, tokens: Tensor, forward: Callable[[Tensor], Tensor] | None = None
+                ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """One diagnostic forward of `model` on `tokens` [B, T]; returns (scalars by tag, λ values by tag).
+        `forward` runs the model where a strategy wraps it (`model_call`); default `model` itself."""
+        forward = forward or model
         was_training = model.training
         model.eval()
         per_layer: list[dict[str, Tensor]] = [{} for _ in model.layers]
@@ -134,7 +140,7 @@ class DiffMonitor(L.Callback):
                          for i, block in enumerate(model.layers)]
                 try:
                     # Eager, even when blocks are torch.compile'd: the diagnostics path records Python dicts.
-                    torch.compiler.disable(lambda ids: model(ids))(tokens)
+                    torch.compiler.disable(lambda ids: forward(ids))(tokens)
                 finally:
                     for hook in hooks:
                         hook.remove()

@@ -14,6 +14,13 @@ Spike rule: value > `factor` x level, or value > level + `z` x spread. Spiked va
 running statistics. A non-finite gradient norm or loss is always a spike (except the gradient overflows
 that fp16's GradScaler expects and skips by itself). Every rank computes the same global numbers
 (one all-reduce), so every rank takes the same decision.
+
+A lasting shift is not a spike: because spiked values never enter the statistics, a level that moves
+for good (a resume with a smaller batch, a new data mixture) would be flagged at every later step, and
+in `skip` mode every later step would be dropped while the LR schedule moves on. After
+`max_consecutive` finite spikes in a row the detector therefore takes the recent values as the new
+level (`on_persistent="rebaseline"`: statistics restart from them, warm-up again, one warning) or stops
+with a checkpoint that resumes from the new level (`on_persistent="stop"`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from diffv2_lit.training.gradients import global_grad_norm, is_dtensor
 
 ACTIONS = ("log", "skip", "stop")
 METHODS = ("ema", "median")
+PERSISTENT_ACTIONS = ("rebaseline", "stop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,13 +179,21 @@ class GradientSpikeDetector(L.Callback):
         watch_loss: also judge the training loss (same thresholds, its own statistics).
         log_dir: folder of `spikes.jsonl` and stop checkpoints; default `trainer.log_dir`.
         top_k: how many parameters / blocks with the largest gradient norms each record lists.
+        max_consecutive: this many finite spikes in a row mean the level itself has moved (see the
+            module docstring); None never concludes so (not recommended with `skip`: it can drop every
+            later step).
+        on_persistent: then "rebaseline" (restart the statistics from the recent values and warn) or
+            "stop" (rebaseline, save a checkpoint and stop, so a human can look before resuming).
     """
 
     def __init__(self, action: str = "log", factor: float | None = 4.0, z: float | None = 6.0, warmup: int = 50,
                  method: str = "ema", ema_decay: float = 0.98, window: int = 200, min_rel_spread: float = 0.05,
-                 watch_loss: bool = False, log_dir: str | None = None, top_k: int = 5) -> None:
+                 watch_loss: bool = False, log_dir: str | None = None, top_k: int = 5,
+                 max_consecutive: int | None = 10, on_persistent: str = "rebaseline") -> None:
         super().__init__()
         _validate(action, factor, z, warmup, method, ema_decay, window, min_rel_spread, top_k)
+        _validate_persistent(max_consecutive, on_persistent)
+        self.max_consecutive, self.on_persistent = max_consecutive, on_persistent
         self.action, self.factor, self.z, self.warmup = action, factor, z, warmup
         self.method, self.ema_decay, self.window = method, ema_decay, window
         self.min_rel_spread, self.watch_loss, self.top_k = min_rel_spread, watch_loss, top_k
@@ -193,8 +209,11 @@ class GradientSpikeDetector(L.Callback):
         self.last_spike_step: int | None = None
         self.last_grad_norm: float | None = None  # this step's global norm before clipping (all ranks agree)
         self.last_loss: float | None = None
+        self.rebaselines = 0     # lasting shifts taken as the new level
+        self._run: list[tuple[float, float | None]] = []  # (grad norm, loss) of the current run of finite spikes
         self._loss_sum: Tensor | None = None
         self._stop_pending = False
+        self._stop_reason = ""
 
     def _new_stats(self) -> EmaStats | MedianStats:
         return EmaStats(self.ema_decay) if self.method == "ema" else MedianStats(self.window)
@@ -220,16 +239,57 @@ class GradientSpikeDetector(L.Callback):
         self.last_grad_norm, self.last_loss = grad_norm, loss
         self.steps_seen += 1
         ratio = self.current_ratio(grad_norm)  # against the level before this value enters it
-        spike = self._judge(grad_norm, loss, overflow_expected=_scaler(trainer) is not None)
+        spike, shifted = self._observe(grad_norm, loss, trainer.global_step, _scaler(trainer) is not None)
         self._log_summary(pl_module, ratio)
         if spike is None:
             return
         self._record(trainer, pl_module, optimizer, spike, grad_norm, loss)
         if self.action in ("skip", "stop"):
+            _unscale_before_dropping(trainer, pl_module, optimizer)
             _drop_gradients(optimizer)
         if self.action == "stop":
-            self._stop_pending = True
-            trainer.should_stop = True
+            self._request_stop(trainer, "spike")
+        if shifted:
+            self._report_shift(trainer, shifted)
+
+    def _request_stop(self, trainer: L.Trainer, reason: str) -> None:
+        self._stop_pending, self._stop_reason = True, reason
+        trainer.should_stop = True
+
+    # ---- lasting shifts ----------------------------------------------------------------------
+
+    def _observe(self, grad_norm: float, loss: float | None, step: int, overflow_expected: bool
+                 ) -> tuple[dict | None, str]:
+        """Judge one optimizer step; returns (the spike or None, a message if the level has moved for good)."""
+        spike = self._judge(grad_norm, loss, overflow_expected)
+        if spike is None or spike["kind"].startswith("non_finite"):  # a NaN is a fault, never a new level
+            return spike, ""
+        self._run.append((grad_norm, loss))
+        if self.max_consecutive is None or len(self._run) < self.max_consecutive:
+            return spike, ""
+        return spike, self._rebaseline(step)
+
+    def _rebaseline(self, step: int) -> str:
+        """Restart the statistics from the run of consecutive spikes; returns what happened, in words."""
+        old_level, run_length = self.grad_stats.level(), len(self._run)
+        self.grad_stats, self.loss_stats = self._new_stats(), self._new_stats()
+        for grad_norm, loss in self._run:
+            self.grad_stats.update(grad_norm)
+            if loss is not None:
+                self.loss_stats.update(loss)
+        self._run = []
+        self.rebaselines += 1
+        return (f"GradientSpikeDetector: the gradient norm stayed above the spike threshold for {run_length} "
+                f"consecutive steps (level {old_level:.4g} -> {self.grad_stats.level():.4g} by step {step}): a "
+                f"lasting shift, not a spike. The statistics restart from the recent values (warm-up "
+                f"{self.warmup} steps)")
+
+    def _report_shift(self, trainer: L.Trainer, message: str) -> None:
+        if self.on_persistent == "stop":
+            self._request_stop(trainer, "shift")
+            rank_zero_warn(message + "; stopping, as on_persistent='stop' asks.")
+        else:
+            rank_zero_warn(message + ". If the run is diverging, lower the LR or set on_persistent='stop'.")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         # The stop checkpoint is written here, at the end of the (skipped) step, where ModelCheckpoint
@@ -239,20 +299,22 @@ class GradientSpikeDetector(L.Callback):
         self._stop_pending = False
         path = os.path.join(self._out_dir, f"spike-stop-step{self.last_spike_step:08d}.ckpt")
         trainer.save_checkpoint(path)
-        rank_zero_info(f"GradientSpikeDetector: spike at step {self.last_spike_step}; saved {path} and stopping. "
+        what = ("spike" if self._stop_reason == "spike"
+                else "lasting shift of the gradient norm (statistics restarted from the new level)")
+        rank_zero_info(f"GradientSpikeDetector: {what} at step {self.last_spike_step}; saved {path} and stopping. "
                        f"Resume with `ckpt_path={path!r}` (see {self._jsonl_path()}).")
 
     # ---- measuring ---------------------------------------------------------------------------
 
     def _global_values(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> tuple[float, float | None]:
         """(grad norm, mean loss of the window), identical on every rank: one all-reduce, one host sync."""
-        if hasattr(pl_module, "gradient_norm"):  # DecoderLM: computed once per step, shared with its logging
+        scaler = _scaler(trainer)
+        if hasattr(pl_module, "gradient_norm"):  # DecoderLM: computed once per step (and unscaled), shared
             norm = pl_module.gradient_norm()
         else:
             norm = global_grad_norm(p for group in optimizer.param_groups for p in group["params"])
-        scaler = _scaler(trainer)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            norm = norm / scaler.get_scale()  # fused optimizers unscale inside step(): grads are still scaled
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                norm = norm / scaler.get_scale()  # fused optimizers unscale inside step(): grads are still scaled
         loss = self._loss_sum if self._loss_sum is not None else torch.tensor(0.0)
         if scaler is not None:
             loss = loss / scaler.get_scale()
@@ -278,6 +340,7 @@ class GradientSpikeDetector(L.Callback):
         if spike is None and self.watch_loss and loss is not None:
             spike = self._check("loss", loss, self.loss_stats)
         if spike is None:
+            self._run = []
             self.grad_stats.update(grad_norm)
             if loss is not None:
                 self.loss_stats.update(loss)
@@ -346,14 +409,17 @@ class GradientSpikeDetector(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1, "grad_stats": self.grad_stats.state_dict(), "loss_stats": self.loss_stats.state_dict(),
+            "version": 2, "grad_stats": self.grad_stats.state_dict(), "loss_stats": self.loss_stats.state_dict(),
             "steps_seen": self.steps_seen, "count": self.count, "nonfinite": self.nonfinite,
             "overflows": self.overflows, "max_ratio": self.max_ratio, "last_spike_step": self.last_spike_step,
+            "rebaselines": self.rebaselines, "run": [list(pair) for pair in self._run],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("steps_seen", "count", "nonfinite", "overflows", "max_ratio", "last_spike_step"):
             setattr(self, key, state_dict[key])
+        self.rebaselines = state_dict.get("rebaselines", 0)  # version 1 checkpoints have no run tracking
+        self._run = [(float(g), None if loss is None else float(loss)) for g, loss in state_dict.get("run", [])]
         for key in ("grad_stats", "loss_stats"):
             saved = state_dict[key]
             if saved["method"] != self.method:
@@ -385,9 +451,28 @@ def _validate(action, factor, z, warmup, method, ema_decay, window, min_rel_spre
         raise ValueError(f"GradientSpikeDetector: min_rel_spread={min_rel_spread!r} must be >= 0.")
 
 
+def _validate_persistent(max_consecutive, on_persistent) -> None:
+    if max_consecutive is not None and (isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int)
+                                        or max_consecutive < 1):
+        raise ValueError(f"GradientSpikeDetector: max_consecutive={max_consecutive!r} must be an integer >= 1 or None.")
+    if on_persistent not in PERSISTENT_ACTIONS:
+        raise ValueError(f"GradientSpikeDetector: on_persistent={on_persistent!r} is unknown; choose one of "
+                         f"{PERSISTENT_ACTIONS}.")
+
+
 def _scaler(trainer: L.Trainer):
     """fp16's GradScaler when the precision plugin has one (None for fp32 / bf16)."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _unscale_before_dropping(trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+    """fp16 with a fused optimizer: GradScaler records its inf check only when it unscales, and its
+    `update()` fails if none was recorded ("No inf checks were recorded prior to update"). DecoderLM
+    unscales such an optimizer when it computes the norm; other modules' gradients are unscaled here."""
+    scaler = _scaler(trainer)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) \
+            and not hasattr(pl_module, "gradient_norm"):
+        scaler.unscale_(optimizer)
 
 
 def _drop_gradients(optimizer) -> None:

@@ -16,21 +16,37 @@ from diffv2_lit.model.config import ModelConfig
 
 
 class KVCache:
-    """Preallocated per-layer keys and values, [B, max_len, h_kv, d] each."""
+    """Preallocated per-layer keys and values, [B, max_len, h_kv, d] each.
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+    With `dtype=None` the buffers are allocated at the first `update`, in the dtype and on the device of
+    the keys the model computes: that is the compute dtype, whichever way it is set (FSDP2's
+    MixedPrecisionPolicy casts bf16 copies of fp32 master weights inside forward; autocast casts the
+    projections), while the weights seen from outside may be fp32. A cache in the weights' dtype would
+    hand fp32 keys to bf16 queries.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        self.shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+        self.keys: list[Tensor | None] = [None] * config.n_layers
+        self.values: list[Tensor | None] = [None] * config.n_layers
+        if dtype is not None:
+            for layer_idx in range(config.n_layers):
+                self._allocate(layer_idx, dtype, device)
         self.max_len = max_len
         self.length = 0  # tokens already cached; the model advances it after each forward
+
+    def _allocate(self, layer_idx: int, dtype: torch.dtype, device: torch.device | None) -> None:
+        self.keys[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.values[layer_idx] = torch.zeros(self.shape, dtype=dtype, device=device)
 
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this call's k, v [B, T, h_kv, d] and return everything cached so far, [B, S, h_kv, d]."""
         end = self.length + k.shape[1]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this call would reach {end}.")
+        if self.keys[layer_idx] is None:
+            self._allocate(layer_idx, k.dtype, k.device)
         self.keys[layer_idx][:, self.length:end] = k
         self.values[layer_idx][:, self.length:end] = v
         return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]

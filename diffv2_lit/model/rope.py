@@ -24,6 +24,11 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, T, H, d]; cos, sin [T, d]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """x [B, T, H, d]; cos, sin [T, d]. The result keeps x's dtype.
+
+    Under autocast the hidden states (hence cos/sin) are fp32 while the projections are bf16: mixing them
+    would promote q and k to fp32 beside a bf16 v, which rules out flash-attn and saves fp32 copies of
+    the 2h query heads for backward. So cos/sin are cast to x's dtype, as HF Llama does.
+    """
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     return x * cos + rotate_half(x) * sin

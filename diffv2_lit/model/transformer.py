@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -129,14 +129,21 @@ class Transformer(nn.Module):
 
     # ---- generation ------------------------------------------------------------------------
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        weight = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, weight.dtype, weight.device)
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for `max_len` tokens; dtype None takes the keys' compute dtype at the first forward."""
+        device = self.embed_tokens.weight.device
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, dtype, device)
 
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[Tensor]:
-        """Yields the next token [B] per step: one prefill over the prompt, then one token at a time."""
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               forward: Callable[[Tensor, KVCache], Tensor] | None = None) -> Iterator[Tensor]:
+        """Yields the next token [B] per step: one prefill over the prompt, then one token at a time.
+
+        `forward(input_ids, cache) -> logits` replaces this model's own call, for a wrapper that must run
+        around it (FSDP1 wraps the module that holds this model, and only its forward unshards).
+        """
+        forward = forward or self
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -144,18 +151,19 @@ class Transformer(nn.Module):
                 f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
             )
         cache = self.new_cache(input_ids.shape[0], total)
-        logits = self(input_ids, cache)[:, -1]
+        logits = forward(input_ids, cache)[:, -1]
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
             if step + 1 < max_new_tokens:
-                logits = self(token[:, None], cache)[:, -1]
+                logits = forward(token[:, None], cache)[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache."""
-        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator))
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 forward: Callable[[Tensor, KVCache], Tensor] | None = None) -> Tensor:
+        """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache (see `stream`)."""
+        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, forward))
         if not new_tokens:
             return input_ids
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

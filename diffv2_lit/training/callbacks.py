@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from diffv2_lit.callbacks.model_access import model_call
 from diffv2_lit.model.flops import training_flops_per_token
 
 # Dense bf16 peak FLOP/s (no 2:4 sparsity), per device.
@@ -159,21 +160,19 @@ class SampleText(L.Callback):
         self.temperature, self.top_k, self.seed, self.print_at_end = temperature, top_k, seed, print_at_end
         self._last_step = -1
 
-    def sample(self, pl_module: L.LightningModule) -> str:
+    def sample(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> str:
         tokenizer = pl_module.hparams.get("tokenizer", "byte")
         prompt_ids = torch.tensor([encode_prompt(self.prompt, tokenizer)], device=pl_module.device)
         room = pl_module.model_config.max_seq_len - prompt_ids.shape[1]
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
-        # Under FSDP2 mixed precision the KV cache takes the fp32 master dtype while activations are
-        # bf16: autocast keeps the attention inputs in one dtype. CPU runs stay in full precision.
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=pl_module.device.type == "cuda")
+        # No autocast needed: the KV cache takes the dtype the model computes in (bf16 under FSDP2's
+        # MixedPrecisionPolicy, fp32 with fp32 weights), so queries and cached keys always agree.
         try:
-            with autocast:
-                out = pl_module.model.generate(prompt_ids, max(1, min(self.max_new_tokens, room)),
-                                               temperature=self.temperature, top_k=self.top_k,
-                                               generator=generator)
+            out = pl_module.model.generate(prompt_ids, max(1, min(self.max_new_tokens, room)),
+                                           temperature=self.temperature, top_k=self.top_k, generator=generator,
+                                           forward=model_call(trainer, pl_module))
         finally:
             pl_module.train(was_training)
         return decode_tokens(out[0].tolist(), tokenizer)
@@ -184,7 +183,7 @@ class SampleText(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not _new_optimizer_step(self, trainer) or trainer.global_step % self.every_n_steps:
             return
-        text = self.sample(pl_module)
+        text = self.sample(pl_module, trainer)
         self._log_text(trainer, text)
 
     @rank_zero_only
@@ -198,6 +197,6 @@ class SampleText(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.print_at_end:
             return
-        text = self.sample(pl_module)
+        text = self.sample(pl_module, trainer)
         if trainer.is_global_zero:
             print(f"\n---- sample after {trainer.global_step} steps (prompt {self.prompt!r}) ----\n{text}\n----")

@@ -1,5 +1,12 @@
-"""The global gradient norm before clipping: one implementation for the module's logging and the
-spike detector (which asks first, through `DecoderLM.gradient_norm()`, so it is computed once)."""
+"""The global gradient norm before clipping, and clipping by it: one implementation for the module's
+logging, its gradient clipping and the spike detector (which asks first, through
+`DecoderLM.gradient_norm()`, so the norm is computed once per optimizer step).
+
+Clipping lives here rather than in Lightning's precision plugins because two of them cannot clip by
+norm at all: `MixedPrecision` refuses any optimizer that unscales inside `step()` (fused AdamW), and
+`FSDPPrecision` (FSDP1) raises for `gradient_clip_algorithm="norm"`. Scaling every gradient by
+`max_norm / total_norm` is what `clip_grad_norm_` does, and is correct for sharded gradients as long as
+`total_norm` is the global one."""
 
 from __future__ import annotations
 
@@ -37,3 +44,21 @@ def global_grad_norm(parameters, plain_grads_sharded: bool = False) -> Tensor:
         return torch.zeros(())
     device = squares[0].device
     return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+
+
+def clip_by_total_norm_(parameters, max_norm: float, total_norm: Tensor) -> None:
+    """Scale gradients in place so that their global norm is at most `max_norm`, given that global norm.
+
+    Works on plain, FSDP1 (flat shards) and FSDP2 (DTensor) gradients alike: every rank scales its own
+    shard by the same factor. No host sync (the factor stays a tensor).
+    """
+    with_grads = [p for p in parameters if p.grad is not None]
+    if with_grads:
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total_norm.to(with_grads[0].grad.device))
+
+
+def clip_by_value_(parameters, clip_value: float) -> None:
+    """Clamp every gradient element to [-clip_value, clip_value] (elementwise, so shards need nothing global)."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.clamp_(-clip_value, clip_value)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffv2_lit.model import ModelConfig, Transformer
-from diffv2_lit.training.gradients import global_grad_norm
+from diffv2_lit.training.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
 from diffv2_lit.training.optim import ScheduleName, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
 
@@ -88,6 +88,8 @@ class DecoderLM(L.LightningModule):
         fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16",
         fsdp_reduce_dtype: Literal["bfloat16", "float32"] | None = "float32",
         cpu_offload: bool = False,
+        fsdp_sync_every_micro_batch: bool = False,
+        fused_adamw: bool | None = None,
         init_from: str | None = None,
     ) -> None:
         """
@@ -102,6 +104,12 @@ class DecoderLM(L.LightningModule):
             compile: torch.compile each block.
             fsdp_param_dtype / fsdp_reduce_dtype / cpu_offload: FSDP2 settings, used only under
                 `ModelParallelStrategy` (other strategies take precision from the Trainer).
+            fsdp_sync_every_micro_batch: FSDP2 with gradient accumulation: False (default) keeps the
+                micro-batches' gradients unsharded on each rank and reduce-scatters once per optimizer
+                step (1/N of the traffic for N micro-batches, at the memory of one unsharded gradient
+                copy); True reduce-scatters after every micro-batch (less memory, N times the traffic).
+            fused_adamw: the fused AdamW kernel; None (default) uses it on CUDA. Gradient clipping and
+                the spike detector work with it under every precision (see configure_gradient_clipping).
             init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
                 `diffv2-lit export` folder, with a fresh optimizer and schedule (to continue the same
                 run, use `--ckpt_path` instead). Its model config must match this one.
@@ -150,6 +158,8 @@ class DecoderLM(L.LightningModule):
         model.init_weights()  # the one initialisation
         if self.hparams.init_from:
             self._load_initial_weights(model, self.hparams.init_from)
+        if self.hparams.cpu_offload and self._device_mesh is not None:
+            model.to("cpu")  # FSDP2's CPUOffloadPolicy wants the sharded parameters on the host
 
     def _load_initial_weights(self, model: Transformer, path: str) -> None:
         """Full (unsharded) weights into a plain or FSDP2-sharded model: each rank keeps its shard."""
@@ -165,10 +175,15 @@ class DecoderLM(L.LightningModule):
         set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
 
     def _init_device(self) -> torch.device:
+        """Where the shards are materialised and initialised: the compute device, even with CPU offload.
+
+        DTensor's random ops draw each shard from its own offset of one stream only on accelerators;
+        on the CPU every rank would draw its shard from the same seed, so all shards of a weight would
+        hold the same values. With `cpu_offload` the shards are therefore initialised on the GPU and
+        moved to the host afterwards (`_offload_to_cpu`); CPU meshes initialise before sharding instead.
+        """
         if self._trainer is None:
             return torch.device("cpu")
-        if self.hparams.cpu_offload and self._device_mesh is not None:
-            return torch.device("cpu")  # FSDP2 CPU offload keeps the sharded parameters on the host
         return self.trainer.strategy.root_device
 
     def _check_vocab(self) -> None:
@@ -187,8 +202,10 @@ class DecoderLM(L.LightningModule):
         if isinstance(tokenizer, str):
             self.hparams["tokenizer"] = tokenizer
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: Tensor, cache=None) -> Tensor:
+        """The Transformer's forward. Callbacks that run the model outside training call it through
+        `model_call(trainer)`, which goes through this method where a strategy wraps the module."""
+        return self.model(input_ids, cache)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
@@ -212,6 +229,19 @@ class DecoderLM(L.LightningModule):
         """Cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored."""
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction=reduction)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """FSDP2 gradient accumulation: reduce-scatter only after the last micro-batch of a step.
+
+        Lightning's `block_backward_sync` (its no-sync for accumulating micro-batches) knows only DDP;
+        FSDP2's switch is `set_requires_gradient_sync`. `_should_accumulate()` is the loop's own answer
+        for this micro-batch (Lightning's ThroughputMonitor reads it too); the batch counter it reads has
+        already advanced when this hook runs.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule) and not self.hparams.fsdp_sync_every_micro_batch:
+            self.model.set_requires_gradient_sync(not self.trainer.fit_loop._should_accumulate())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
@@ -241,9 +271,31 @@ class DecoderLM(L.LightningModule):
         asks first and may then drop the gradients (skip mode); the logged norm is still the real one.
         """
         if self._grad_norm_step != self.global_step:
+            self._unscale_fused_gradients()
             self._grad_norm = global_grad_norm(self.parameters(), plain_grads_sharded=self._grads_sharded())
             self._grad_norm_step = self.global_step
         return self._grad_norm
+
+    def _unscale_fused_gradients(self) -> None:
+        """fp16 (`16-mixed`): Lightning unscales the gradients before this point, except for an optimizer
+        that unscales inside `step()` (fused AdamW). Unscale those here, once, so the norm, the clipping
+        and the spike detector all see true gradients; GradScaler then steps without unscaling again,
+        and has recorded its inf check even if the spike detector drops the gradients afterwards."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip with this step's global norm instead of the precision plugin's clipping, which cannot clip
+        a fused optimizer under mixed precision, nor FSDP1's shards by norm (see gradients.py)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            clip_by_value_(self.parameters(), gradient_clip_val)
+        else:
+            clip_by_total_norm_(self.parameters(), gradient_clip_val, self.gradient_norm())
 
     def _grads_sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -273,9 +325,11 @@ class DecoderLM(L.LightningModule):
         groups = parameter_groups(self.model, self.hparams.weight_decay)
         for group in groups:
             group.pop("names")  # kept out of the optimizer state (distributed checkpoints flatten it)
-        on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+        fused = self.hparams.fused_adamw
+        if fused is None:
+            fused = all(p.is_cuda for g in groups for p in g["params"]) or None
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      eps=self.hparams.eps, fused=True if on_cuda else None)
+                                      eps=self.hparams.eps, fused=fused)
         multiplier = functools.partial(
             lr_multiplier, schedule=self.hparams.schedule, max_steps=self.schedule_steps(),
             warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio,

@@ -10,7 +10,8 @@ The order is fixed and matters:
 
 On GPUs the model is still on the meta device when this runs; the caller materialises the shards
 (`to_empty`) and runs the one `init_weights()` afterwards, so no rank ever holds the full model.
-(On CPU meshes, where DTensor's random ops are not sharding-aware, DecoderLM initialises first.)
+(On CPU meshes, where DTensor's random ops are not sharding-aware, DecoderLM initialises first; with
+CPU offload on GPUs it initialises the shards on the GPU and then moves them to the host.)
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def apply_fsdp2(model: nn.Module, device_mesh, param_dtype: str | None, reduce_d
     policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(param_dtype), reduce_dtype=DTYPES.get(reduce_dtype))
     kwargs = {"mesh": mesh, "mp_policy": policy}
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory speeds up the copies to the GPU; it needs a CUDA driver, and a CPU mesh
+        # (the 2-process tests) copies nothing anyway.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_mesh.device_type == "cuda")
     for block in model.layers:
         fully_shard(block, **kwargs)
     # The root's parameters (embeddings, final norm, lm_head) are needed again right at the start of

@@ -227,3 +227,86 @@ def test_watch_loss_judges_the_loss_with_its_own_statistics():
     assert spike["kind"] == "loss" and spike["ratio"] == pytest.approx(10.0)
     assert detector.loss_stats.count == 5 and detector.grad_stats.count == 5  # the spiky step entered neither
     assert detector._judge(float("inf"), 2.0, overflow_expected=True) is None and detector.overflows == 1
+
+
+def _noisy(level: float, n: int, seed: int) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    return (level * (1 + 0.03 * torch.randn(n, generator=generator))).tolist()
+
+
+@pytest.mark.parametrize("method", ["ema", "median"])
+def test_a_lasting_shift_is_taken_as_the_new_level_not_flagged_forever(method):
+    """3% noise, then the level moves 1.5x for good at step 300 (a resume with a smaller batch, a new data
+    mixture): the detector flags `max_consecutive` steps, re-baselines, and flags nothing after."""
+    detector = GradientSpikeDetector(method=method, max_consecutive=10)
+    values = _noisy(1.0, 300, seed=0) + _noisy(1.5, 300, seed=1)
+    flagged = [step for step, value in enumerate(values)
+               if detector._observe(value, None, step, overflow_expected=False)[0] is not None]
+    assert flagged == list(range(300, 310))
+    assert detector.rebaselines == 1
+    assert detector.grad_stats.level() == pytest.approx(1.5, rel=0.05)
+
+
+def test_without_a_bound_the_shift_locks_the_detector_out():
+    """The failure the bound exists for (max_consecutive=None): every step after the shift is a spike."""
+    detector = GradientSpikeDetector(max_consecutive=None)
+    values = _noisy(1.0, 300, seed=0) + _noisy(1.5, 300, seed=1)
+    spikes = [detector._observe(value, None, step, overflow_expected=False)[0] for step, value in enumerate(values)]
+    assert sum(spike is not None for spike in spikes[300:]) == 300
+
+
+def test_skip_mode_resumes_updating_after_a_lasting_shift(tmp_path):
+    """A real run whose gradients grow 3x for good at step 30 (skip mode): 5 steps in a row are skipped,
+    then the detector re-baselines with one warning and the weights move again."""
+    shift = 30
+
+    class ShiftedLM(TinyLM):
+        def on_after_backward(self):
+            if self.global_step >= shift:
+                for p in self.parameters():
+                    p.grad.mul_(3.0)
+
+    module = ShiftedLM(lr=1e-3)
+    module.snapshot_steps = {shift, shift + 5, shift + 6, 59}
+    detector = GradientSpikeDetector(action="skip", warmup=10, max_consecutive=5, log_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="lasting shift, not a spike"):
+        fast_trainer(tmp_path, [detector], max_steps=60).fit(module, token_loader())
+
+    flagged = [r["step"] for r in read_spikes(tmp_path)]
+    assert flagged[:5] == list(range(shift, shift + 5))
+    assert detector.rebaselines == 1 and len(flagged) < 8  # after that, at most an isolated outlier or two
+    assert_same_state(module.weights_before_step[shift], module.weights_before_step[shift + 5])
+    moved = module.weights_before_step[59]["weights"]
+    assert not all(torch.equal(moved[k], v) for k, v in module.weights_before_step[shift + 5]["weights"].items())
+
+
+def test_on_persistent_stop_saves_a_checkpoint_that_resumes_at_the_new_level(tmp_path):
+    class ShiftedLM(TinyLM):
+        def on_after_backward(self):
+            if self.global_step >= 20:
+                for p in self.parameters():
+                    p.grad.mul_(3.0)
+
+    detector = GradientSpikeDetector(action="log", warmup=10, max_consecutive=4, on_persistent="stop",
+                                     log_dir=str(tmp_path))
+    trainer = fast_trainer(tmp_path, [detector], max_steps=100)
+    trainer.fit(ShiftedLM(lr=1e-3), token_loader())
+    assert trainer.global_step == 24  # steps 20-23 flagged, stopped after the 4th
+    saved = torch.load(tmp_path / "spike-stop-step00000023.ckpt", weights_only=False)
+    state = saved["callbacks"]["GradientSpikeDetector"]
+    assert state["rebaselines"] == 1 and state["run"] == []
+    resumed = GradientSpikeDetector(action="log", warmup=10, max_consecutive=4, on_persistent="stop")
+    resumed.load_state_dict(state)
+    assert resumed.grad_stats.level() == pytest.approx(detector.grad_stats.level())
+    assert state["grad_stats"]["count"] == 4  # restarted from the four shifted values alone
+    level_before_shift = read_spikes(tmp_path)[0]["level"]
+    assert 2.0 < resumed.grad_stats.level() / level_before_shift < 4.0  # gradients grew 3x
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_consecutive": 0}, "max_consecutive=0"),
+    ({"on_persistent": "ignore"}, "on_persistent='ignore' is unknown"),
+])
+def test_persistence_arguments_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradientSpikeDetector(**kwargs)

@@ -58,7 +58,7 @@ def test_kv_cache_holds_only_kv_heads_for_every_variant():
     sizes = set()
     for attention in VARIANTS:
         model = tiny(attention)
-        cache = model.new_cache(batch_size=1, max_len=10)
+        cache = model.new_cache(batch_size=1, max_len=10, dtype=torch.float32)
         assert cache.keys[0].shape == (1, 10, 2, 16) and cache.values[0].shape == (1, 10, 2, 16)
         sizes.add(KVCache.bytes_per_token(model.config))
     assert sizes == {2 * 2 * 2 * 16 * 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.training.synthetic import SyntheticDataModule
@@ -39,3 +40,39 @@ class LossRecorder(L.Callback):
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
         self.losses.append(float(loss))
         self.batches.append(int(batch[0].sum()))
+
+
+class ScaleGradientsAt(L.Callback):
+    """Multiplies the accumulated gradients by `factor` after the last micro-batch of optimizer step `step`
+    (before any `on_before_optimizer_step`): a gradient spike injected into a real run."""
+
+    def __init__(self, step: int, factor: float) -> None:
+        self.step, self.factor = step, factor
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step and not trainer.fit_loop._should_accumulate():
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.factor)
+
+
+class StepGradientNorms(L.Callback):
+    """Per optimizer step: the global gradient norm before clipping (the module's), and the norm of the
+    gradients the optimizer applied, computed here from the gradients left after `optimizer.step` (which
+    reads them without changing them). Steps that GradScaler skips have no applied norm."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, float] = {}
+        self.applied: dict[int, float] = {}
+        self._step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].register_step_post_hook(self._record)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._step = trainer.global_step
+        self.before[self._step] = float(pl_module.gradient_norm())
+
+    def _record(self, optimizer, args, kwargs) -> None:
+        grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.applied[self._step] = float(torch.stack([g.norm() for g in grads]).norm()) if grads else 0.0

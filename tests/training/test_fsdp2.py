@@ -45,3 +45,31 @@ def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path):
     assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"
     weight = checkpoint["state_dict"]["model.layers.0.self_attn.q_proj.weight"]
     assert weight.shape == (2 * 2 * 32, 64)  # full (unsharded) DIFF V2 q_proj: 2h heads of d=32
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_reduce_scatters_once_per_optimizer_step(tmp_path):
+    """Gradient accumulation under FSDP2: the micro-batches before the last keep their gradients unsharded
+    on each rank (no reduce-scatter, so no sharded `.grad` yet); the last one reduce-scatters. The losses
+    equal a single process accumulating the same micro-batches."""
+    accumulate = ["--max-steps", "3", "--accumulate", "2"]
+    single = _run(tmp_path, "single", *accumulate)
+    once = _run(tmp_path, "once", "--devices", "2", "--strategy", "fsdp2", *accumulate)
+    every = _run(tmp_path, "every", "--devices", "2", "--strategy", "fsdp2", *accumulate, "--sync-every-micro-batch")
+
+    assert once["grads_after_backward"] == [False, True] * 3
+    assert every["grads_after_backward"] == [True, True] * 3
+    torch.testing.assert_close(once["losses"], single["losses"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(every["losses"], single["losses"], rtol=1e-4, atol=1e-5)
+    assert once["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_fsdp2_cpu_offload_initialises_like_a_single_process(tmp_path):
+    """With CPU offload every rank must hold its own part of one initialisation. DTensor's random ops on
+    the CPU draw every rank's shard from the same seed; had the shards been initialised that way, the
+    sharded model would differ from the single-process one and so would its first losses."""
+    single = _run(tmp_path, "single", "--max-steps", "3")
+    offloaded = _run(tmp_path, "offloaded", "--devices", "2", "--strategy", "fsdp2", "--max-steps", "3",
+                     "--cpu-offload")
+    torch.testing.assert_close(offloaded["losses"], single["losses"], rtol=1e-4, atol=1e-5)
