@@ -1,0 +1,323 @@
+"""The GPU suite: every GPU path checked and measured in one command, one table (issues 11 and 12).
+
+    bash benchmarks/gpu_suite.sh                         # on a CUDA machine (one GPU), about 8 minutes
+    PYTHONPATH=. python benchmarks/gpu_suite.py --dry    # the same steps at toy size on the CPU (a test runs it)
+
+Sections, each under its own time limit so one failure cannot eat the rest:
+1. kernels: logits of the SDPA (and flash-attn, if installed) path against the eager reference on the
+   same device, and against an fp64 CPU reference, for the three attention variants; KV-cache decoding
+   against a full forward.
+2. training: `diffv2-lit fit` in a subprocess, as users run it: the 125m twins under every hardware
+   fragment that fits one GPU (FSDP2, `1gpu` bf16-mixed, FSDP1, DDP with one process), with compile off
+   and on under FSDP2, then the 1.3b twins; tokens/s, MFU, peak memory and the last loss read back from
+   the run's TensorBoard events. Data: the built-in corpus (byte tokenizer, prepared once).
+3. decode: tokens/s and ms/token of KV-cache decoding at the 125m shape, batch 1 and 16, DIFF V2 / baseline.
+
+Every row says `ok` or what failed (the first line of the error); the exit code is 1 if any row failed.
+`--dry` shrinks everything (quickstart preset, a few steps, CPU twins of the fragments) so the whole
+script runs inside the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
+from diffv2_lit.model.attention import eager_attention  # noqa: E402
+
+VARIANTS = ("baseline", "diffv2", "diffv1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: what runs, at full size and in --dry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    name: str
+    recipe: str                  # recipes/<recipe>.yaml
+    fragment: str | None = None  # configs/hardware/<fragment>.yaml, made single-device
+    steps: int = 60
+    extra: list[str] = field(default_factory=list)
+    throughput_every: int = 10   # ThroughputMFU's window, in optimizer steps
+
+
+def training_plan(dry: bool) -> list[TrainingRun]:
+    if dry:  # one FSDP2 and one autocast run, measuring throughput every 2 steps
+        return [TrainingRun("quickstart-diffv2 8gpu-fsdp2", "quickstart", "8gpu-fsdp2", steps=6, throughput_every=2),
+                TrainingRun("quickstart-baseline 1gpu", "quickstart-baseline", "1gpu", steps=6, throughput_every=2)]
+    runs = []
+    for fragment in ("8gpu-fsdp2", "1gpu", "8gpu-fsdp1", "8gpu-ddp"):
+        for variant in ("baseline", "diffv2"):
+            runs.append(TrainingRun(f"125m-{variant} {fragment}", f"125m-{variant}", fragment, steps=60))
+    for variant in ("baseline", "diffv2"):
+        runs.append(TrainingRun(f"125m-{variant} 8gpu-fsdp2 compile", f"125m-{variant}", "8gpu-fsdp2", steps=60,
+                                extra=["--model.compile", "true"]))
+    for variant in ("baseline", "diffv2"):
+        runs.append(TrainingRun(f"1.3b-{variant} 8gpu-fsdp2", f"1.3b-{variant}", "8gpu-fsdp2", steps=30,
+                                extra=["--trainer.accumulate_grad_batches", "1"]))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def kernel_rows(device: torch.device, dry: bool) -> list[dict]:
+    rows = []
+    backends = ["sdpa"] + (["flash"] if device.type == "cuda" and _flash_available() else [])
+    for variant in VARIANTS:
+        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256)
+        reference = _model(config, "cpu", torch.float64, "eager")
+        ids = torch.randint(0, config.vocab_size, (2, 64 if dry else 256), generator=torch.Generator().manual_seed(0))
+        expected = reference(ids).float()
+        for backend in backends:
+            for dtype in ((torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16)):
+                rows.append(_kernel_row(config, reference, ids, expected, device, dtype, backend))
+    return rows
+
+
+def _kernel_row(config, reference, ids, expected, device, dtype, backend) -> dict:
+    row = {"variant": config.attention, "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
+    model = _model(config, device, dtype, backend, like=reference)
+    eager = _model(config, device, dtype, "eager", like=reference)
+    with torch.no_grad():
+        fast = model(ids.to(device)).float().cpu()
+        row["vs_eager"] = (fast - eager(ids.to(device)).float().cpu()).abs().max().item()
+        row["vs_cpu_fp64"] = (fast - expected).abs().max().item()
+        cache = model.new_cache(ids.shape[0], ids.shape[1])
+        pieces = [model(ids[:, :16].to(device), cache)] + [model(ids[:, t:t + 1].to(device), cache)
+                                                          for t in range(16, ids.shape[1])]
+        row["decode_vs_full"] = (torch.cat(pieces, 1).float().cpu() - fast).abs().max().item()
+    tolerance = 1e-3 if dtype == torch.float32 else 0.25  # bf16 logits of a random model: ~1e-1
+    worst = max(row["vs_eager"], row["decode_vs_full"])
+    row["status"] = "ok" if worst < tolerance else f"FAILED: max |diff| {worst:.3g} >= {tolerance}"
+    return row
+
+
+def _model(config: ModelConfig, device, dtype, backend: str, like: Transformer | None = None) -> Transformer:
+    model = Transformer(config.replace(attn_backend=backend))
+    if like is None:
+        torch.manual_seed(0)
+        model.init_weights()
+    else:
+        model.load_state_dict(like.state_dict())
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _flash_available() -> bool:
+    from diffv2_lit.model.config import flash_attn_available
+
+    return flash_attn_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. training, through the console script
+# ----------------------------------------------------------------------------------------------
+
+
+def single_device_fragment(fragment: str, accelerator: str, out: Path) -> Path:
+    """A hardware fragment on one device of one node; FSDP2's data-parallel size follows."""
+    config = yaml.safe_load((ROOT / "configs" / "hardware" / f"{fragment}.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(accelerator=accelerator, devices=1, num_nodes=1)
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict) and "data_parallel_size" in strategy.get("init_args", {}):
+        strategy["init_args"]["data_parallel_size"] = 1
+    if accelerator == "cpu" and isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):
+        strategy["class_path"] = "tests.training.cpu_strategies.CPUFSDPStrategy"  # Lightning refuses FSDP on CPU
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def measured_recipe(run: TrainingRun, out: Path) -> Path:
+    """The recipe with ThroughputMFU's window set (a list entry, which a command-line flag cannot reach)."""
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{run.recipe}.yaml").read_text())
+    for callback in recipe["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ThroughputMFU"):
+            callback.setdefault("init_args", {})["log_every_n_steps"] = run.throughput_every
+    out.write_text(yaml.safe_dump(recipe))
+    return out
+
+
+def training_row(run: TrainingRun, workdir: Path, accelerator: str, timeout: float) -> dict:
+    row = {"run": run.name, "steps": run.steps}
+    run_dir = workdir / run.name.replace(" ", "_")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = ["fit", "--config", str(measured_recipe(run, run_dir / "recipe.yaml"))]
+    if run.fragment:
+        args += ["--config", str(single_device_fragment(run.fragment, accelerator, run_dir / "hardware.yaml"))]
+    args += ["--trainer.max_steps", str(run.steps), "--trainer.log_every_n_steps", "1",
+             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+             "--data.init_args.data_dir", "builtin:shakespeare", "--data.init_args.tokenizer", "byte",
+             "--data.init_args.val_tokens", "65536", "--data.init_args.num_workers", "2", *run.extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "LITDATA_DISABLE_VERSION_CHECK": "1", "DIFFV2_LIT_CACHE": str(workdir / "corpus-cache")}
+    start = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "diffv2_lit", *args], cwd=run_dir, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "status": f"FAILED: timed out after {timeout:.0f} s"}
+    row["wall_s"] = time.perf_counter() - start
+    if result.returncode != 0:
+        return {**row, "status": "FAILED: " + _last_error_line(result.stdout + result.stderr)}
+    return {**row, **_read_metrics(run_dir / "runs"), "status": "ok"}
+
+
+def _read_metrics(runs: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    version = sorted(runs.glob("*/version_*"))[-1]
+    events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+
+    def steady(tag):  # median of the windows after the first (which holds compilation and warm-up)
+        values = [e.value for e in events.Scalars(tag)] if tag in tags else []
+        return statistics.median(values[1:] or values) if values else float("nan")
+
+    loss = [e.value for e in events.Scalars("train/loss")] if "train/loss" in tags else [float("nan")]
+    peak = [e.value for e in events.Scalars("perf/peak_memory_gb")] if "perf/peak_memory_gb" in tags else [math.nan]
+    return {"tokens_per_s": steady("perf/tokens_per_sec"), "mfu": steady("perf/mfu"), "peak_gb": max(peak),
+            "last_loss": loss[-1]}
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if "Error" in line or "error:" in line]
+    return (lines[-1] if lines else text.strip().splitlines()[-1] if text.strip() else "no output")[:200]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. decode
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_rows(device: torch.device, dry: bool) -> list[dict]:
+    shape, prompt, new = ("quickstart", 32, 16) if dry else ("125m", 512, 128)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    rows = []
+    for batch in (1, 16):
+        timings = {}
+        for variant in ("baseline", "diffv2"):
+            config = ModelConfig.from_preset(shape, attention=variant, attn_backend="auto")
+            model = _model(config, device, dtype, "auto")
+            timings[variant] = _decode_seconds(model, batch, prompt, new, device)
+        for variant, seconds in timings.items():
+            rows.append({"shape": shape, "batch": batch, "variant": variant, "ms_per_token": 1000 * seconds / new,
+                         "tokens_per_s": batch * new / seconds,
+                         "vs_baseline": timings["baseline"] / seconds, "status": "ok"})
+    return rows
+
+
+@torch.no_grad()
+def _decode_seconds(model: Transformer, batch: int, prompt: int, new: int, device: torch.device) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    model.generate(ids, 4, temperature=0)  # warm-up: allocator, kernel choice
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(ids, new, temperature=0)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def section(name: str, function, *args) -> list[dict]:
+    start = time.perf_counter()
+    print(f"== {name} ...", flush=True)
+    try:
+        rows = function(*args)
+    except Exception as err:  # a section that breaks is a row that says so, not a lost suite
+        rows = [{"status": f"FAILED: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]}]
+    print(f"== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def markdown(title: str, rows: list[dict]) -> str:
+    if not rows:
+        return f"\n### {title}\n\n(none)\n"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [f"\n### {title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def environment() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    import lightning
+
+    return (f"{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry", action="store_true", help="toy sizes on the CPU (the test suite runs this)")
+    parser.add_argument("--sections", default="kernels,training,decode")
+    parser.add_argument("--run-timeout", type=float, default=240.0, help="seconds per training run")
+    parser.add_argument("--workdir", default=None, help="where runs write (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.dry or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    chosen = args.sections.split(",")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-suite-"))
+    accelerator = "cpu" if device.type == "cpu" else "gpu"
+    results = {}
+    if "kernels" in chosen:
+        results["kernels"] = section("kernels", kernel_rows, device, args.dry)
+    if "training" in chosen:
+        results["training"] = section("training", lambda: [training_row(run, workdir, accelerator, args.run_timeout)
+                                                           for run in training_plan(args.dry)])
+    if "decode" in chosen:
+        results["decode"] = section("decode", decode_rows, device, args.dry)
+    report = f"\n## GPU suite ({environment()})\n" + "".join(markdown(k, v) for k, v in results.items())
+    print(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"environment": environment(), **results}, indent=1))
+    failed = [row for rows in results.values() for row in rows if not str(row.get("status", "")).startswith("ok")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
