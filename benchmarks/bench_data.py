@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--bpe-vocab", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stream-batches", type=int, default=300)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +107,7 @@ def main() -> None:
         print(f"\nstreaming vs training step (seq_len {args.seq_len}, batch {args.batch_size}, byte data)")
         byte_dir = work / "prep-byte-1"
         for workers in (0, 2):
-            rate = bench_streaming(byte_dir, args.seq_len, args.batch_size, workers, n_batches=300)
+            rate = bench_streaming(byte_dir, args.seq_len, args.batch_size, workers, n_batches=args.stream_batches)
             print(f"TokenDataModule num_workers={workers}: {rate:>9,.0f} batches/s")
         step_rate = bench_train_step(args.seq_len, args.batch_size, 5 if args.device == "cpu" else 50, args.device)
         print(f"quickstart model fwd+bwd ({args.device}): {step_rate:>9,.2f} steps/s")

@@ -74,7 +74,7 @@ def plain_tokens_per_sec(steps: int) -> float:
         input_ids, targets = next(loader)
         loss = DecoderLM.loss(model(input_ids), targets)
         loss.backward()
-        global_grad_norm(model.parameters(), sharded=False).item()  # logged every step in DecoderLM
+        global_grad_norm(model.parameters()).item()  # logged every step in DecoderLM
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,47 @@
+"""Every benchmark script runs (tiny shapes, a few steps, nothing timed is asserted), so none rots
+unnoticed: `bench_training.py` once failed on a renamed argument and nobody saw it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+BENCHMARKS = ROOT / "benchmarks"
+
+# script -> (arguments for a tiny run, a line its output must contain)
+SMOKE = {
+    "bench_model.py": (["--preset", "quickstart", "--seq-len", "32", "--repeats", "1"], "## quickstart model"),
+    "bench_training.py": (["--steps", "7", "--repeats", "1", "--seq-125m", "16", "--batch-125m", "1",
+                           "--steps-125m", "2"], "DIFF V2 / baseline tokens/s"),
+    "bench_decode.py": (["--shapes", "quickstart", "--batches", "1", "--prompt-len", "8", "--new-tokens", "4",
+                         "--reps", "1"], "| quickstart | 1 | 4 | diffv2 |"),
+    "bench_monitor.py": (["--presets", "quickstart", "--seq-len", "32", "--batch-size", "1", "--repeats", "1"],
+                         "quickstart"),
+    "bench_data.py": (["--corpus", "{corpus}", "--seq-len", "32", "--batch-size", "2", "--bpe-vocab", "300",
+                       "--stream-batches", "5"], "streaming vs training step"),
+    "study.py": (["--models", "diffv2", "--lrs", "3e-3", "--seeds", "1", "--steps", "2", "--dry-run"], "fit"),
+}
+COVERED_ELSEWHERE = {"gpu_suite.py": "tests/benchmarks/test_gpu_suite.py runs its --dry mode"}
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
+    assert scripts == set(SMOKE) | set(COVERED_ELSEWHERE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_script_runs(script, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "verse.txt").write_text("Shall I compare thee to a summer's day?\n" * 2000)
+    args, expected = SMOKE[script]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
+           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *[a.format(corpus=corpus) for a in args]],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert expected in result.stdout
