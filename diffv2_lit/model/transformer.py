@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from diffv2_lit.model.attention import RMSNorm, build_attention
 from diffv2_lit.model.config import ModelConfig
 from diffv2_lit.model.generation import KVCache, sample_next_token
+from diffv2_lit.model.loss import linear_cross_entropy
 from diffv2_lit.model.rope import rope_cos_sin
 
 
@@ -73,8 +74,15 @@ class Transformer(nn.Module):
         # two modules: a shared Parameter is silently untied by meta-device `to_empty`.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, V]. With a cache, the tokens continue at cache.length."""
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
+                loss_impl: str = "plain") -> Tensor:
+        """input_ids [B, T] -> logits [B, T, V]. With a cache, the tokens continue at cache.length.
+
+        With `targets` [B, T] it returns the summed token loss instead (a 0-d fp32 tensor; -100 targets
+        count for nothing), the output layer fused with the cross-entropy by `loss_impl` (loss.py) so that
+        the [B, T, V] logits need not exist. The loss runs here rather than in the training code because
+        a sharding wrapper (FSDP) gathers the output weight for this forward, and must see it used here.
+        """
         h = self.embed_tokens(input_ids)
         cos, sin = self._rope(input_ids.shape[1], start=cache.length if cache else 0, dtype=h.dtype)
         for block in self.layers:
@@ -82,7 +90,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(input_ids.shape[1])
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), loss_impl)
+        return F.linear(h, self.output_weight)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """[V, D]: lm_head's weight, or the embedding matrix when the embeddings are tied."""
+        return self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
 
     def _rope(self, n_tokens: int, start: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         end = start + n_tokens

@@ -22,15 +22,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.training.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
 from diffv2_lit.training.optim import ScheduleName, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -90,6 +89,7 @@ class DecoderLM(L.LightningModule):
         cpu_offload: bool = False,
         fsdp_sync_every_micro_batch: bool = False,
         fused_adamw: bool | None = None,
+        loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto",
         init_from: str | None = None,
     ) -> None:
         """
@@ -110,11 +110,16 @@ class DecoderLM(L.LightningModule):
                 copy); True reduce-scatters after every micro-batch (less memory, N times the traffic).
             fused_adamw: the fused AdamW kernel; None (default) uses it on CUDA. Gradient clipping and
                 the spike detector work with it under every precision (see configure_gradient_clipping).
+            loss_impl: how the output layer and the cross-entropy run (diffv2_lit/model/loss.py): `plain`
+                (full logits), `chunked` (never more than a chunk of logits, plain PyTorch), `liger`
+                (liger-kernel's fused kernel, CUDA), `auto` (liger on CUDA when installed, else plain).
             init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
                 `diffv2-lit export` folder, with a fresh optimizer and schedule (to continue the same
                 run, use `--ckpt_path` instead). Its model config must match this one.
         """
         super().__init__()
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl={loss_impl!r} is unknown; choose one of {LOSS_IMPLS}.")
         self.model_config = resolve_model_config(model)
         self.save_hyperparameters(ignore=["model"])
         # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config,
@@ -224,11 +229,10 @@ class DecoderLM(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
 
-    @staticmethod
-    def loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored."""
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
+    def summed_loss(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+        """Summed token cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored.
+        The model fuses its output layer with the loss (`loss_impl`)."""
+        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """FSDP2 gradient accumulation: reduce-scatter only after the last micro-batch of a step.
@@ -245,7 +249,7 @@ class DecoderLM(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
-        loss = self.loss(self.model(input_ids), targets)
+        loss = self.summed_loss(input_ids, targets) / (targets != IGNORE_INDEX).sum().clamp(min=1)
         # Averaged over the micro-batches of one optimizer step and logged when it happens.
         self._train_loss_sum += loss.detach()
         self._train_loss_count += 1
@@ -310,7 +314,7 @@ class DecoderLM(L.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         input_ids, targets = batch
-        self._val_loss_sum += self.loss(self.model(input_ids), targets, reduction="sum").double()
+        self._val_loss_sum += self.summed_loss(input_ids, targets).double()
         self._val_tokens += (targets != IGNORE_INDEX).sum()
 
     def on_validation_epoch_end(self) -> None:

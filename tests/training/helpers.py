@@ -12,9 +12,9 @@ TINY_MODEL = {"preset": "quickstart", "n_layers": 2, "dim": 64, "n_heads": 2, "n
               "vocab_size": 64, "max_seq_len": 64}
 
 
-def tiny_module(attention: str = "diffv2", **kwargs) -> DecoderLM:
+def tiny_module(attention: str = "diffv2", model: dict | None = None, **kwargs) -> DecoderLM:
     kwargs = {"lr": 3e-3, "warmup_steps": 2, **kwargs}
-    return DecoderLM(model={**TINY_MODEL, "attention": attention}, **kwargs)
+    return DecoderLM(model={**TINY_MODEL, "attention": attention, **(model or {})}, **kwargs)
 
 
 def tiny_data(batch_size: int = 4, **kwargs) -> SyntheticDataModule:
