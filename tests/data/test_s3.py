@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from filelock import FileLock
@@ -21,6 +22,7 @@ from diffv2_lit.data.folder import DataError
 from diffv2_lit.data.prepare import main, prepare
 from tests.data.conftest import make_docs, write_jsonl
 from tests.data.s3_server import BUCKET, free_port
+from tests.data.test_ddp import SavingRecorder
 from tests.data.test_resume import _assert_resumes_exactly
 
 pytestmark = pytest.mark.s3
@@ -128,6 +130,19 @@ def test_fit_command_trains_from_s3(s3, shared, tmp_path):
     checkpoint = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3
     assert list((tmp_path / "cache").rglob("chunk-*.bin"))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stream_disjoint_shards_through_one_cache(s3, shared, tmp_path):
+    # Two ranks on one node: the same index, their own chunks, one shared cache folder (its locks).
+    dm = TokenDataModule(data_dir=shared, seq_len=32, batch_size=4, num_workers=0, val_tokens=0,
+                         cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(SavingRecorder(tmp_path), datamodule=dm)
+    rows = [{tuple(row.tolist()) for batch in torch.load(tmp_path / f"rank{r}.pt") for row in batch} for r in (0, 1)]
+    assert len(rows[0]) == len(rows[1]) == 12 and not rows[0] & rows[1]
 
 
 # ---------------------------------------------------------------- resume
@@ -239,3 +254,16 @@ def test_cache_is_cleaned_of_partial_downloads(s3, shared, tmp_path):
         assert in_progress.exists() and held.exists()
     second = [x for x, _ in second_dm.train_dataloader()]
     assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---------------------------------------------------------------- the server requirement itself
+
+@pytest.mark.parametrize("required", [False, True])
+def test_missing_server_skips_here_and_fails_in_ci(monkeypatch, required):
+    from tests.data import s3_server
+
+    monkeypatch.setattr(s3_server.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv(s3_server.REQUIRE_ENV, "1" if required else "0")
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match=r"moto's S3 server is not installed \(pip install -e '.\[dev\]'"):
+        s3_server.start_server(Path("unused"))
