@@ -125,7 +125,7 @@ def _follow_cache_dir(obj: dict[str, Any], dataset) -> dict[str, Any]:
     when it differs ("The provided `input_dir` path state doesn't match"), so a run resumed with another
     `cache_dir` (or on a machine whose cache lives elsewhere) would fail. The URL identifies the data.
     """
-    children = getattr(dataset, "_datasets", None) or [dataset]
+    children = getattr(dataset, "_datasets", None) or [dataset]  # a CombinedStreamingDataset's sources
     cache_of = {d.input_dir.url: d.input_dir.path for d in children if getattr(d, "input_dir", None) and d.input_dir.url}
     states = obj.get("dataset") or {}
     for state in [states, *states.values()]:

@@ -102,21 +102,23 @@ class S3Prefix:
     def list(self) -> dict[str, int]:
         """{key relative to the prefix: size} of everything under it; raises DataError for the reasons a
         user can fix (endpoint, credentials, bucket), naming what to change."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore import exceptions as boto
 
         prefix = f"{self.key}/" if self.key else ""
         try:
             pages = self._preflight_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             return {obj["Key"][len(prefix):]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
-        except (NoCredentialsError, PartialCredentialsError):
+        except (boto.NoCredentialsError, boto.PartialCredentialsError):
             raise DataError(f"no S3 credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             "(or AWS_PROFILE) in the environment") from None
-        except ClientError as err:
+        except boto.ClientError as err:
             raise DataError(self._client_error_message(err)) from None
-        except BotoCoreError as err:  # connection refused, DNS, timeouts
-            raise DataError(f"cannot reach the S3 endpoint {self.endpoint} for {self.url} (no answer within "
-                            f"{PREFLIGHT_TIMEOUT_S} s: {type(err).__name__}); check AWS_ENDPOINT_URL (or "
-                            "storage_options endpoint_url) and that the server is up") from None
+        except (boto.ConnectionError, boto.HTTPClientError) as err:  # refused, DNS, timeouts, dropped
+            raise DataError(f"cannot reach the S3 endpoint {self.endpoint} for {self.url} ({type(err).__name__}, "
+                            f"{PREFLIGHT_TIMEOUT_S} s timeout); check AWS_ENDPOINT_URL (or storage_options "
+                            "endpoint_url) and that the server is up") from None
+        except (boto.BotoCoreError, ValueError) as err:  # e.g. an invalid bucket name or endpoint URL
+            raise DataError(f"S3 request for {self.url} failed: {str(err).strip().splitlines()[-1]}") from None
 
     @property
     def endpoint(self) -> str:
@@ -171,7 +173,11 @@ def open_remote_folder(url: str, storage_options: dict | None = None) -> DataFol
     place = S3Prefix(url, storage_options)
     objects = place.list()
     if METADATA_FILE in objects:
-        meta = place.read_json(METADATA_FILE)
+        try:
+            meta = place.read_json(METADATA_FILE)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{place.child(METADATA_FILE)} is corrupt ({err}); re-run "
+                            f"`diffv2-lit prepare --output {place.url} --overwrite`") from None
         train_index = _check_remote_split(place, "train", objects)
         val_index = _check_remote_split(place, "val", objects) if "val/index.json" in objects else None
         return DataFolder(place.url, place.child("train"), place.child("val") if val_index else None, meta,

@@ -173,7 +173,9 @@ def test_weighted_mix_of_two_s3_folders(s3, tmp_path):
     val = torch.cat([x for x, _ in dm.val_dataloader()])
     assert (val == ord("a")).any(dim=1).sum() == 38 and (val == ord("b")).any(dim=1).sum() == 13
 
-    _assert_resumes_exactly(dict(mix=mix, seq_len=16, batch_size=8, num_workers=0, val_tokens=0), tmp_path)
+    # Resumed with another cache folder too: each source's position must follow it.
+    kwargs = dict(mix=mix, seq_len=16, batch_size=8, num_workers=0, val_tokens=0, cache_dir=str(tmp_path / "cache-a"))
+    _assert_resumes_exactly(kwargs, tmp_path, resume_changes={"cache_dir": str(tmp_path / "cache-b")})
 
 
 # ---------------------------------------------------------------- errors: one line that says what to fix
