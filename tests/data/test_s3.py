@@ -120,7 +120,9 @@ def test_fit_command_trains_from_s3(s3, shared, tmp_path):
     fragment = tmp_path / "data.yaml"
     fragment.write_text("data:\n  class_path: diffv2_lit.data.datamodule.TokenDataModule\n"
                         "  init_args: {seq_len: 32, batch_size: 4, num_workers: 0, val_tokens: 256}\n"
-                        "model:\n  model: {vocab_size: 320}\n"
+                        # the quickstart preset's shape (tiny.yaml's fields back to the preset's), byte vocabulary
+                        "model:\n  model: {n_layers: null, dim: null, n_heads: null, n_kv_heads: null, head_dim: null,"
+                        " ffn_hidden_dim: null, max_seq_len: null, vocab_size: 320}\n"
                         "trainer:\n  max_steps: 3\n  limit_val_batches: null\n  val_check_interval: 3\n")
     result = _cli(s3, "fit", "--config", str(ROOT / "tests/faults/tiny.yaml"), "--config", str(fragment),
                   "--data.init_args.data_dir", shared, "--data.init_args.cache_dir", str(tmp_path / "cache"),
@@ -129,6 +131,7 @@ def test_fit_command_trains_from_s3(s3, shared, tmp_path):
     assert not (tmp_path / "s3:").exists()
     checkpoint = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3
+    assert checkpoint["state_dict"]["model.embed_tokens.weight"].shape == (320, 128)  # the quickstart width
     assert list((tmp_path / "cache").rglob("chunk-*.bin"))
 
 
