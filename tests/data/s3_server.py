@@ -73,8 +73,9 @@ def start_server(log_dir: Path) -> S3Server:
     _require_moto_server()
     port = free_port()
     log = log_dir / "moto_server.log"
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    with open(log, "w") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(endpoint, process, log)
