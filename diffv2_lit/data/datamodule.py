@@ -14,6 +14,9 @@ in order, through a plain map-style DataLoader, so every validation run sees the
 Several folders can be mixed with weights (`mix`), sampled per sequence by
 `CombinedStreamingDataset(..., weights, iterate_over_all=False)`; an epoch ends when one source
 runs out.
+
+A source can also be an `s3://bucket/prefix` written by `diffv2-lit prepare --output s3://...`:
+LitData streams its chunks into `cache_dir` (see `remote.py` for endpoints, credentials and checks).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from diffv2_lit.data.corpus import builtin_name, is_builtin
 from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
+from diffv2_lit.data.remote import allow_plain_http_endpoints, check_url, clean_cache, is_url, open_remote_folder
 from diffv2_lit.data.tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -41,6 +45,11 @@ IGNORE_INDEX = -100
 def cache_root() -> Path:
     """Where built-in corpora are prepared: $DIFFV2_LIT_CACHE, else ~/.cache/diffv2-lit."""
     return Path(os.environ.get("DIFFV2_LIT_CACHE", "~/.cache/diffv2-lit")).expanduser()
+
+
+def default_remote_cache() -> Path:
+    """Where chunks streamed from object storage are cached: $DIFFV2_LIT_CACHE/remote."""
+    return cache_root() / "remote"
 
 
 def ensure_builtin(spec: str, tokenizer: str = "byte") -> Path:
@@ -105,14 +114,34 @@ class TrainLoader(StreamingDataLoader):
             self.restore = False
             yield batch
 
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(_follow_cache_dir(obj, self.dataset))
+
+
+def _follow_cache_dir(obj: dict[str, Any], dataset) -> dict[str, Any]:
+    """A checkpoint's loader state with each remote source's cache path set to where this run caches it.
+
+    LitData records the local cache path of a remote dataset (`input_dir_path`) and refuses to resume
+    when it differs ("The provided `input_dir` path state doesn't match"), so a run resumed with another
+    `cache_dir` (or on a machine whose cache lives elsewhere) would fail. The URL identifies the data.
+    """
+    children = getattr(dataset, "_datasets", None) or [dataset]  # a CombinedStreamingDataset's sources
+    cache_of = {d.input_dir.url: d.input_dir.path for d in children if getattr(d, "input_dir", None) and d.input_dir.url}
+    states = obj.get("dataset") or {}
+    for state in [states, *states.values()]:
+        if isinstance(state, dict) and state.get("input_dir_url") in cache_of:
+            state["input_dir_path"] = cache_of[state["input_dir_url"]]
+    return obj
+
 
 class TokenDataModule(L.LightningDataModule):
     """Token batches from `diffv2-lit prepare` folders (or the built-in corpus), resumable.
 
     Args:
-        data_dir: a prepared folder, or `builtin:shakespeare` (prepared on first use into
-            $DIFFV2_LIT_CACHE, default ~/.cache/diffv2-lit). Ignored when `mix` is set.
-        mix: weighted sources, e.g. `[{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]`;
+        data_dir: a prepared folder, an `s3://bucket/prefix` written by `diffv2-lit prepare`, or
+            `builtin:shakespeare` (prepared on first use into $DIFFV2_LIT_CACHE, default
+            ~/.cache/diffv2-lit). Ignored when `mix` is set.
+        mix: weighted sources, e.g. `[{path: data/web, weight: 0.7}, {path: s3://bucket/code, weight: 0.3}]`;
             weights are normalised, so they need only be >= 0 with a positive sum.
         seq_len: tokens per training sequence (blocks of seq_len + 1 are read for the shift).
         batch_size: sequences per device per step (the micro-batch).
@@ -123,6 +152,12 @@ class TokenDataModule(L.LightningDataModule):
         tokenizer: `byte` or a tokenizer.json path; must be the tokenizer the data was prepared with.
         pack: True packs documents across EOS into full sequences; False cuts each sequence at its
             first EOS (targets after it are -100).
+        cache_dir: local folder for chunks streamed from s3:// sources (default $DIFFV2_LIT_CACHE/remote,
+            i.e. ~/.cache/diffv2-lit/remote); node-local disk. Partial downloads of killed runs are removed
+            at start. Unused for local folders, which are read in place.
+        storage_options: for s3:// sources, keyword arguments of `boto3.client("s3", ...)` handed to
+            LitData, e.g. `{endpoint_url: http://minio:9000, region_name: us-east-1}`. Leave credentials to
+            the environment (AWS_ACCESS_KEY_ID, ...): this dict is saved with the config and checkpoints.
     """
 
     def __init__(
@@ -137,14 +172,20 @@ class TokenDataModule(L.LightningDataModule):
         val_tokens: int = 65536,
         tokenizer: str = "byte",
         pack: bool = True,
+        cache_dir: str | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
         self.num_workers, self.seed, self.shuffle, self.pack = num_workers, seed, shuffle, pack
         self.val_tokens, self.tokenizer = val_tokens, tokenizer
+        self.cache_dir, self.storage_options = cache_dir, dict(storage_options or {})
         self._check_numbers()
         self.sources, self.weights = self._parse_mix(data_dir, mix)
+        for source in self.sources:
+            if is_url(source):
+                check_url(source)  # refuse gs://... now, not as a missing local folder later
         tok = load_tokenizer(tokenizer)
         self.vocab_size: int = tok.vocab_size  # the data's vocabulary: setup() checks the data matches it
         self.tokenizer_identity: dict = tok.identity()
@@ -181,23 +222,32 @@ class TokenDataModule(L.LightningDataModule):
     # ------------------------------------------------------------ Lightning hooks
 
     def prepare_data(self) -> None:
-        """Local rank 0 only: prepare built-in corpora into the cache."""
+        """Local rank 0 of each node: prepare built-in corpora, clean the remote cache of partial files."""
         for source in self.sources:
             if is_builtin(source):
                 ensure_builtin(source, self.tokenizer)
+        if any(is_url(s) for s in self.sources):
+            clean_cache(self.remote_cache_dir)
+
+    @property
+    def remote_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_remote_cache()
 
     def setup(self, stage: str | None = None) -> None:
         if self.folders:
             return
-        folders = [open_folder(self._resolve(s)) for s in self.sources]
+        folders = [self._open(s) for s in self.sources]
         for folder in folders:
             self._check_tokenizer(folder)
             self._check_length(folder)
         self.folders = folders
 
-    def _resolve(self, source: str) -> Path:
+    def _open(self, source: str) -> DataFolder:
+        if is_url(source):
+            allow_plain_http_endpoints()  # before LitData builds any store (workers inherit it)
+            return open_remote_folder(source, self.storage_options)
         # Builtins are normally prepared by prepare_data; doing it here too keeps direct use simple.
-        return ensure_builtin(source, self.tokenizer) if is_builtin(source) else Path(source).expanduser()
+        return open_folder(ensure_builtin(source, self.tokenizer) if is_builtin(source) else Path(source).expanduser())
 
     def _check_tokenizer(self, folder: DataFolder) -> None:
         if folder.meta is None:
@@ -214,7 +264,7 @@ class TokenDataModule(L.LightningDataModule):
             )
 
     def _check_length(self, folder: DataFolder) -> None:
-        blocks, tokens, largest = count_blocks(folder.train, self.seq_len + 1)
+        blocks, tokens, largest = count_blocks(folder.train_index, self.seq_len + 1)
         if blocks < self.batch_size:
             raise DataError(
                 f"data.seq_len={self.seq_len} with batch_size={self.batch_size} is more than {folder.train} can give: "
@@ -234,10 +284,13 @@ class TokenDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ loaders
 
-    def _streaming(self, split_dir: Path, shuffle: bool, eos_id: int | None):
+    def _streaming(self, split_dir: Path | str, shuffle: bool, eos_id: int | None):
+        remote = {}
+        if is_url(str(split_dir)):
+            remote = dict(cache_dir=str(self.remote_cache_dir), storage_options=dict(self.storage_options))
         return StreamingDataset(
             str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=shuffle,
-            seed=self.seed, transform=ShiftTokens(eos_id, self.pack),
+            seed=self.seed, transform=ShiftTokens(eos_id, self.pack), **remote,
         )
 
     def train_dataloader(self):
@@ -286,7 +339,7 @@ class TokenDataModule(L.LightningDataModule):
         parts = []
         for folder, weight in with_val:
             wanted = math.ceil(self.val_tokens * weight / total_weight / self.seq_len)
-            available, _, _ = count_blocks(folder.val, self.seq_len + 1)
+            available, _, _ = count_blocks(folder.val_index, self.seq_len + 1)
             if available < wanted:
                 rank_zero_warn(f"{folder.val} holds {available * self.seq_len} validation tokens at "
                                f"seq_len={self.seq_len}, fewer than its share of val_tokens; using them all")

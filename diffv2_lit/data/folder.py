@@ -21,14 +21,20 @@ class DataError(ValueError):
 
 @dataclass
 class DataFolder:
-    root: Path
-    train: Path
-    val: Path | None  # None when the folder has no validation split
+    root: Path | str  # a local folder, or an s3:// URL
+    train: Path | str
+    val: Path | str | None  # None when the folder has no validation split
     meta: dict | None  # diffv2_data.json; None for a bare LitData folder written by other tools
+    train_index: dict  # the splits' LitData index.json
+    val_index: dict | None
 
     @property
     def eos_id(self) -> int | None:
         return self.meta.get("eos_id") if self.meta else None
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.root, str)
 
 
 def open_folder(path: str | Path) -> DataFolder:
@@ -43,11 +49,12 @@ def open_folder(path: str | Path) -> DataFolder:
     if (root / METADATA_FILE).is_file():
         meta = json.loads((root / METADATA_FILE).read_text())
         train, val = root / "train", root / "val"
-        check_split(train)
-        return DataFolder(root, train, val if (val / "index.json").is_file() else None, meta)
+        train_index = check_split(train)
+        if not (val / "index.json").is_file():
+            return DataFolder(root, train, None, meta, train_index, None)
+        return DataFolder(root, train, val, meta, train_index, json.loads((val / "index.json").read_text()))
     if (root / "index.json").is_file():
-        check_split(root)
-        return DataFolder(root, root, None, None)
+        return DataFolder(root, root, None, None, check_split(root), None)
     raise DataError(
         f"{root} is not a LitData output (no {METADATA_FILE} and no index.json); " + PREPARE_HINT.format(path=root)
     )
@@ -60,17 +67,26 @@ def check_split(split_dir: Path) -> dict:
         raise DataError(f"{split_dir} has no index.json: an interrupted or foreign folder; re-run `diffv2-lit prepare --overwrite`")
     try:
         index = json.loads(index_file.read_text())
-        chunks, loader = index["chunks"], index["config"].get("item_loader")
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except json.JSONDecodeError as err:
         raise DataError(f"{index_file} is corrupt ({err}); re-run `diffv2-lit prepare --overwrite`") from None
+    chunks = check_index(index, index_file, split_dir, split_dir.parent)
+    for chunk in chunks:
+        _check_chunk_file(split_dir / chunk["filename"], chunk["chunk_bytes"])
+    return index
+
+
+def check_index(index: dict, index_file, split_dir, root) -> list[dict]:
+    """The chunks of a LitData index.json that holds token chunks; DataError otherwise."""
+    try:
+        chunks, loader = index["chunks"], index["config"].get("item_loader")
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{index_file} is corrupt ({err!r}); re-run `diffv2-lit prepare --overwrite`") from None
     if loader != "TokensLoader":
         raise DataError(f"{split_dir} holds LitData items written with {loader}, not token chunks "
                         "(optimize(..., item_loader=TokensLoader())); prepare it with `diffv2-lit prepare`")
     if not chunks:
-        raise DataError(f"{split_dir} has no chunks; " + PREPARE_HINT.format(path=split_dir.parent))
-    for chunk in chunks:
-        _check_chunk_file(split_dir / chunk["filename"], chunk["chunk_bytes"])
-    return index
+        raise DataError(f"{split_dir} has no chunks; " + PREPARE_HINT.format(path=root))
+    return chunks
 
 
 def _check_chunk_file(path: Path, expected: int) -> None:
@@ -84,11 +100,12 @@ def _check_chunk_file(path: Path, expected: int) -> None:
         )
 
 
-def count_blocks(split_dir: Path, block_size: int) -> tuple[int, int, int]:
-    """(blocks of block_size tokens LitData can serve, total tokens, largest chunk in tokens).
+def count_blocks(index: dict, block_size: int) -> tuple[int, int, int]:
+    """(blocks of block_size tokens LitData can serve, total tokens, largest chunk in tokens) of a split's
+    index.json.
 
     TokensLoader cuts blocks inside each chunk and drops each chunk's remainder.
     """
-    chunks = json.loads((split_dir / "index.json").read_text())["chunks"]
+    chunks = index["chunks"]
     dims = [c["dim"] or 0 for c in chunks]
     return sum(d // block_size for d in dims), sum(dims), max(dims)

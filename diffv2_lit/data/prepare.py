@@ -1,6 +1,6 @@
 """`diffv2-lit prepare`: text files -> LitData token chunks (train and validation) + metadata.
 
-Output layout (`--output DIR`):
+Output layout (`--output DIR`, or `--output s3://bucket/prefix` with the same layout under the prefix):
     DIR/train/         LitData folder written with `optimize(..., item_loader=TokensLoader())`
     DIR/val/           same, for the validation documents (absent when there are none)
     DIR/diffv2_data.json   tokenizer identity, token/document counts per split, sources, command
@@ -10,8 +10,10 @@ The split is by document: a seeded hash of each document's key `(source_id, inde
 documents, and the validation split takes the first ones of that order (a fraction of the documents
 or enough documents for `--val-tokens`). The result does not depend on worker count or file order.
 
-The run writes into a hidden sibling folder and renames it at the very end, so an interrupted run
-never leaves a folder that looks complete.
+A local run writes into a hidden sibling folder and renames it at the very end, so an interrupted run
+never leaves a folder that looks complete. Object storage has no rename: an s3:// run writes the
+chunks under the final prefix and `diffv2_data.json` last, and readers treat a prefix without it as
+holding no prepared data (see `remote.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -57,7 +60,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--input", action="append", required=True,
                    help="file or folder of .txt/.txt.gz/.jsonl/.jsonl.gz/.parquet, or builtin:shakespeare; repeatable")
-    p.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--output", required=True,
+                   help="output folder or s3://bucket/prefix (refused if it holds anything, unless --overwrite); "
+                        "S3 endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...")
     p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
     p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
     val = p.add_mutually_exclusive_group()
@@ -70,7 +75,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     chunk.add_argument("--chunk-bytes", default=None, help="target chunk file size, e.g. 64MB (default)")
     chunk.add_argument("--chunk-size", type=int, default=None, help="instead: target tokens per chunk")
     p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder or prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -108,29 +113,125 @@ def prepare(
     val_fraction: float = 0.05, val_tokens: int | None = None, seed: int = 42,
     chunk_bytes: str | int | None = None, chunk_size: int | None = None, num_workers: int = 1,
     overwrite: bool = False, verbose: bool = True, command: str | None = None,
+    storage_options: dict | None = None,
 ) -> dict:
-    """Run the whole preparation; returns the metadata written to `diffv2_data.json`."""
+    """Run the whole preparation; returns the metadata written to `diffv2_data.json`.
+
+    `output` is a local folder or an `s3://bucket/prefix` URL (`storage_options`: keyword arguments of
+    `boto3.client("s3", ...)` for LitData, e.g. `endpoint_url`; by default the AWS environment variables).
+    """
     start = time.perf_counter()
-    out = Path(output).expanduser().resolve()
-    _check_output(out, overwrite)
+    target = _output_target(output, storage_options)
+    target.check(overwrite)
     _check_split_args(val_fraction, val_tokens)
     tok = load_tokenizer(tokenizer)
     sources = resolve_inputs(list(inputs))
     val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose)
 
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    scratch = target.begin(overwrite)
+    published = False
     try:
-        tmp.mkdir(parents=True)
         for split in SPLITS:
-            _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes, chunk_size,
-                         num_workers, verbose)
-        meta = _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
-        _write_json(tmp / METADATA_FILE, meta)
-        _publish(tmp, out, overwrite)
+            _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
+                         chunk_bytes, chunk_size, num_workers, verbose, storage_options)
+        indexes = {split: target.split_index(split) for split in SPLITS}
+        meta = _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
+        target.publish(meta, overwrite)
+        published = True
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only left when something failed above
-    _print_summary(out, meta, time.perf_counter() - start, verbose)
+        target.cleanup(published)
+    _print_summary(target.name, meta, time.perf_counter() - start, verbose)
     return meta
+
+
+def _output_target(output: str | Path, storage_options: dict | None):
+    from diffv2_lit.data.remote import is_url
+
+    if is_url(str(output)):  # checked here: anything else would become a local folder named "s3:"
+        return _S3Output(str(output), storage_options)
+    return _LocalOutput(output)
+
+
+class _LocalOutput:
+    """A local folder, written as a hidden sibling and renamed into place at the end."""
+
+    def __init__(self, output: str | Path):
+        self.out = Path(output).expanduser().resolve()
+        self.name = str(self.out)
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+
+    def check(self, overwrite: bool) -> None:
+        _check_output(self.out, overwrite)
+
+    def begin(self, overwrite: bool) -> Path:
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def split_dir(self, split: str) -> str:
+        return str(self.tmp / split)
+
+    def split_index(self, split: str) -> dict | None:
+        index_file = self.tmp / split / "index.json"
+        return json.loads(index_file.read_text()) if index_file.is_file() else None
+
+    def publish(self, meta: dict, overwrite: bool) -> None:
+        _write_json(self.tmp / METADATA_FILE, meta)
+        _publish(self.tmp, self.out, overwrite)
+
+    def cleanup(self, published: bool) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)  # only left when something failed
+
+
+class _S3Output:
+    """An s3://bucket/prefix: chunks go straight to the prefix, the metadata file last (the completion marker)."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        from diffv2_lit.data.remote import S3Prefix
+
+        self.place = S3Prefix(url, storage_options)
+        self.name = self.place.url
+        self.existing: dict[str, int] = {}
+        self.scratch: Path | None = None
+        if not self.place.key:
+            raise PrepareError(f"output {url} is a whole bucket; write into a prefix: s3://BUCKET/NAME")
+
+    def check(self, overwrite: bool) -> None:
+        self.existing = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
+        if self.existing and not overwrite:
+            what = ("holds prepared data" if METADATA_FILE in self.existing else
+                    f"is not empty ({len(self.existing)} object(s), no {METADATA_FILE}: an interrupted prepare "
+                    "or other data)")
+            raise PrepareError(f"output {self.place.url} {what}; pass --overwrite to replace it")
+
+    def begin(self, overwrite: bool) -> Path:
+        from diffv2_lit.data.remote import allow_plain_http_endpoints
+
+        allow_plain_http_endpoints()  # before optimize() forks its workers
+        if METADATA_FILE in self.existing:  # --overwrite: unmark first, so readers see "no prepared data" from now on
+            self.place.delete(METADATA_FILE)
+        if self.existing:
+            self.place.delete_all()
+        self.scratch = Path(tempfile.mkdtemp(prefix="diffv2-prepare-"))
+        return self.scratch
+
+    def split_dir(self, split: str) -> str:
+        return self.place.child(split)
+
+    def split_index(self, split: str) -> dict | None:
+        if f"{split}/index.json" not in self.place.list():
+            return None
+        return self.place.read_json(f"{split}/index.json")
+
+    def publish(self, meta: dict, overwrite: bool) -> None:
+        self.place.write_json(METADATA_FILE, meta)
+
+    def cleanup(self, published: bool) -> None:
+        if self.scratch is None:  # failed before writing anything
+            return
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        if not published:  # chunks of a failed run: unmarked, so no data; do not leave them to be paid for
+            with contextlib.suppress(Exception):
+                self.place.delete_all()
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -257,8 +358,8 @@ def _tokenize_documents(item: _WorkItem, tokenizer: str, text_key: str, split: s
         yield np.concatenate([tok.encode_array(text).astype(dtype, copy=False), eos])
 
 
-def _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes, chunk_size,
-                 num_workers, verbose) -> None:
+def _write_split(split, sources, val_keys, output_dir: str, scratch: Path, tokenizer, text_key, chunk_bytes,
+                 chunk_size, num_workers, verbose, storage_options=None) -> None:
     items = [_WorkItem(s, frozenset(val_keys.get(s.source_id, ()))) for s in sources]
     if split == "val":
         items = [it for it in items if it.val_indices]
@@ -268,18 +369,19 @@ def _write_split(split, sources, val_keys, tmp, tokenizer, text_key, chunk_bytes
         chunk_bytes = "64MB"
     if verbose:
         print(f"[prepare] tokenizing {split}: {len(items)} file(s), {min(num_workers, len(items))} worker(s)")
-    error_dir = tmp / ".errors"
+    error_dir = scratch / ".errors"
     error_dir.mkdir(exist_ok=True)
     fn = functools.partial(tokenize_item, tokenizer=tokenizer, text_key=text_key, split=split, error_dir=str(error_dir))
-    _run_optimize(fn, items, tmp / split, tmp / ".work", chunk_bytes, chunk_size,
-                  max(1, min(num_workers, len(items))), verbose)
+    _run_optimize(fn, items, output_dir, scratch / ".work", chunk_bytes, chunk_size,
+                  max(1, min(num_workers, len(items))), verbose, storage_options)
     errors = sorted(error_dir.iterdir())
     if errors:
         raise PrepareError(f"tokenizing failed, nothing was written: {errors[0].read_text()}")
     shutil.rmtree(error_dir)
 
 
-def _run_optimize(fn, items, output_dir: Path, work_dir: Path, chunk_bytes, chunk_size, num_workers, verbose):
+def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk_size, num_workers, verbose,
+                  storage_options=None):
     from litdata import TokensLoader, optimize
 
     # LitData wipes its scratch folders (default /tmp/chunks, /tmp/data) at start: give each run
@@ -288,12 +390,12 @@ def _run_optimize(fn, items, output_dir: Path, work_dir: Path, chunk_bytes, chun
                "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work_dir / "data")}
     with _environ(scratch), _quiet_stdout(not verbose):
         optimize(
-            fn=fn, inputs=items, output_dir=str(output_dir), chunk_bytes=chunk_bytes, chunk_size=chunk_size,
+            fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, chunk_size=chunk_size,
             num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
             # fork starts workers in milliseconds; spawn re-imports torch in each (seconds). Workers
             # only read files and tokenize, which is fork-safe. Elsewhere fork is unsafe or absent.
             start_method="fork" if sys.platform == "linux" else "spawn",
-            verbose=verbose,
+            verbose=verbose, storage_options=dict(storage_options or {}),
         )
     shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -323,12 +425,11 @@ def _quiet_stdout(quiet: bool):
 
 # ---------------------------------------------------------------- metadata and summary
 
-def split_stats(split_dir: Path) -> dict:
-    """Documents, tokens, chunks and bytes of one LitData split, read from its index.json."""
-    index_file = split_dir / "index.json"
-    if not index_file.is_file():
+def split_stats(index: dict | None) -> dict:
+    """Documents, tokens, chunks and bytes of one LitData split, from its index.json (None: no split)."""
+    if index is None:
         return {"documents": 0, "tokens": 0, "chunks": 0, "bytes": 0}
-    chunks = json.loads(index_file.read_text())["chunks"]
+    chunks = index["chunks"]
     return {
         "documents": sum(c["chunk_size"] for c in chunks),  # one LitData item per document
         "tokens": sum(c["dim"] or 0 for c in chunks),
@@ -337,7 +438,7 @@ def split_stats(split_dir: Path) -> dict:
     }
 
 
-def _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, command) -> dict:
+def _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command) -> dict:
     import litdata
 
     return {
@@ -346,7 +447,7 @@ def _metadata(tmp, tok, sources, val_keys, seed, val_fraction, val_tokens, comma
         "tokenizer": tok.identity(),
         "eos_id": tok.eos_id,
         "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
-        "splits": {split: split_stats(tmp / split) for split in SPLITS},
+        "splits": {split: split_stats(indexes[split]) for split in SPLITS},
         "split": {"seed": seed, "val_fraction": None if val_tokens is not None else val_fraction,
                   "val_tokens": val_tokens, "val_documents": sum(len(v) for v in val_keys.values())},
         "sources": [s.source_id for s in sources],
@@ -360,7 +461,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _print_summary(out: Path, meta: dict, seconds: float, verbose: bool) -> None:
+def _print_summary(out: str, meta: dict, seconds: float, verbose: bool) -> None:
     if not verbose:
         return
     train, val = meta["splits"]["train"], meta["splits"]["val"]

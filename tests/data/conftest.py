@@ -1,7 +1,11 @@
 """Shared helpers for the data tests: tiny corpora written on the fly, prepared with the real pipeline."""
 
 import json
+import os
 import random
+import re
+import uuid
+from dataclasses import dataclass
 
 import pytest
 
@@ -34,3 +38,63 @@ def corpus_dir(tmp_path):
     out = tmp_path / "prepared"
     prepare([str(src)], out, chunk_size=2048, val_fraction=0.1, num_workers=1, verbose=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1, one per session (skips without it; fails under DIFFV2_LIT_REQUIRE_S3_TESTS=1)."""
+    from tests.data.s3_server import start_server
+
+    server = start_server(tmp_path_factory.mktemp("s3_server"))
+    yield server
+    server.stop()
+
+
+@dataclass
+class S3Place:
+    url: str  # a fresh s3://bucket/prefix for this test
+    server: object  # tests.data.s3_server.S3Server
+
+    def env(self, **overrides) -> dict:
+        """The environment for a `diffv2-lit` subprocess: passed explicitly, not inherited by accident."""
+        return {**os.environ, **self.server.env(), "LITDATA_DISABLE_VERSION_CHECK": "1", **overrides}
+
+    # The tests' own look at the bucket, with their own client (independent of the code under test).
+
+    def keys(self, url: str | None = None) -> dict[str, int]:
+        """{key under the prefix: size}."""
+        bucket, prefix = _bucket_and_prefix(url or self.url)
+        pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        return {o["Key"][len(prefix) + 1:]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def read_json(self, key: str) -> dict:
+        bucket, prefix = _bucket_and_prefix(self.url)
+        return json.loads(self.server.client().get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read())
+
+    def delete(self, key: str) -> None:
+        bucket, prefix = _bucket_and_prefix(self.url)
+        self.server.client().delete_object(Bucket=bucket, Key=f"{prefix}/{key}")
+
+    def copy_from(self, url: str) -> None:
+        """Copy every object under another prefix to this one (server side)."""
+        client, (bucket, prefix), (_, source) = self.server.client(), _bucket_and_prefix(self.url), _bucket_and_prefix(url)
+        for key in self.keys(url):
+            client.copy_object(Bucket=bucket, Key=f"{prefix}/{key}", CopySource={"Bucket": bucket, "Key": f"{source}/{key}"})
+
+
+def _bucket_and_prefix(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    return bucket, prefix
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The AWS variables of the test server for this test only, and a prefix no other test uses."""
+    from tests.data.s3_server import BUCKET
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name).strip("-")[:60]
+    return S3Place(f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:6]}", s3_server)

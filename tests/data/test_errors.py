@@ -6,8 +6,9 @@ import pytest
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.data.folder import DataError
+from diffv2_lit.data.prepare import main as prepare_main
 from diffv2_lit.data.tokenizer import train_bpe
-from tests.data.conftest import make_docs
+from tests.data.conftest import make_docs, write_jsonl
 
 
 def _setup(**kwargs):
@@ -97,3 +98,14 @@ def test_model_vocab_smaller_than_data_vocab():
     dm.check_model_vocab(320)  # the quickstart model covers the byte tokenizer
     with pytest.raises(DataError, match=r"vocab_size 256 is smaller than the data's tokenizer vocabulary 259"):
         dm.check_model_vocab(256)
+
+
+def test_other_url_schemes_are_refused_not_written_locally(tmp_path, capsys, monkeypatch):
+    # Before S3 support, a URL was taken for a local path: prepare wrote a folder named "gs:".
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"gs://bucket/data: gs:// is not supported; use a local folder or an s3://"):
+        TokenDataModule(data_dir="gs://bucket/data")
+    src = write_jsonl(tmp_path / "a.jsonl", make_docs(5))
+    assert prepare_main(["--input", str(src), "--output", "gs://bucket/data", "--quiet"]) == 2
+    assert "gs:// is not supported" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]

@@ -40,9 +40,11 @@ def _fit(dm_kwargs, max_steps, tmp_path, ckpt_path=None, every=None):
     return module.seen
 
 
-def _assert_resumes_exactly(dm_kwargs, tmp_path, total=12, at=5):
+def _assert_resumes_exactly(dm_kwargs, tmp_path, total=12, at=5, resume_changes=None):
+    """`resume_changes`: data settings the resumed run changes that must not change what it sees."""
     full = _fit(dm_kwargs, total, tmp_path, every=at)
-    resumed = _fit(dm_kwargs, total, tmp_path, ckpt_path=tmp_path / "ckpt" / f"step={at}.ckpt")
+    resumed = _fit({**dm_kwargs, **(resume_changes or {})}, total, tmp_path,
+                   ckpt_path=tmp_path / "ckpt" / f"step={at}.ckpt")
     assert len(full) == total and len(resumed) == total - at
     for step, (a, b) in enumerate(zip(full[at:], resumed), start=at):
         assert torch.equal(a, b), f"resumed run diverges at step {step}"
