@@ -37,7 +37,9 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take q [B, T, Hq, d], k [B, S, h_kv, d], v [B, S, h_kv, dv] and return
-# [B, T, Hq, dv], causal, with the T queries aligned to the *last* T keys (decoding with a cache).
+# [B, T, Hq, dv], causal, with the T queries aligned to the *last* T keys (decoding with a cache),
+# unless `mask` [T, S] (True = may read) says which keys each query reads: a static KV cache hands
+# over all its S slots, filled or not, and the mask (generation.StaticKVCache) does the rest.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -47,7 +49,7 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> Tensor:
     return torch.arange(n_keys, device=device)[None, :] <= query_pos[:, None]
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reference attention, written out. Returns (out [B,T,Hq,dv], probs [B,Hq,T,S], logits [B,Hq,T,S]).
 
     GQA without copies: queries are viewed as [B, h_kv, group, T, d] and broadcast against one KV head.
@@ -58,7 +60,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     q_grouped = q.view(batch, n_queries, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     keys_t = k.permute(0, 2, 3, 1).unsqueeze(2)  # [B, h_kv, 1, d, S]
     logits = (q_grouped @ keys_t) / math.sqrt(head_dim)  # [B, h_kv, group, T, S]
-    logits = logits.masked_fill(~causal_mask(n_queries, n_keys, q.device), float("-inf"))
+    allowed = causal_mask(n_queries, n_keys, q.device) if mask is None else mask
+    logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=at_least_fp32(q.dtype)).to(v.dtype)
     out = probs @ v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, h_kv, group, T, dv]
     out = out.permute(0, 3, 1, 2, 4).reshape(batch, n_queries, n_q_heads, value_dim)
@@ -66,13 +69,13 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Te
     return out, probs.reshape(flat), logits.reshape(flat)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """PyTorch SDPA with native GQA (`enable_gqa`, torch >= 2.5): no repeated KV copies."""
     n_queries, n_keys = q.shape[1], k.shape[1]
     if n_queries == 1 and q.shape[2] != k.shape[2]:
-        return _sdpa_decode_step(q, k, v)
-    mask, is_causal = None, n_queries > 1
-    if 1 < n_queries < n_keys:  # chunked prefill with a cache: SDPA's is_causal aligns top-left
+        return _sdpa_decode_step(q, k, v, mask)
+    is_causal = mask is None and n_queries > 1
+    if mask is None and 1 < n_queries < n_keys:  # chunked prefill with a cache: SDPA's is_causal aligns top-left
         mask, is_causal = causal_mask(n_queries, n_keys, q.device), False
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -81,13 +84,13 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-def _sdpa_decode_step(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _sdpa_decode_step(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """One decoding token under GQA: fold each KV head's query group into the query axis and make an
     ordinary h_kv-head call (no mask: the single new token reads every cached key). On CPU this avoids
     SDPA's per-extra-query-head cost, which DIFF V2's doubled query heads would otherwise pay."""
     batch, _, n_q_heads, head_dim = q.shape
     folded = q.view(batch, k.shape[2], n_q_heads // k.shape[2], head_dim)
-    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(folded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.reshape(batch, 1, n_q_heads, v.shape[-1])
 
 
@@ -104,21 +107,24 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.cat([flash_attn_func(q, k, v_slice, causal=True) for v_slice in slices], dim=-1)
 
 
-def resolve_backend(requested: str, q: Tensor) -> str:
-    """`auto` means flash-attn when installed, on CUDA, in fp16/bf16; otherwise SDPA."""
+def resolve_backend(requested: str, q: Tensor, masked: bool = False) -> str:
+    """`auto` means flash-attn when installed, on CUDA, in fp16/bf16; otherwise SDPA. flash-attn takes no
+    mask, so a masked call (a static KV cache) goes to SDPA."""
+    if requested == "flash" and masked:
+        return "sdpa"
     if requested != "auto":
         return requested
-    flash_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    flash_ok = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     return "flash" if flash_ok else "sdpa"
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    backend = resolve_backend(backend, q)
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, mask: Tensor | None = None) -> Tensor:
+    backend = resolve_backend(backend, q, masked=mask is not None)
     if backend == "flash":
         return flash_attention(q, k, v)
     if backend == "sdpa":
-        return sdpa_attention(q, k, v)
-    return eager_attention(q, k, v)[0]
+        return sdpa_attention(q, k, v, mask)
+    return eager_attention(q, k, v, mask)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,24 +154,28 @@ class Attention(nn.Module):
         self.diagnostics: dict | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None) -> Tensor:
+        """x [B, T, D], cos/sin [T, d] -> [B, T, D]. With a cache, k and v become every cached key and
+        value [B, S, h_kv, d], and `cache.mask` ([T, S] or None) says which of them each query reads."""
         batch, n_tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, n_tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(batch, n_tokens, -1, self.head_dim)  # [B, T, Hq, d]
+        k = self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)  # [B, T, h_kv, d]
+        v = self.v_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)  # [B, T, h_kv, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v)  # [B, S, h_kv, d]
+            mask = cache.mask
         if self.diagnostics is not None:
-            context = self._diagnose(x, q, k, v)
+            context = self._diagnose(x, q, k, v, mask)
         else:
-            context = self._combine(x, q, k, v)
+            context = self._combine(x, q, k, v, mask)  # [B, T, h, d]
         return self.o_proj(context.reshape(batch, n_tokens, -1))
 
-    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return attend(q, k, v, self.config.attn_backend)
+    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return attend(q, k, v, self.config.attn_backend, mask)
 
-    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out, probs, logits = eager_attention(q, k, v)
+    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        out, probs, logits = eager_attention(q, k, v, mask)
         self._record(context=out, values=v, logits=logits, probs=probs, effective_probs=probs)
         return out
 
@@ -188,8 +198,8 @@ class DiffV2Attention(Attention):
         super().__init__(config, layer_idx)
         self.lambda_proj = nn.Linear(config.dim, config.n_heads, bias=False)
 
-    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self._subtract_pairs(attend(q, k, v, self.config.attn_backend), self.lambda_gate(x))
+    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self._subtract_pairs(attend(q, k, v, self.config.attn_backend, mask), self.lambda_gate(x))
 
     def lambda_gate(self, x: Tensor) -> Tensor:
         """sigmoid(lambda) [B, T, h]: the weight of each pair's second head."""
@@ -202,8 +212,8 @@ class DiffV2Attention(Attention):
         first, second = out.unflatten(2, (-1, 2)).unbind(3)
         return first - gate.unsqueeze(-1) * second
 
-    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out, probs, logits = eager_attention(q, k, v)
+    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        out, probs, logits = eager_attention(q, k, v, mask)
         gate = self.lambda_gate(x)
         context = self._subtract_pairs(out, gate)
         probs_1, probs_2 = probs[:, 0::2], probs[:, 1::2]
@@ -258,15 +268,15 @@ class DiffV1Attention(Attention):
         diff = out_1 - self.lambda_full().to(out_1.dtype) * out_2
         return self.subln(diff) * (1.0 - self.lambda_init)
 
-    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _combine(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         q1, q2, k1, k2, wide_v = self._split(q, k, v)
         backend = self.config.attn_backend
-        return self._finish(attend(q1, k1, wide_v, backend), attend(q2, k2, wide_v, backend))
+        return self._finish(attend(q1, k1, wide_v, backend, mask), attend(q2, k2, wide_v, backend, mask))
 
-    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _diagnose(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         q1, q2, k1, k2, wide_v = self._split(q, k, v)
-        out_1, probs_1, logits_1 = eager_attention(q1, k1, wide_v)
-        out_2, probs_2, logits_2 = eager_attention(q2, k2, wide_v)
+        out_1, probs_1, logits_1 = eager_attention(q1, k1, wide_v, mask)
+        out_2, probs_2, logits_2 = eager_attention(q2, k2, wide_v, mask)
         lam = self.lambda_full()
         diff = out_1 - lam.to(out_1.dtype) * out_2
         # Context RMS is read after the subtraction and before the per-head norm (the norm would

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from diffv2_lit.model.attention import RMSNorm, build_attention
 from diffv2_lit.model.config import ModelConfig
-from diffv2_lit.model.generation import KVCache, sample_next_token
+from diffv2_lit.model.generation import DecodeStep, KVCache, StaticKVCache, new_decode_cache, sample_next_token
 from diffv2_lit.model.loss import linear_cross_entropy
 from diffv2_lit.model.rope import rope_cos_sin
 
@@ -73,6 +73,7 @@ class Transformer(nn.Module):
         # Tied embeddings reuse embed_tokens.weight in forward instead of sharing a Parameter between
         # two modules: a shared Parameter is silently untied by meta-device `to_empty`.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._decode_steps: dict[tuple, DecodeStep] = {}  # compiled decode steps, kept for reuse (generation.py)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
                 loss_impl: str = "plain") -> Tensor:
@@ -85,6 +86,8 @@ class Transformer(nn.Module):
         """
         h = self.embed_tokens(input_ids)
         cos, sin = self._rope(input_ids.shape[1], start=cache.length if cache else 0, dtype=h.dtype)
+        if cache is not None:
+            cache.begin(input_ids.shape[1])
         for block in self.layers:
             h = block(h, cos, sin, cache)
         if cache is not None:
@@ -99,14 +102,15 @@ class Transformer(nn.Module):
         """[V, D]: lm_head's weight, or the embedding matrix when the embeddings are tied."""
         return self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
 
-    def _rope(self, n_tokens: int, start: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        end = start + n_tokens
-        if end > self.config.max_seq_len:
+    def _rope(self, n_tokens: int, start: int | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [T, d] for positions start .. start+T-1; `start` is a 0-d tensor for a StaticKVCache
+        (whose size was checked against max_seq_len when it was built)."""
+        if not isinstance(start, Tensor) and start + n_tokens > self.config.max_seq_len:
             raise ValueError(
-                f"sequence reaches position {end}, past max_seq_len={self.config.max_seq_len}; shorten the input "
-                "or build the model with a larger max_seq_len."
+                f"sequence reaches position {start + n_tokens}, past max_seq_len={self.config.max_seq_len}; shorten "
+                "the input or build the model with a larger max_seq_len."
             )
-        positions = torch.arange(start, end, device=self.embed_tokens.weight.device)
+        positions = start + torch.arange(n_tokens, device=self.embed_tokens.weight.device)
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
     @torch.no_grad()
@@ -152,11 +156,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               forward: Callable[[Tensor, KVCache], Tensor] | None = None) -> Iterator[Tensor]:
+               forward: Callable[[Tensor, KVCache], Tensor] | None = None, decode: str = "eager") -> Iterator[Tensor]:
         """Yields the next token [B] per step: one prefill over the prompt, then one token at a time.
 
-        `forward(input_ids, cache) -> logits` replaces this model's own call, for a wrapper that must run
-        around it (FSDP1 wraps the module that holds this model, and only its forward unshards).
+        decode: "eager" (a growing KVCache), "static" (a StaticKVCache), "compile" or "cuda-graphs" (a
+            StaticKVCache and a compiled, on GPUs captured, one-token step: generation.DecodeStep).
+        forward: `forward(input_ids, cache) -> logits` replaces this model's own call, for a wrapper that
+            must run around it (FSDP1 wraps the module that holds this model, and only its forward unshards).
         """
         forward = forward or self
         total = input_ids.shape[1] + max_new_tokens
@@ -165,20 +171,30 @@ class Transformer(nn.Module):
                 f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                 f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
             )
-        cache = self.new_cache(input_ids.shape[0], total)
-        logits = forward(input_ids, cache)[:, -1]
+        cache = new_decode_cache(self.config, decode, input_ids.shape[0], total, self.embed_tokens.weight.device)
+        step_logits = self._decode_step(decode, forward)
+        logits = forward(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
             yield token
             if step + 1 < max_new_tokens:
-                logits = forward(token[:, None], cache)[:, -1]
+                logits = step_logits(token[:, None], cache)
+
+    def _decode_step(self, decode: str, forward: Callable) -> Callable[[Tensor, KVCache | StaticKVCache], Tensor]:
+        if decode in ("eager", "static"):
+            return lambda tokens, cache: forward(tokens, cache)[:, -1]
+        key = (decode, id(forward))
+        if key not in self._decode_steps:  # compile once per model and mode, replay in every later call
+            self._decode_steps[key] = DecodeStep(forward, decode)
+        return self._decode_steps[key]
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 forward: Callable[[Tensor, KVCache], Tensor] | None = None) -> Tensor:
+                 forward: Callable[[Tensor, KVCache], Tensor] | None = None, decode: str = "eager") -> Tensor:
         """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache (see `stream`)."""
-        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, forward))
+        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, forward,
+                                      decode))
         if not new_tokens:
             return input_ids
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

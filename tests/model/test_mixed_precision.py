@@ -29,9 +29,9 @@ def test_under_autocast_q_k_and_v_reach_the_kernel_in_bf16(attention, monkeypatc
     seen = []
     real_attend = attention_module.attend
 
-    def recording_attend(q, k, v, backend):
+    def recording_attend(q, k, v, backend, mask=None):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return real_attend(q, k, v, backend)
+        return real_attend(q, k, v, backend, mask)
 
     monkeypatch.setattr(attention_module, "attend", recording_attend)
     model = fp32_model(attention)

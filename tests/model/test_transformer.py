@@ -148,3 +148,51 @@ def test_sampling_respects_top_k_and_top_p():
     top_p = {sample_next_token(logits, top_p=0.7, generator=gen).item() for _ in range(200)}
     assert top_p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
     assert sample_next_token(logits, temperature=0).item() == 0
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_static_cache_decoding_matches_full_forward(attention, backend):
+    """All S slots reach the kernel, unfilled ones masked: logits equal a full forward's."""
+    from diffv2_lit.model import StaticKVCache
+
+    model = tiny(attention, attn_backend=backend)
+    ids = torch.randint(0, 97, (3, 16))
+    full = model(ids)
+    cache = StaticKVCache(model.config, batch_size=3, max_len=32)
+    pieces = [model(ids[:, :5], cache), model(ids[:, 5:9], cache)]  # prefill, then a chunk
+    pieces += [model(ids[:, t:t + 1], cache) for t in range(9, 16)]  # then one token at a time
+    assert int(cache.length) == 16 and cache.keys[0].shape == (3, 32, 2, 16)
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention", VARIANTS)
+def test_static_decoding_generates_what_the_growing_cache_does(attention):
+    model = tiny(attention)
+    prompt = torch.randint(0, 97, (2, 6))
+    eager = model.generate(prompt, max_new_tokens=10, temperature=0, decode="eager")
+    static = model.generate(prompt, max_new_tokens=10, temperature=0, decode="static")
+    assert torch.equal(static, eager)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_the_uncompiled_one():
+    """The captured step (torch.compile here; CUDA graphs on GPUs) gives the uncompiled step's logits, token
+    after token, and a second generate call reuses it (no recompilation for another length)."""
+    from diffv2_lit.model import DecodeStep, StaticKVCache
+
+    model = tiny("diffv2").float()
+    prompt = torch.randint(0, 97, (2, 6))
+    caches = {mode: StaticKVCache(model.config, batch_size=2, max_len=32) for mode in ("eager", "compile")}
+    steps = {mode: DecodeStep(model, mode) for mode in caches}
+    tokens = {mode: model(prompt, cache)[:, -1].argmax(-1, keepdim=True) for mode, cache in caches.items()}
+    for _ in range(8):
+        logits = {mode: steps[mode](tokens[mode], caches[mode]) for mode in caches}
+        torch.testing.assert_close(logits["compile"], logits["eager"], rtol=1e-5, atol=1e-5)
+        tokens = {mode: logits[mode].argmax(-1, keepdim=True) for mode in caches}
+    assert int(caches["compile"].length) == 14
+
+    eager = model.generate(prompt, max_new_tokens=9, temperature=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, temperature=0, decode="compile"), eager)
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, temperature=0, decode="compile"), eager[:, :11])
+    assert len(model._decode_steps) == 1
