@@ -320,11 +320,21 @@ def _print_rank_zero(message: str) -> None:
 def _report_outputs(trainer: L.Trainer) -> None:
     """Say where the TensorBoard logs, the resolved config and the checkpoints went."""
     lines = []
-    if trainer.logger is not None and trainer.log_dir:
-        lines.append(f"logs and resolved config: {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+    log_dir = _log_dir(trainer)
+    if log_dir:
+        lines.append(f"logs and resolved config: {log_dir}  (tensorboard --logdir {log_dir})")
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         lines.append(f"checkpoints: {callback.dirpath}" + (f"  (last: {callback.last_model_path})"
                                                            if callback.last_model_path else ""))
     for line in lines:
         print(line)
+
+
+def _log_dir(trainer: L.Trainer) -> str | None:
+    """`trainer.log_dir` without its broadcast: called on rank zero only, after the other ranks have
+    left, a collective there fails ("Connection closed by peer") and the multi-process run exits 1."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    return getattr(logger, "log_dir", None) or logger.save_dir
