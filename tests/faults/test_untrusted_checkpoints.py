@@ -7,15 +7,17 @@ checkpoint the project writes still loads, and the opt-in (DIFFV2_LIT_TRUST_CHEC
 --trust-checkpoint) loads the crafted one, which the marker proves.
 """
 
+import pickle
 import shutil
 
+import lightning as L
 import pytest
 import torch
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.inference.loading import load_model
 from diffv2_lit.training.module import DecoderLM
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file, trusting, verify
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
 from tests.faults.helpers import TINY, diffv2_lit, fit, output, run_dir
 from tests.faults.tamper import EVIL_GLOBAL, crafted_file, crafted_folder
 
@@ -185,9 +187,10 @@ def test_consolidate_refuses_a_crafted_index_or_item(sharded_run, tmp_path, wher
 
 
 @pytest.mark.slow
-def test_load_model_refuses_a_crafted_index(sharded_run, tmp_path):
+@pytest.mark.parametrize("where", ["meta.pt", "index"])
+def test_load_model_refuses_a_crafted_sharded_folder(sharded_run, tmp_path, where):
     marker = tmp_path / "PWNED"
-    folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, "index")
+    folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, where)
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
         load_model(folder)
     assert not marker.exists()
@@ -206,13 +209,14 @@ def test_fsdp2_resume_refuses_a_crafted_index_inside_lightnings_restore(sharded_
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_refuses_a_crafted_meta_pt_even_when_torch_is_told_otherwise(sharded_run, tmp_path):
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_fsdp2_run_refuses_a_crafted_meta_pt_even_when_torch_is_told_otherwise(sharded_run, tmp_path, command):
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns torch.load's default into weights_only=False; every load here
     passes weights_only=True explicitly, which that variable does not override."""
     marker = tmp_path / "PWNED"
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, "meta.pt")
     (tmp_path / "fsdp2.yaml").write_text(FSDP2)
-    result = diffv2_lit(tmp_path, "fit", "--config", str(TINY), "--config", str(tmp_path / "fsdp2.yaml"), *MODEL,
+    result = diffv2_lit(tmp_path, command, "--config", str(TINY), "--config", str(tmp_path / "fsdp2.yaml"), *MODEL,
                         "--ckpt_path", str(folder), extra_env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     _assert_refused(result, folder / "meta.pt", marker, exit_code=1)
 
@@ -230,6 +234,14 @@ def test_the_projects_sharded_checkpoint_resumes_and_converts(sharded_run, tmp_p
     result = diffv2_lit(tmp_path, *_entry_point_args("generate", tmp_path / "merged.ckpt", tmp_path))
     assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr
     shutil.rmtree(run_dir(sharded_run["dir"], 1))  # the fixture's folder stays as the fixture made it
+
+
+def test_a_guarded_strategy_still_pickles():
+    """ddp_spawn pickles the strategy for its worker processes; the guard must travel with it."""
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    guard_restore(trainer.strategy)
+    copy = pickle.loads(pickle.dumps(trainer.strategy))
+    assert copy.load_checkpoint.strategy is copy
 
 
 def test_path_arguments_are_saved_as_strings(tmp_path):
