@@ -17,6 +17,7 @@ that needs anything more is refused unless --trust-checkpoint (or DIFFV2_LIT_TRU
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             output = consolidate(args.checkpoint, args.output, args.with_optimizer)
-    except (UntrustedCheckpointError, FileNotFoundError) as error:
+    except (UntrustedCheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused or damaged
         print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
         return 2
     size_mb = output.stat().st_size / 2**20

@@ -7,10 +7,12 @@ through this module and refuses anything else:
 
 - `load_file`: `torch.load(weights_only=True)` plus `CHECKPOINT_GLOBALS` (a Lightning `.ckpt`, a
   sharded folder's `meta.pt`, one non-tensor item of a sharded checkpoint);
-- `load_sharded` / `SafeFileSystemReader` / `SafeLoadPlanner`: torch.distributed.checkpoint folders.
-  torch reads their `.metadata` with plain `pickle.load` and their non-tensor items (optimizer
-  hyper-parameters) with `torch.load(weights_only=False)`; here `.metadata` is unpickled with
-  `DCP_METADATA_GLOBALS` only and the items with `load_file`;
+- `load_sharded` / `distributed_load`: torch.distributed.checkpoint folders. torch reads their
+  `.metadata` with plain `pickle.load` and their non-tensor items (optimizer hyper-parameters) with
+  `torch.load(weights_only=False)`; here a reader and a planner of its own (`_dcp_safe_classes`)
+  unpickle `.metadata` with `dcp_metadata_globals()` only and the items with `load_file`;
+- `verify`: every pickled part of a checkpoint, loaded and dropped (a check before handing the
+  checkpoint to code that reads it its own way);
 - `guard_restore`: Lightning's own restore inside `fit` / `validate` (see there).
 
 A checkpoint that needs anything more is refused with `UntrustedCheckpointError`, one line naming the
@@ -157,8 +159,7 @@ def dcp_metadata_globals() -> dict[str, Any]:
 
     types = [metadata.Metadata, metadata.MetadataIndex, metadata.StorageMeta, metadata.TensorStorageMetadata,
              metadata.BytesStorageMetadata, metadata.ChunkStorageMetadata, metadata.TensorProperties,
-             metadata._MEM_FORMAT_ENCODING, filesystem._StorageInfo, torch.Size, pathlib.PosixPath,
-             pathlib.PurePosixPath]
+             metadata._MEM_FORMAT_ENCODING, filesystem._StorageInfo, torch.Size, pathlib.PosixPath]
     allowed = {_global_name(t): t for t in types}
     allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
     allowed.update({str(t): t for t in vars(torch).values() if isinstance(t, torch.dtype)})
