@@ -12,9 +12,9 @@ checkpoint-sized orphan in /tmp. `AtomicCheckpointIO` writes next to the target 
 
 The temporary name starts with a dot and does not end in `.ckpt`, so no `*.ckpt` search (Lightning's
 or `find_last_checkpoint`'s) ever matches it. Loads read data only (`safe_load.load_file`:
-weights_only=True and the project's allow-list, whatever `weights_only` Lightning passes). Sharded (FSDP2) checkpoints are folders written by
-torch.distributed.checkpoint and never pass through a CheckpointIO; `checkpoint_problem` recognises
-an incomplete folder instead (see there).
+weights_only=True and the project's allow-list, whatever `weights_only` Lightning passes). Sharded
+(FSDP2) checkpoints are folders written by torch.distributed.checkpoint and never pass through a
+CheckpointIO; `checkpoint_problem` recognises an incomplete folder instead (see there).
 """
 
 from __future__ import annotations

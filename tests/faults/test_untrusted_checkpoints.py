@@ -121,7 +121,7 @@ def test_weights_only_false_is_not_the_opt_in(crafted_ckpt, tmp_path):
     checkpoint, marker = crafted_ckpt
     result = diffv2_lit(tmp_path, *_entry_point_args("fit", checkpoint, tmp_path), "--weights_only", "false")
     assert result.returncode == 2 and not marker.exists()
-    assert f"--weights_only false: diffv2-lit loads checkpoints as data only" in result.stderr
+    assert "--weights_only false: diffv2-lit loads checkpoints as data only" in result.stderr
     assert f"set {TRUST_ENV}=1 instead" in result.stderr
 
 
