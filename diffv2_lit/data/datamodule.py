@@ -177,6 +177,8 @@ class TokenDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # Checkpoints store these hyper-parameters and are loaded as data only: str, never pathlib objects.
+        self.hparams.update(data_dir=os.fspath(data_dir), tokenizer=os.fspath(tokenizer))
         self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
         self.num_workers, self.seed, self.shuffle, self.pack = num_workers, seed, shuffle, pack
         self.val_tokens, self.tokenizer = val_tokens, tokenizer

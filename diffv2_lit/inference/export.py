@@ -1,6 +1,7 @@
 """`diffv2-lit export`: a checkpoint -> a Hugging Face folder.
 
     diffv2-lit export --ckpt CHECKPOINT --output DIR [--tokenizer SPEC] [--dtype float32|bfloat16|float16]
+        [--trust-checkpoint]
 
 Baseline models become a plain `LlamaForCausalLM` folder (no custom code). DIFF V2 / V1 folders hold the
 same files plus `configuration_diffv2.py` / `modeling_diffv2.py` (self-contained, registered through
@@ -23,6 +24,7 @@ import torch
 
 from diffv2_lit.inference import hf_format
 from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -35,6 +37,8 @@ SPECIAL_TOKEN_ROLES = {"eos_token": "<|endoftext|>", "bos_token": "<|bos|>", "pa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffv2-lit export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
     parser.add_argument("--output", required=True, help="folder to write (created; must be empty unless --overwrite)")
     parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the one recorded in the checkpoint)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: as stored in the checkpoint)")
@@ -45,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        folder = export(args.ckpt, args.output, args.tokenizer, DTYPES.get(args.dtype), args.overwrite)
-    except (CheckpointError, TokenizerError, FileExistsError, ValueError) as error:
+        with trusting(args.trust_checkpoint):
+            folder = export(args.ckpt, args.output, args.tokenizer, DTYPES.get(args.dtype), args.overwrite)
+    except (CheckpointError, UntrustedCheckpointError, TokenizerError, FileExistsError, ValueError) as error:
         print(f"diffv2-lit export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported to {folder}")

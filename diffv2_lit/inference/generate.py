@@ -2,7 +2,7 @@
 
     diffv2-lit generate --ckpt PATH (--prompt TEXT ... | --prompt-file FILE) [--tokenizer SPEC]
         [--max-new-tokens 200] [--temperature 0.8] [--top-k K] [--top-p P] [--seed 0]
-        [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--ignore-eos]
+        [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--ignore-eos] [--trust-checkpoint]
 
 PATH is a Lightning .ckpt file, a sharded (FSDP2) checkpoint directory or a `diffv2-lit export` folder.
 One prompt streams its continuation to the terminal token by token. Several prompts (repeated --prompt,
@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
 
@@ -35,6 +36,8 @@ class GenerateError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffv2-lit generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; '' starts a document)")
     prompts.add_argument("--prompt-file", help="file with one prompt per line (a batch)")
@@ -53,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except (CheckpointError, TokenizerError, GenerateError, ConfigError) as error:
+        with trusting(args.trust_checkpoint):
+            run(args)
+    except (CheckpointError, UntrustedCheckpointError, TokenizerError, GenerateError, ConfigError) as error:
         print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -7,14 +7,15 @@
 - a folder written by `diffv2-lit export` (config.json + model.safetensors), or a plain Llama folder.
 
 `load_model` returns a ready Transformer in eval mode; `load_state_dict_for_training` returns the raw
-pieces for `--model.init_from` (continued training).
+pieces for `--model.init_from` (continued training). Pickled parts are read as data only
+(`diffv2_lit.training.safe_load`): a checkpoint that needs more raises `UntrustedCheckpointError`
+unless trusted (DIFFV2_LIT_TRUST_CHECKPOINTS=1, or `with safe_load.trusting(): ...`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from diffv2_lit.inference import hf_format
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.config import flash_attn_available
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file, load_sharded
 
 LIGHTNING_METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a DCP checkpoint
 DCP_METADATA_FILE = ".metadata"
@@ -82,9 +84,9 @@ def _read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], 
 
 def _read_lightning_file(path: Path):
     try:
-        # Lightning checkpoints pickle arbitrary hyper-parameters, so weights_only=False: load only
-        # checkpoints you trust. mmap keeps a large checkpoint's tensors on disk until used.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = load_file(path, mmap=True)  # mmap keeps a large checkpoint's tensors on disk until used
+    except UntrustedCheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise CheckpointError(f"{str(path)!r} is not a readable PyTorch/Lightning checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
@@ -94,17 +96,12 @@ def _read_lightning_file(path: Path):
 
 
 def _read_dcp_dir(path: Path):
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
     hparams = {}
     if (path / LIGHTNING_METADATA_FILE).is_file():
-        hparams = torch.load(path / LIGHTNING_METADATA_FILE, map_location="cpu", weights_only=False).get(
-            "hyper_parameters", {})
+        hparams = load_file(path / LIGHTNING_METADATA_FILE).get("hyper_parameters", {})
     config, tokenizer_spec = _config_from_hparams(hparams, path / LIGHTNING_METADATA_FILE)
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is exactly the intent
-        warnings.simplefilter("ignore", UserWarning)
-        # Only the model's keys: the optimizer states beside them are twice the model's size.
-        loaded = _load_state_dict_from_keys(keys={"state_dict"}, checkpoint_id=str(path))
+    # Only the model's keys: the optimizer states beside them are twice the model's size.
+    loaded = load_sharded(path, keys={"state_dict"})
     return config, _model_weights(loaded.get("state_dict", {}), path), tokenizer_spec
 
 

@@ -11,21 +11,25 @@ checkpoint-sized orphan in /tmp. `AtomicCheckpointIO` writes next to the target 
     fsync(<dir>)                  the rename itself survives a power loss
 
 The temporary name starts with a dot and does not end in `.ckpt`, so no `*.ckpt` search (Lightning's
-or `find_last_checkpoint`'s) ever matches it. Sharded (FSDP2) checkpoints are folders written by
-torch.distributed.checkpoint and never pass through a CheckpointIO; `checkpoint_problem` recognises
-an incomplete folder instead (see there).
+or `find_last_checkpoint`'s) ever matches it. Loads read data only (`safe_load.load_file`:
+weights_only=True and the project's allow-list, whatever `weights_only` Lightning passes). Sharded
+(FSDP2) checkpoints are folders written by torch.distributed.checkpoint and never pass through a
+CheckpointIO; `checkpoint_problem` recognises an incomplete folder instead (see there).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file
 
 PARTIAL_MARK = ".partial-"
 SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint writes it after every shard
@@ -37,8 +41,9 @@ class CheckpointError(RuntimeError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` whose saves are atomic (temp file in the same folder, fsync, rename) and
-    whose load errors name the file instead of surfacing as a pickle / zip traceback."""
+    """`TorchCheckpointIO` whose saves are atomic (temp file in the same folder, fsync, rename), whose
+    loads never run code from the file (`safe_load`), and whose load errors name the file instead of
+    surfacing as a pickle / zip traceback."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -61,13 +66,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
 
-    def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict:
+    def load_checkpoint(self, path, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
+        """`weights_only` is ignored: only data is ever loaded (the opt-in is DIFFV2_LIT_TRUST_CHECKPOINTS)."""
         problem = checkpoint_problem(path)
         if problem:
             raise CheckpointError(unreadable_message(path, problem))
         try:
-            return super().load_checkpoint(path, *args, **kwargs)
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            return load_file(path, map_location=map_location)
+        except UntrustedCheckpointError:
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
             if isinstance(err, FileNotFoundError):
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

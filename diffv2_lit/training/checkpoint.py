@@ -8,15 +8,22 @@ a single file with Lightning's layout (`state_dict` keys `model.<Transformer key
 `DecoderLM.load_from_checkpoint`, `diffv2-lit generate` and `diffv2-lit export` read.
 
     diffv2-lit consolidate runs/125m/version_0/checkpoints/last.ckpt model.ckpt [--with-optimizer]
+        [--trust-checkpoint]
+
+The shards, their index and `meta.pt` are read as data only (diffv2_lit.training.safe_load): a folder
+that needs anything more is refused unless --trust-checkpoint (or DIFFV2_LIT_TRUST_CHECKPOINTS=1).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import pickle
+import sys
 from pathlib import Path
 
 import torch
+
+from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file, load_sharded, trusting
 
 LIGHTNING_METADATA = "meta.pt"  # what ModelParallelStrategy writes next to the shards (rank 0)
 
@@ -27,19 +34,15 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: bool = False) -> Path:
     """Merge a distributed checkpoint folder into one `torch.save` file; returns the output path."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     sharded_dir, output = Path(sharded_dir), Path(output)
     if not is_sharded_checkpoint(sharded_dir):
         raise FileNotFoundError(
             f"{sharded_dir} is not a sharded checkpoint folder (no .metadata inside); single-file checkpoints "
             "need no consolidation."
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        merged_path = Path(tmp) / "merged.pt"
-        dcp_to_torch_save(sharded_dir, merged_path)
-        merged = torch.load(merged_path, map_location="cpu", weights_only=False)
     checkpoint = _lightning_metadata(sharded_dir)
+    # What torch's dcp_to_torch_save does, without its unrestricted reads and the temporary file.
+    merged = load_sharded(sharded_dir)
     checkpoint["state_dict"] = merged["state_dict"]
     optimizers = [merged[key] for key in sorted(merged) if key.startswith("optimizer_")]
     if with_optimizer and optimizers:
@@ -51,7 +54,7 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
 
 def _lightning_metadata(sharded_dir: Path) -> dict:
     path = sharded_dir / LIGHTNING_METADATA
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
+    return load_file(path) if path.is_file() else {}
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
@@ -60,8 +63,15 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="sharded checkpoint folder (e.g. .../checkpoints/last.ckpt)")
     parser.add_argument("output", help="single-file checkpoint to write")
     parser.add_argument("--with-optimizer", action="store_true", help="also keep the optimizer state")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
     args = parser.parse_args(argv)
-    output = consolidate(args.checkpoint, args.output, args.with_optimizer)
+    try:
+        with trusting(args.trust_checkpoint):
+            output = consolidate(args.checkpoint, args.output, args.with_optimizer)
+    except (UntrustedCheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused or damaged
+        print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
+        return 2
     size_mb = output.stat().st_size / 2**20
     print(f"wrote {output} ({size_mb:.1f} MiB) from the shards in {args.checkpoint}")
     return 0

@@ -98,9 +98,11 @@ def peek_hyper_parameters(path: str) -> dict:
 
     from diffv2_lit.training.atomic_io import LIGHTNING_META
 
+    from diffv2_lit.training.safe_load import load_file
+
     path_ = Path(path)
     target = path_ / LIGHTNING_META if path_.is_dir() else path_
-    checkpoint = torch.load(target, map_location="cpu", weights_only=False, mmap=not path_.is_dir())
+    checkpoint = load_file(target, mmap=not path_.is_dir())  # data only: refuses a checkpoint that needs more
     return checkpoint.get("hyper_parameters", {}) or {}
 
 

@@ -15,6 +15,10 @@ config brings its own; `--global_batch_size` derives the gradient accumulation; 
 mistakes end with one line naming the key (exit code 2), runtime faults (corrupt data or
 checkpoint, a checkpoint of another model, out of memory) with a message saying what to do (exit
 code 1). DIFFV2_LIT_DEBUG=1 shows the full traceback instead.
+
+Checkpoints (`--ckpt_path`, `--model.init_from`, Lightning's own restore inside fit/validate) are read
+as data only (safe_load.py): one that needs more is refused (exit code 1) unless
+DIFFV2_LIT_TRUST_CHECKPOINTS=1; `--weights_only false` is refused in its favour.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from diffv2_lit.training import checks
 from diffv2_lit.training.atomic_io import AtomicCheckpointIO, CheckpointError, checkpoint_problem, unreadable_message
 from diffv2_lit.training.module import DecoderLM, resolve_model_config
 from diffv2_lit.training.preemption import PreemptionCheckpoint
+from diffv2_lit.training.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
 
 # TensorBoard by default; each run gets its own runs/<name>/version_<n> folder, and checkpoints go
 # to its checkpoints/ subfolder (ModelCheckpoint's default dirpath).
@@ -118,6 +123,7 @@ class DiffV2CLI(LightningCLI):
         if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
             kwargs.setdefault("callbacks", callbacks + [PreemptionCheckpoint()])
         trainer = super().instantiate_trainer(**kwargs)
+        guard_restore(trainer.strategy)  # Lightning's restore inside fit/validate reads data only
         self._apply_global_batch(trainer)
         return trainer
 
@@ -134,12 +140,22 @@ class DiffV2CLI(LightningCLI):
     # ---- resume -------------------------------------------------------------------------------
 
     def before_fit(self) -> None:
+        self._refuse_unrestricted_loading("fit")
         self._resolve_last("fit")
         self._check_checkpoint("fit")
 
     def before_validate(self) -> None:
+        self._refuse_unrestricted_loading("validate")
         self._resolve_last("validate")
         self._check_checkpoint("validate")
+
+    def _refuse_unrestricted_loading(self, subcommand: str) -> None:
+        """Lightning's `--weights_only false` would unpickle anything: the one opt-in is the environment
+        variable, which still tries the restricted load first and names what it trusted."""
+        if self.config_init[subcommand].get("weights_only") is False:
+            raise checks.UsageError(
+                f"--weights_only false: diffv2-lit loads checkpoints as data only (docs/faults.md). To load one "
+                f"that needs more and whose source you trust, set {TRUST_ENV}=1 instead.")
 
     def _resolve_last(self, subcommand: str) -> None:
         """`--ckpt_path last` across runs: every run logs into a new version folder, and Lightning
@@ -161,6 +177,8 @@ class DiffV2CLI(LightningCLI):
             raise CheckpointError(unreadable_message(path, problem))
         try:
             hparams = checks.peek_hyper_parameters(path)
+        except UntrustedCheckpointError:
+            raise
         except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
             raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
         checks.check_resume(hparams, self.model.model_config, path)
@@ -228,7 +246,7 @@ def _run(argv: list[str] | None) -> LightningCLI:
 def _is_known_fault(err: BaseException) -> bool:
     from diffv2_lit.data.folder import DataError
 
-    return isinstance(err, (CheckpointError, checks.ResumeError, DataError))
+    return isinstance(err, (CheckpointError, UntrustedCheckpointError, checks.ResumeError, DataError))
 
 
 def _check_yaml_files(args: list[str]) -> None:
@@ -302,11 +320,21 @@ def _print_rank_zero(message: str) -> None:
 def _report_outputs(trainer: L.Trainer) -> None:
     """Say where the TensorBoard logs, the resolved config and the checkpoints went."""
     lines = []
-    if trainer.logger is not None and trainer.log_dir:
-        lines.append(f"logs and resolved config: {trainer.log_dir}  (tensorboard --logdir {trainer.log_dir})")
+    log_dir = _log_dir(trainer)
+    if log_dir:
+        lines.append(f"logs and resolved config: {log_dir}  (tensorboard --logdir {log_dir})")
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         lines.append(f"checkpoints: {callback.dirpath}" + (f"  (last: {callback.last_model_path})"
                                                            if callback.last_model_path else ""))
     for line in lines:
         print(line)
+
+
+def _log_dir(trainer: L.Trainer) -> str | None:
+    """`trainer.log_dir` without its broadcast: called on rank zero only, after the other ranks have
+    left, a collective there fails ("Connection closed by peer") and the multi-process run exits 1."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    return getattr(logger, "log_dir", None) or logger.save_dir

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,6 +127,8 @@ class DecoderLM(L.LightningModule):
         # which other tools (generate, export) read to rebuild the model.
         self.hparams["model"] = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else model
         self.hparams["model_config"] = dataclasses.asdict(self.model_config)
+        if init_from is not None:  # a str, not a pathlib object: checkpoints hold data only (safe_load.py)
+            self.hparams["init_from"] = os.fspath(init_from)
         self.model: Transformer | None = None
         self._grad_norm, self._grad_norm_step = torch.zeros(()), -1
         self._reset_train_loss()

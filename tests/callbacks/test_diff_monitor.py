@@ -12,6 +12,7 @@ from conftest import TinyLM, fast_trainer, tiny_config, token_loader
 from diffv2_lit.callbacks import DiffMonitor
 from diffv2_lit.callbacks.diff_monitor import context_rms
 from diffv2_lit.model import Transformer
+from diffv2_lit.training.safe_load import load_file
 
 PER_LAYER = ("context_rms_mean", "context_rms_p05", "context_rms_norm_mean", "context_rms_norm_p05",
              "below_floor_frac", "sink_mass", "max_hidden", "max_logit")
@@ -167,7 +168,7 @@ def test_probe_survives_a_checkpoint_and_random_probe_is_seeded(tmp_path):
     trainer = fast_trainer(tmp_path, [monitor], max_steps=3)
     trainer.fit(TinyLM(lr=1e-3), token_loader())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["DiffMonitor"]
+    state = load_file(tmp_path / "last.ckpt")["callbacks"]["DiffMonitor"]
     restored = DiffMonitor()
     restored.load_state_dict(state)
     assert torch.equal(restored.probe_tokens, monitor.probe_tokens) and state["last_step"] == 2

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import TinyLM, fast_trainer, token_loader
 from diffv2_lit.callbacks import GradientSpikeDetector
 from diffv2_lit.callbacks.spike import EmaStats, MedianStats
+from diffv2_lit.training.safe_load import load_file
 
 
 def read_spikes(log_dir) -> list[dict]:
@@ -138,7 +139,7 @@ def test_stop_saves_a_checkpoint_that_resumes(tmp_path):
     assert trainer.global_step == step + 1  # stopped right after the (dropped) spike step
     path = tmp_path / f"spike-stop-step{step:08d}.ckpt"
     assert path.exists()
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = load_file(path)
     assert checkpoint["global_step"] == step + 1
     for key, value in module.weights_before_step[step]["weights"].items():
         assert torch.equal(checkpoint["state_dict"][key], value), key  # the spike never reached the weights
@@ -168,7 +169,7 @@ def test_state_round_trips_through_a_checkpoint(tmp_path, method):
     trainer.fit(TinyLM(lr=1e-3, grad_scale_at={10: 100.0}), token_loader())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
 
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["GradientSpikeDetector"]
+    state = load_file(tmp_path / "last.ckpt")["callbacks"]["GradientSpikeDetector"]
     fresh = GradientSpikeDetector(method=method)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == detector.state_dict()

@@ -31,6 +31,15 @@ def fit(tmp_path: Path, *extra: str, timeout: float = 300) -> subprocess.Complet
                           timeout=timeout)
 
 
+def diffv2_lit(tmp_path: Path, *args: str, extra_env: dict | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Any subcommand through the installed `diffv2-lit` console script (run in tmp_path)."""
+    script = Path(sys.executable).with_name("diffv2-lit")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "diffv2_lit"]  # not installed: same main()
+    return subprocess.run([*command, *args], cwd=tmp_path, env={**env(tmp_path), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
     log = open(tmp_path / "killed.log", "w")
     return subprocess.Popen(fit_args(*extra), cwd=tmp_path, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,

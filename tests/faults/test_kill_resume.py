@@ -4,8 +4,7 @@ every resumed run must log exactly the losses the uninterrupted baseline logged 
 import random
 import signal
 
-import torch
-
+from diffv2_lit.training.safe_load import load_file
 from tests.faults.helpers import MAX_STEPS, fit, kill, output, run_dir, scalars, start, step_reached, wait_for
 
 
@@ -44,7 +43,7 @@ def test_sigkill_inside_a_checkpoint_write(tmp_path, baseline):
     checkpoints = run_dir(tmp_path, 0) / "checkpoints"
     partial = [p.name for p in checkpoints.iterdir() if ".partial-" in p.name]
     assert len(partial) == 1 and partial[0].startswith(".last.ckpt.partial-") and not partial[0].endswith(".ckpt")
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert load_file(checkpoints / "last.ckpt")["global_step"] == 3
     assert _resume_and_compare(tmp_path, baseline, min_step=6) == 6
 
 
@@ -56,7 +55,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(tmp_path, baseli
     assert kill(process, signal.SIGTERM) == 0
     log = (tmp_path / "killed.log").read_text()
     assert "preempted (SIGTERM) after step" in log and "resume with --ckpt_path last" in log
-    saved = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt", weights_only=False)
+    saved = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")
     stopped_at = saved["global_step"]
     assert 4 < stopped_at < MAX_STEPS
     assert max(scalars(run_dir(tmp_path, 0), "train/loss")) == stopped_at - 1  # no step after the save
@@ -71,5 +70,5 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     wait_for(step_reached(marker, 2), process)
     assert kill(process, signal.SIGUSR1) == 0
     assert "preempted (SIGUSR1) after step" in (tmp_path / "killed.log").read_text()
-    saved = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt", weights_only=False)
+    saved = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")
     assert 2 < saved["global_step"] < MAX_STEPS

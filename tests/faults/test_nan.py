@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from diffv2_lit.training.safe_load import load_file
 from tests.faults.helpers import fit, output, run_dir, scalars
 
 NAN_STEP = 4
@@ -43,7 +44,7 @@ def test_stop_saves_a_checkpoint_and_a_resumed_run_continues(tmp_path):
     checkpoint = run_dir(tmp_path, 0) / f"spike-stop-step{NAN_STEP:08d}.ckpt"
     assert f"saved {checkpoint.relative_to(tmp_path)}" in output(result) or str(checkpoint) in output(result)
     assert max(scalars(run_dir(tmp_path, 0), "train/loss")) == NAN_STEP
-    saved = torch.load(checkpoint, weights_only=False)
+    saved = load_file(checkpoint)
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
     resumed = fit(tmp_path, "--trainer.max_steps", "8", "--ckpt_path", str(checkpoint))

@@ -12,6 +12,7 @@ import torch
 
 from diffv2_lit.inference import generate
 from diffv2_lit.inference.export import export
+from diffv2_lit.training.safe_load import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +83,7 @@ def test_checkpoint_and_tokenizer_errors(make_checkpoint, tmp_path, capsys):
     assert generate.main(["--ckpt", str(small), "--prompt", "hi"]) == 2
     assert "not the tokenizer the model was trained with" in capsys.readouterr().err
 
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = load_file(ckpt)
     checkpoint["hyper_parameters"]["model_config"]["dim"] = 32
     torch.save(checkpoint, tmp_path / "mismatch.ckpt")
     result = _cli("--ckpt", str(tmp_path / "mismatch.ckpt"), "--prompt", "hi", "--tokenizer", "byte")

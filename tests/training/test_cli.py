@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffv2_lit.training.safe_load import load_file
 
 ROOT = Path(__file__).parents[2]
 TINY = Path(__file__).with_name("configs") / "tiny.yaml"
@@ -54,6 +55,6 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus(tmp_path):
                          "--data.init_args.val_tokens", "512", "--trainer.callbacks.max_new_tokens", "8")
     assert "---- sample after 2 steps (prompt 'ROMEO:') ----\nROMEO:" in result.stdout
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = load_file(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["hyper_parameters"]["tokenizer"] == "byte"
     assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"

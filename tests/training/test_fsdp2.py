@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffv2_lit.training.checkpoint import consolidate, is_sharded_checkpoint
+from diffv2_lit.training.safe_load import load_file
 
 SCRIPT = Path(__file__).with_name("run_tiny.py")
 ROOT = SCRIPT.parents[2]
@@ -41,7 +42,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path):
     assert resumed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3)
 
     merged = consolidate(ckpt_dir / "last.ckpt", tmp_path / "merged.ckpt")
-    checkpoint = torch.load(merged, weights_only=False)
+    checkpoint = load_file(merged)
     assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"
     weight = checkpoint["state_dict"]["model.layers.0.self_attn.q_proj.weight"]
     assert weight.shape == (2 * 2 * 32, 64)  # full (unsharded) DIFF V2 q_proj: 2h heads of d=32

@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffv2_lit.model import ModelConfig
 from diffv2_lit.training.module import DecoderLM, ModelSpec, resolve_model_config
+from diffv2_lit.training.safe_load import load_file
 
 from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer
 
@@ -63,7 +64,7 @@ def test_checkpoint_holds_model_config_and_plain_keys(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = tiny_trainer(max_steps=2, callbacks=[checkpoint], enable_checkpointing=True)
     trainer.fit(tiny_module(), tiny_data())
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = load_file(tmp_path / "last.ckpt")
     assert saved["hyper_parameters"]["model_config"]["attention"] == "diffv2"
     assert saved["hyper_parameters"]["tokenizer"] == "byte"
     assert "model.layers.0.self_attn.lambda_proj.weight" in saved["state_dict"]

@@ -1,0 +1,378 @@
+"""Reading checkpoints without running code from them: the one loader, its allow-list, and the opt-in.
+
+A checkpoint is a pickle, and unpickling calls whatever functions the file names: a `.ckpt` someone
+shared can run `os.system(...)` the moment it is loaded. Everything diffv2-lit and Lightning 2.6 write
+is data (tensors, numbers, strings, lists, tuples, dicts, None), so every read of a checkpoint goes
+through this module and refuses anything else:
+
+- `load_file`: `torch.load(weights_only=True)` plus `CHECKPOINT_GLOBALS` (a Lightning `.ckpt`, a
+  sharded folder's `meta.pt`, one non-tensor item of a sharded checkpoint);
+- `load_sharded` / `distributed_load`: torch.distributed.checkpoint folders. torch reads their
+  `.metadata` with plain `pickle.load` and their non-tensor items (optimizer hyper-parameters) with
+  `torch.load(weights_only=False)`; here a reader and a planner of its own (`_dcp_safe_classes`)
+  unpickle `.metadata` with `dcp_metadata_globals()` only and the items with `load_file`;
+- `verify`: every pickled part of a checkpoint, loaded and dropped (a check before handing the
+  checkpoint to code that reads it its own way);
+- `guard_restore`: Lightning's own restore inside `fit` / `validate` (see there).
+
+A checkpoint that needs anything more is refused with `UntrustedCheckpointError`, one line naming the
+type. Whoever trusts the file's source opts in with `DIFFV2_LIT_TRUST_CHECKPOINTS=1` (the tools also
+take `--trust-checkpoint`, Python code `with trusting(): ...`): the restricted load is still tried
+first, and only a file that needs more is then loaded with full pickle, with a warning naming what
+was trusted. docs/faults.md, "Untrusted checkpoints".
+
+Self-contained on purpose (torch, and Lightning only inside `guard_restore`): it can move as one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import io
+import os
+import pathlib
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
+TRUE_VALUES = ("1", "true", "yes", "on")
+LIGHTNING_META = "meta.pt"       # ModelParallelStrategy's non-tensor part of a sharded checkpoint
+DCP_METADATA = ".metadata"       # torch.distributed.checkpoint's index of the shards
+
+# Globals a diffv2-lit checkpoint may name beyond torch's own weights_only set (tensors, storages,
+# dtypes, torch.Size, torch.device, OrderedDict; dict/list/tuple/str/int/float/bool/None need none).
+# Empty, checked on every checkpoint the project writes (fp32, FSDP2 `meta.pt`, preemption,
+# spike-stop; tests/faults/test_untrusted_checkpoints.py): hyper-parameters are plain dicts
+# (DecoderLM stores its ModelSpec / ModelConfig with dataclasses.asdict, paths as str), the LR
+# schedule saves `lr_lambdas` as the partial's empty __dict__, callbacks and LitData save numbers,
+# strings and lists. Add a type only if it is genuinely data, and say why next to it.
+CHECKPOINT_GLOBALS: tuple = ()
+
+_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("diffv2_lit_trust_checkpoints", default=False)
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint that needs more than data to load; the message names the type and the opt-in."""
+
+    def __init__(self, source, offending: list[str]) -> None:
+        self.source, self.offending = str(source), list(offending)
+        super().__init__(refusal_message(self.source, self.offending))
+
+
+def refusal_message(source: str, offending: list[str]) -> str:
+    names = ", ".join(offending)
+    return (f"refusing to load {source}: it holds a pickled {names}, which is not data a diffv2-lit checkpoint "
+            "is made of (tensors, numbers, strings, lists, dicts), and unpickling it could run code. If you trust "
+            f"the source of this checkpoint, rerun with {TRUST_ENV}=1 (generate, export and consolidate also "
+            "take --trust-checkpoint).")
+
+
+# ---- the opt-in --------------------------------------------------------------------------------
+
+
+def checkpoints_trusted() -> bool:
+    return _trusted.get() or os.environ.get(TRUST_ENV, "").strip().lower() in TRUE_VALUES
+
+
+@contextlib.contextmanager
+def trusting(enabled: bool = True) -> Iterator[None]:
+    """Within the block, a checkpoint that needs more than data loads with full pickle (after a warning)."""
+    token = _trusted.set(enabled or _trusted.get())
+    try:
+        yield
+    finally:
+        _trusted.reset(token)
+
+
+def _warn_trusted(source, offending: list[str]) -> None:
+    warnings.warn(f"trusting {source} ({TRUST_ENV} / --trust-checkpoint): loading it with full pickle for "
+                  f"{', '.join(offending)}", UserWarning, stacklevel=3)
+
+
+# ---- single files (torch.save) -------------------------------------------------------------------
+
+
+def load_file(file, *, map_location: Any = "cpu", mmap: bool = False, source=None) -> Any:
+    """`torch.load(file, weights_only=True)` with `CHECKPOINT_GLOBALS`; `file` is a path or a seekable
+    binary file. Raises UntrustedCheckpointError for anything that needs more (unless trusted); a
+    damaged file raises torch's own error."""
+    source = source if source is not None else file
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+            return torch.load(_rewound(file), map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        offending = offending_globals(file, error)
+        if not offending:
+            raise  # not a refused type: a damaged or foreign file, reported by the caller as such
+        if not checkpoints_trusted():
+            raise UntrustedCheckpointError(source, offending) from None
+        _warn_trusted(source, offending)
+        return torch.load(_rewound(file), map_location=map_location, weights_only=False, mmap=mmap)
+
+
+def _rewound(file):
+    if hasattr(file, "seek"):
+        file.seek(0)
+    return file
+
+
+def offending_globals(file, error: BaseException) -> list[str]:
+    """The globals a refused torch.save file names that are not allowed, e.g. ['posix.system']."""
+    allowed = {_global_name(obj) for obj in CHECKPOINT_GLOBALS}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(_rewound(file))
+        names = [name for name in found if name not in allowed]
+    except Exception:  # noqa: BLE001 - not a zip archive: fall back to torch's message
+        names = []
+    return names or _globals_in_message(str(error))
+
+
+def _globals_in_message(message: str) -> list[str]:
+    """torch's weights-only errors: 'GLOBAL posix.system whose module posix is blocked', 'GLOBAL exec was
+    not an allowed global', 'unrecognized function <built-in function exec>', '... but got <class 'x.Y'>'."""
+    for pattern in (r"GLOBAL (\S+)", r"unrecognized function <\S+ \S+ (\w+)>", r"but got <class '([^']+)'>"):
+        match = re.search(pattern, message)
+        if match:
+            return [match.group(1)]
+    return []
+
+
+def _global_name(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+# ---- sharded folders (torch.distributed.checkpoint) -------------------------------------------------
+
+
+def dcp_metadata_globals() -> dict[str, Any]:
+    """What torch.distributed.checkpoint's `.metadata` pickle may name: its own index dataclasses,
+    torch.Size / dtypes / layouts, and pathlib.PosixPath (`StorageMeta.checkpoint_id`, the folder
+    Lightning saved to, which it passes as a Path). All of them are built from plain values only."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    types = [metadata.Metadata, metadata.MetadataIndex, metadata.StorageMeta, metadata.TensorStorageMetadata,
+             metadata.BytesStorageMetadata, metadata.ChunkStorageMetadata, metadata.TensorProperties,
+             metadata._MEM_FORMAT_ENCODING, filesystem._StorageInfo, torch.Size, pathlib.PosixPath]
+    allowed = {_global_name(t): t for t in types}
+    allowed["torch.serialization._get_layout"] = torch.serialization._get_layout
+    allowed.update({str(t): t for t in vars(torch).values() if isinstance(t, torch.dtype)})
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle with an allow-list of globals (the Python docs' "Restricting Globals")."""
+
+    def __init__(self, file, allowed: dict[str, Any]) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[f"{module}.{name}"]
+        except KeyError:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed") from None
+
+
+def read_dcp_metadata(path) -> Any:
+    """A sharded checkpoint's `.metadata` (torch's `Metadata` index), unpickled with the allow-list."""
+    with open(path, "rb") as file:
+        try:
+            return _RestrictedUnpickler(file, dcp_metadata_globals()).load()
+        except pickle.UnpicklingError as error:
+            offending = _globals_in_message(str(error))
+            if not offending:
+                raise
+            if not checkpoints_trusted():
+                raise UntrustedCheckpointError(path, offending) from None
+            _warn_trusted(path, offending)
+            file.seek(0)
+            return pickle.load(file)
+
+
+@functools.lru_cache(maxsize=None)
+def _dcp_safe_classes():
+    """(SafeFileSystemReader, SafeLoadPlanner, SafeWholeLoadPlanner), built on first use: importing
+    torch.distributed.checkpoint costs about a second, which loading a single file need not pay."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """`.metadata` read with the allow-list, once, when constructed: inside a load, torch catches a
+        failing `read_metadata`, logs its traceback and retries with rank-local metadata, which would
+        bury the refusal."""
+
+        def __init__(self, folder) -> None:
+            super().__init__(folder)
+            self._safe_metadata = read_dcp_metadata(Path(folder) / DCP_METADATA)
+
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # rank-local metadata: Lightning's saves never write it
+                raise FileNotFoundError(f"{self.path} has no rank-local metadata")
+            metadata = self._safe_metadata
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class _SafeBytes:
+        """Non-tensor items through `load_file` (DefaultLoadPlanner uses torch.load(weights_only=False))."""
+
+        source = "a sharded checkpoint"
+
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            loaded = load_file(value, source=f"{self.source} (item {fqn})")
+            if self.flatten_state_dict:  # where DefaultLoadPlanner.load_bytes stores it
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
+            else:
+                self.state_dict[fqn] = loaded
+
+    class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+        """Fills a given state dict (the distributed load inside Lightning's restore)."""
+
+    class SafeWholeLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+        """Rebuilds the state dict (or only some keys) from the metadata, in one process."""
+
+    return SafeFileSystemReader, SafeLoadPlanner, SafeWholeLoadPlanner
+
+
+def _reader_and_planner(path, keys: set[str] | None = None, whole: bool = False):
+    reader_class, planner_class, whole_planner_class = _dcp_safe_classes()
+    planner = whole_planner_class(keys=keys) if whole else planner_class()
+    planner.source = str(path)
+    return reader_class(path), planner
+
+
+def load_sharded(path, keys: set[str] | None = None) -> dict[str, Any]:
+    """The state dict of a sharded checkpoint folder (only `keys`, e.g. {"state_dict"}, if given), read in
+    this process alone. Replaces torch's `dcp_to_torch_save` / `_load_state_dict_from_keys`."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    with _refusals_unwrapped():
+        reader, planner = _reader_and_planner(path, keys, whole=True)
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    return state
+
+
+def distributed_load(state: dict[str, Any], path) -> None:
+    """Lightning's `_distributed_checkpoint_load(state, path)` with the safe reader and planner."""
+    from torch.distributed.checkpoint import load
+
+    with _refusals_unwrapped():
+        reader, planner = _reader_and_planner(path)
+        load(state, checkpoint_id=path, storage_reader=reader, planner=planner)
+
+
+@contextlib.contextmanager
+def _refusals_unwrapped() -> Iterator[None]:
+    """torch.distributed.checkpoint wraps every error of a load step in a CheckpointException (a
+    BaseException listing each rank's traceback); surface a refusal as itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as wrapped:
+        for error, _ in wrapped.failures.values():
+            if isinstance(error, UntrustedCheckpointError):
+                raise error from None
+        raise
+
+
+def verify(path) -> None:
+    """Load every non-tensor part of a checkpoint (a file, or a sharded folder's `meta.pt`, `.metadata`
+    and non-tensor items) with the allow-lists, raising UntrustedCheckpointError if one needs more."""
+    path = Path(path)
+    if not path.is_dir():
+        load_file(path, mmap=True)
+        return
+    if (path / LIGHTNING_META).is_file():
+        load_file(path / LIGHTNING_META)
+    if (path / DCP_METADATA).is_file():
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        items = read_dcp_metadata(path / DCP_METADATA).state_dict_metadata
+        non_tensor = {key for key, item in items.items() if isinstance(item, BytesStorageMetadata)}
+        if non_tensor:
+            load_sharded(path, keys=non_tensor)
+
+
+# ---- Lightning's restore inside fit / validate ------------------------------------------------------
+
+
+def guard_restore(strategy) -> None:
+    """Make `strategy.load_checkpoint` (what the Trainer calls to restore `ckpt_path`) read only data.
+
+    What Lightning 2.6.6 does by itself, and what this changes:
+    - most strategies read the file through their CheckpointIO (diffv2-lit's `AtomicCheckpointIO` uses
+      `load_file`); a CheckpointIO of your own gets `weights_only=True` and the allow-list here;
+    - `ModelParallelStrategy` (FSDP2) bypasses the CheckpointIO: `lightning.fabric.strategies.
+      model_parallel._load_checkpoint` passes fit's `weights_only` (default None) to `torch.load` of
+      `meta.pt`, which plain torch turns into False under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, and calls
+      its module-level `_distributed_checkpoint_load`, i.e. torch's default reader (`pickle.load` of
+      `.metadata`, `torch.load(weights_only=False)` of each non-tensor item). That one function is
+      replaced by `distributed_load` for the duration of the call: the narrowest point that reaches
+      the reader, as Lightning takes no reader or planner;
+    - `FSDPStrategy` (FSDP1, GPU only) reads with `FileSystemReader` and a lazy pickle loader of its
+      own: the checkpoint is `verify`-ed first.
+    With the opt-in, a refused checkpoint is restored again with Lightning's own unrestricted load.
+    """
+    strategy.load_checkpoint = _GuardedRestore(strategy)
+
+
+class _GuardedRestore:
+    """What `guard_restore` puts in place of `strategy.load_checkpoint`: a class, not a closure, so a
+    strategy that is pickled for its worker processes (ddp_spawn) still pickles."""
+
+    def __init__(self, strategy) -> None:
+        self.strategy = strategy
+
+    def __call__(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.strategy, FSDPStrategy):
+            verify(checkpoint_path)
+        try:
+            with _lightning_reads_safely():
+                return self._restore(checkpoint_path, weights_only=True)
+        except UntrustedCheckpointError:
+            raise
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) inside Lightning refused
+            offending = offending_globals(_pickled_part(checkpoint_path), error)
+            if not offending:
+                raise
+            if not checkpoints_trusted():
+                raise UntrustedCheckpointError(checkpoint_path, offending) from None
+            _warn_trusted(checkpoint_path, offending)
+            return self._restore(checkpoint_path, weights_only=False)
+
+    def _restore(self, checkpoint_path, weights_only: bool) -> dict[str, Any]:
+        # The class's method, not a bound one kept from before: that would pickle as getattr(strategy, ...).
+        return type(self.strategy).load_checkpoint(self.strategy, checkpoint_path, weights_only=weights_only)
+
+
+def _pickled_part(checkpoint_path) -> Path:
+    path = Path(checkpoint_path)
+    return path / LIGHTNING_META if path.is_dir() else path
+
+
+@contextlib.contextmanager
+def _lightning_reads_safely() -> Iterator[None]:
+    from lightning.fabric.strategies import model_parallel
+
+    original = model_parallel._distributed_checkpoint_load
+    model_parallel._distributed_checkpoint_load = distributed_load
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
+            yield
+    finally:
+        model_parallel._distributed_checkpoint_load = original
