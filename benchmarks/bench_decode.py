@@ -1,7 +1,12 @@
-"""Decode speed with the KV cache: baseline vs DIFF V2 vs DIFF V1, in one run (not a timed test).
+"""Decode speed with the KV cache: baseline vs DIFF V2 vs DIFF V1, and decode modes, in one run (not a timed test).
 
     PYTHONPATH=. python benchmarks/bench_decode.py                      # CPU, float32, the default table
-    PYTHONPATH=. python benchmarks/bench_decode.py --device cuda --dtype bfloat16
+    PYTHONPATH=. python benchmarks/bench_decode.py --device cuda --dtype bfloat16 --decodes eager,cuda-graphs
+
+Decode modes (`Transformer.generate(decode=...)`): `eager` grows a KVCache, `static` fills a StaticKVCache
+(every step the same shapes), `compile` / `cuda-graphs` also compile the one-token step (CUDA graphs replay
+it with one launch). Each mode is compared with the same variant's `eager` and each variant with the
+baseline in the same mode.
 
 For each shape and batch size the three variants (same config but `attention`) decode `--new-tokens`
 tokens one at a time after a `--prompt-len`-token context, with greedy sampling. Repetitions are
@@ -27,7 +32,8 @@ import time
 
 import torch
 
-from diffv2_lit.model import KVCache, ModelConfig, Transformer
+from diffv2_lit.model import DecodeStep, KVCache, ModelConfig, Transformer
+from diffv2_lit.model.generation import new_decode_cache
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--decodes", default="eager,static",
+                        help="comma-separated decode modes: eager, static, compile, cuda-graphs (CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is steadier on a machine shared with other jobs)")
     return parser.parse_args(argv)
@@ -60,30 +68,48 @@ def build(shape: str, attention: str, context: int, device, dtype) -> Transforme
     return model.to(dtype).eval()
 
 
-def filled_cache(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> KVCache:
-    cache = model.new_cache(batch, prompt_len + new_tokens, dtype=model.embed_tokens.weight.dtype)
-    for keys, values in zip(cache.keys, cache.values):
-        keys[:, :prompt_len].normal_()
-        values[:, :prompt_len].normal_()
-    cache.length = prompt_len
+def filled_cache(model: Transformer, decode: str, batch: int, prompt_len: int, new_tokens: int):
+    """A cache holding `prompt_len` positions of random keys and values (see the module docstring)."""
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    cache = new_decode_cache(model.config, decode, batch, prompt_len + new_tokens, device)
+    shape = (batch, prompt_len, model.config.n_kv_heads, model.config.head_dim)
+    cache.begin(prompt_len)
+    for layer in range(model.config.n_layers):
+        cache.update(layer, torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
+    cache.advance(prompt_len)
     return cache
 
 
+def rewind(cache, prompt_len: int) -> None:
+    """Back to the prompt: the previous repetition's entries get overwritten."""
+    if isinstance(cache.length, torch.Tensor):
+        cache.length.fill_(prompt_len)
+    else:
+        cache.length = prompt_len
+
+
 @torch.no_grad()
-def decode_seconds(model: Transformer, cache: KVCache, prompt_len: int, new_tokens: int) -> float:
-    """Time `new_tokens` greedy decode steps from a cache holding `prompt_len` positions."""
-    cache.length = prompt_len  # rewind: the previous repetition's entries get overwritten
+def decode_seconds(model: Transformer, step, cache, prompt_len: int, new_tokens: int) -> float:
+    """Time `new_tokens` greedy decode steps (`step(tokens, cache) -> logits [B, V]`) after `prompt_len` positions."""
     device = model.embed_tokens.weight.device
-    token = torch.zeros(cache.keys[0].shape[0], 1, dtype=torch.long, device=device)
-    logits = model(token, cache)  # warm-up step (allocator, kernel selection), not timed
-    cache.length = prompt_len
+    token = torch.zeros(cache.shape[0], 1, dtype=torch.long, device=device)
+    for _ in range(3):  # warm-up steps (allocator, kernel selection, compilation, graph capture), not timed
+        rewind(cache, prompt_len)
+        step(token, cache)
+    rewind(cache, prompt_len)
     _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(token, cache)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        logits = step(token, cache)
+        token = logits.argmax(-1, keepdim=True)
     _sync(device)
     return time.perf_counter() - start
+
+
+def decode_step(model: Transformer, decode: str):
+    if decode in ("eager", "static"):
+        return lambda tokens, cache: model(tokens, cache)[:, -1]
+    return DecodeStep(model, decode)
 
 
 def _sync(device: torch.device) -> None:
@@ -94,32 +120,38 @@ def _sync(device: torch.device) -> None:
 def bench_case(shape: str, batch: int, args, new_tokens: int) -> list[dict]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     context = args.prompt_len + new_tokens + 1
+    decodes = args.decodes.split(",")
     models = {v: build(shape, v, context, device, dtype) for v in VARIANTS}
-    caches = {v: filled_cache(m, batch, args.prompt_len, new_tokens + 1) for v, m in models.items()}
-    times = {v: [] for v in VARIANTS}
+    cases = [(v, d) for v in VARIANTS for d in decodes]
+    steps = {(v, d): decode_step(models[v], d) for v, d in cases}
+    caches = {(v, d): filled_cache(models[v], d, batch, args.prompt_len, new_tokens + 1) for v, d in cases}
+    times = {case: [] for case in cases}
     for _ in range(args.reps):
-        for variant in VARIANTS:  # interleaved: noise from other processes hits all three alike
-            times[variant].append(decode_seconds(models[variant], caches[variant], args.prompt_len, new_tokens))
+        for case in cases:  # interleaved: noise from other processes hits all of them alike
+            times[case].append(decode_seconds(models[case[0]], steps[case], caches[case], args.prompt_len, new_tokens))
     rows = []
-    for variant in VARIANTS:
-        seconds = statistics.median(times[variant])
-        rows.append({"shape": shape, "batch": batch, "variant": variant, "new_tokens": new_tokens,
+    for variant, decode in cases:
+        seconds = statistics.median(times[(variant, decode)])
+        rows.append({"shape": shape, "batch": batch, "variant": variant, "decode": decode, "new_tokens": new_tokens,
                      "tok_s": batch * new_tokens / seconds, "ms_step": 1000 * seconds / new_tokens,
                      "kv_bytes": KVCache.bytes_per_token(models[variant].config, dtype)})
-    base = rows[0]["tok_s"]
+    by_case = {(r["variant"], r["decode"]): r for r in rows}
     for row in rows:
-        row["ratio"] = row["tok_s"] / base
+        row["ratio"] = row["tok_s"] / by_case[("baseline", row["decode"])]["tok_s"]
+        row["vs_eager"] = row["tok_s"] / by_case[(row["variant"], decodes[0])]["tok_s"]
     return rows
 
 
 def print_table(rows: list[dict], args) -> None:
     print(f"\ndecode, prompt {args.prompt_len}, device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"median of {args.reps} interleaved reps, torch {torch.__version__}\n")
-    print("| shape | batch | new tokens | variant | tokens/s | ms/step | vs baseline | KV cache bytes/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    first = args.decodes.split(",")[0]
+    print(f"| shape | batch | new tokens | variant | decode | tokens/s | ms/step | vs baseline | vs {first} | "
+          "KV cache bytes/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | {r['tok_s']:.1f} | "
-              f"{r['ms_step']:.2f} | {r['ratio']:.2f} | {r['kv_bytes']:,} |")
+        print(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {r['variant']} | {r['decode']} | {r['tok_s']:.1f} | "
+              f"{r['ms_step']:.2f} | {r['ratio']:.2f} | {r['vs_eager']:.2f} | {r['kv_bytes']:,} |")
 
 
 def main(argv=None) -> None:

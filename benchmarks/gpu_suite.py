@@ -11,7 +11,11 @@ Sections, each under its own time limit so one failure cannot eat the rest:
    fragment that fits one GPU (FSDP2, `1gpu` bf16-mixed, FSDP1, DDP with one process), with compile off
    and on under FSDP2, then the 1.3b twins; tokens/s, MFU, peak memory and the last loss read back from
    the run's TensorBoard events. Data: the built-in corpus (byte tokenizer, prepared once).
-3. decode: tokens/s and ms/token of KV-cache decoding at the 125m shape, batch 1 and 16, DIFF V2 / baseline.
+3. decode: ms/token of KV-cache decoding at the 125m shape, batch 1 and 16, eager (a growing cache) and
+   cuda-graphs (a static cache and a captured one-token step), DIFF V2 / baseline, and the greedy tokens of
+   both modes compared.
+4. ablation (not in the default sections; `--sections ablation`): the speed levers of the GPU recipes, each
+   on and off in one table (compile, the fused output layer + loss), DIFF V2 against the baseline's FLOP rate.
 
 Every row says `ok` or what failed (the first line of the error); the exit code is 1 if any row failed.
 `--dry` shrinks everything (quickstart preset, a few steps, CPU twins of the fragments) so the whole
@@ -60,19 +64,49 @@ class TrainingRun:
     throughput_every: int = 10   # ThroughputMFU's window, in optimizer steps
 
 
+def ablation_plan(dry: bool) -> list[TrainingRun]:
+    """Each lever of the GPU recipes on and off, at recipe settings otherwise (FSDP2 on one GPU)."""
+    if dry:
+        return [TrainingRun(f"quickstart-diffv2 loss {impl}", "quickstart", "8gpu-fsdp2", steps=6, throughput_every=2,
+                            extra=["--model.loss_impl", impl]) for impl in ("plain", "chunked")]
+    runs = []
+    for size, steps in (("125m", 60), ("1.3b", 30)):
+        one_step = ["--trainer.accumulate_grad_batches", "1"]
+        runs.append(TrainingRun(f"{size}-baseline recipe", f"{size}-baseline", "8gpu-fsdp2", steps, one_step))
+        runs.append(TrainingRun(f"{size}-diffv2 recipe", f"{size}-diffv2", "8gpu-fsdp2", steps, one_step))
+        runs.append(TrainingRun(f"{size}-diffv2 compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
+                                one_step + ["--model.compile", "false"]))
+        for impl in ("plain", "chunked", "liger"):
+            runs.append(TrainingRun(f"{size}-diffv2 loss {impl}", f"{size}-diffv2", "8gpu-fsdp2", steps,
+                                    one_step + ["--model.loss_impl", impl]))
+    return runs
+
+
+def flop_rate_rows(rows: list[dict]) -> list[dict]:
+    """DIFF V2's achieved FLOP rate / the baseline's, both at recipe settings (MFU counts each one's FLOPs)."""
+    by_name = {row["run"]: row for row in rows}
+    ratios = []
+    for size in ("125m", "1.3b", "quickstart"):
+        base, diff = by_name.get(f"{size}-baseline recipe"), by_name.get(f"{size}-diffv2 recipe")
+        if base and diff and base.get("mfu") and diff.get("mfu"):
+            ratios.append({"run": f"{size}: DIFF V2 / baseline FLOP rate", "ratio": diff["mfu"] / base["mfu"],
+                           "status": "ok"})
+    return ratios
+
+
 def training_plan(dry: bool) -> list[TrainingRun]:
     if dry:  # one FSDP2 and one autocast run, measuring throughput every 2 steps
         return [TrainingRun("quickstart-diffv2 8gpu-fsdp2", "quickstart", "8gpu-fsdp2", steps=6, throughput_every=2),
                 TrainingRun("quickstart-baseline 1gpu", "quickstart-baseline", "1gpu", steps=6, throughput_every=2)]
     runs = []
+    eager = ["--model.compile", "false"]  # the fragments are checked without compilation, which costs a minute a run
     for fragment in ("8gpu-fsdp2", "1gpu", "8gpu-fsdp1", "8gpu-ddp"):
         for variant in ("baseline", "diffv2"):
-            runs.append(TrainingRun(f"125m-{variant} {fragment}", f"125m-{variant}", fragment, steps=60))
+            runs.append(TrainingRun(f"125m-{variant} {fragment}", f"125m-{variant}", fragment, steps=60, extra=eager))
+    for variant in ("baseline", "diffv2"):  # the recipes as they are: compile on
+        runs.append(TrainingRun(f"125m-{variant} 8gpu-fsdp2 compile", f"125m-{variant}", "8gpu-fsdp2", steps=60))
     for variant in ("baseline", "diffv2"):
-        runs.append(TrainingRun(f"125m-{variant} 8gpu-fsdp2 compile", f"125m-{variant}", "8gpu-fsdp2", steps=60,
-                                extra=["--model.compile", "true"]))
-    for variant in ("baseline", "diffv2"):
-        runs.append(TrainingRun(f"1.3b-{variant} 8gpu-fsdp2", f"1.3b-{variant}", "8gpu-fsdp2", steps=30,
+        runs.append(TrainingRun(f"1.3b-{variant} 8gpu-fsdp2 compile", f"1.3b-{variant}", "8gpu-fsdp2", steps=30,
                                 extra=["--trainer.accumulate_grad_batches", "1"]))
     return runs
 
@@ -215,29 +249,40 @@ def _last_error_line(text: str) -> str:
 def decode_rows(device: torch.device, dry: bool) -> list[dict]:
     shape, prompt, new = ("quickstart", 32, 16) if dry else ("125m", 512, 128)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    captured = "cuda-graphs" if device.type == "cuda" else "static"  # compiling on a CPU costs more than it saves
     rows = []
     for batch in (1, 16):
-        timings = {}
+        seconds, tokens = {}, {}
         for variant in ("baseline", "diffv2"):
             config = ModelConfig.from_preset(shape, attention=variant, attn_backend="auto")
             model = _model(config, device, dtype, "auto")
-            timings[variant] = _decode_seconds(model, batch, prompt, new, device)
-        for variant, seconds in timings.items():
-            rows.append({"shape": shape, "batch": batch, "variant": variant, "ms_per_token": 1000 * seconds / new,
-                         "tokens_per_s": batch * new / seconds,
-                         "vs_baseline": timings["baseline"] / seconds, "status": "ok"})
+            ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+            for decode in ("eager", captured):
+                seconds[variant, decode], tokens[variant, decode] = _decode(model, ids.to(device), new, decode)
+        for variant, decode in seconds:
+            same = torch.equal(tokens[variant, decode], tokens[variant, "eager"])
+            rows.append({"shape": shape, "batch": batch, "variant": variant, "decode": decode,
+                         "ms_per_token": 1000 * seconds[variant, decode] / new,
+                         "vs_baseline": seconds["baseline", decode] / seconds[variant, decode],
+                         "vs_eager": seconds[variant, "eager"] / seconds[variant, decode],
+                         "status": "ok" if same else "FAILED: greedy tokens differ from eager decoding"})
     return rows
 
 
 @torch.no_grad()
-def _decode_seconds(model: Transformer, batch: int, prompt: int, new: int, device: torch.device) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    model.generate(ids, 4, temperature=0)  # warm-up: allocator, kernel choice
+def _decode(model: Transformer, ids: torch.Tensor, new: int, decode: str) -> tuple[float, torch.Tensor]:
+    """(seconds for the `new` decode steps after the prefill, the greedy tokens)."""
+    model.generate(ids, 4, temperature=0, decode=decode)  # warm-up: compilation, graph capture, kernel choice
+    device = ids.device
     _sync(device)
     start = time.perf_counter()
-    model.generate(ids, new, temperature=0)
+    model.generate(ids, 1, temperature=0, decode=decode)  # the prefill alone, timed to subtract it
     _sync(device)
-    return time.perf_counter() - start
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(ids, new + 1, temperature=0, decode=decode)
+    _sync(device)
+    return time.perf_counter() - start - prefill, out
 
 
 def _sync(device: torch.device) -> None:
@@ -288,7 +333,8 @@ def environment() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="toy sizes on the CPU (the test suite runs this)")
-    parser.add_argument("--sections", default="kernels,training,decode")
+    parser.add_argument("--sections", default="kernels,training,decode",
+                        help="comma-separated: kernels, training, decode, ablation (issue 12's speed levers)")
     parser.add_argument("--run-timeout", type=float, default=240.0, help="seconds per training run")
     parser.add_argument("--workdir", default=None, help="where runs write (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
@@ -311,6 +357,10 @@ def main(argv=None) -> int:
                                                            for run in training_plan(args.dry)])
     if "decode" in chosen:
         results["decode"] = section("decode", decode_rows, device, args.dry)
+    if "ablation" in chosen:
+        rows = section("ablation", lambda: [training_row(run, workdir, accelerator, args.run_timeout)
+                                            for run in ablation_plan(args.dry)])
+        results["ablation"] = rows + flop_rate_rows(rows)
     report = f"\n## GPU suite ({environment()})\n" + "".join(markdown(k, v) for k, v in results.items())
     print(report)
     if args.out:

@@ -15,6 +15,16 @@ import lightning as L
 from torch import Tensor
 
 
+def decode_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """How a callback should decode: a captured step ("cuda-graphs") on one unsharded CUDA model; eagerly
+    where the parameters are sharded (each step's all-gathers cannot be captured) or on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    wrapped = model_call(trainer, pl_module) is not pl_module.model  # FSDP1
+    sharded = wrapped or any(isinstance(p, DTensor) for p in pl_module.model.parameters())  # FSDP2
+    return "cuda-graphs" if pl_module.device.type == "cuda" and not sharded else "eager"
+
+
 def model_call(trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[..., Tensor]:
     """`call(input_ids, cache=None) -> logits` for `pl_module.model`, valid on every rank (a collective
     under sharding: every rank must make the same calls)."""

@@ -25,6 +25,7 @@ from diffv2_lit.inference.loading import CheckpointError, load_model
 from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
+from diffv2_lit.model.generation import DECODE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
     parser.add_argument("--ignore-eos", action="store_true", help="keep sampling after the end-of-text token")
+    parser.add_argument("--decode", default="auto", choices=["auto", *DECODE_MODES],
+                        help="auto: cuda-graphs on CUDA (a static KV cache and a captured one-token step, compiled "
+                             "once), eager on the CPU (where compiling costs more than short generations save)")
     return parser
 
 
@@ -164,8 +168,9 @@ def _generate_group(model, tokenizer, prompts, encoded, indices, args, generator
     if live:
         _write(prompts[indices[0]])
     finished = [False] * len(indices)
+    decode = args.decode if args.decode != "auto" else ("cuda-graphs" if device.type == "cuda" else "eager")
     steps = model.stream(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=generator)
+                         top_p=args.top_p, generator=generator, decode=decode)
     for step, tokens in enumerate(steps):
         for row, token in enumerate(tokens.tolist()):
             finished[row] = finished[row] or token == eos_id

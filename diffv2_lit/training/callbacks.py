@@ -15,9 +15,9 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from diffv2_lit.callbacks.model_access import model_call
+from diffv2_lit.callbacks.model_access import decode_mode, model_call
 from diffv2_lit.model.flops import training_flops_per_token
 
 # Dense bf16 peak FLOP/s (no 2:4 sparsity), per device.
@@ -159,23 +159,39 @@ class SampleText(L.Callback):
         self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
         self.temperature, self.top_k, self.seed, self.print_at_end = temperature, top_k, seed, print_at_end
         self._last_step = -1
+        self._decode: str | None = None  # None: choose per run (decode_mode); "eager" after a failed capture
 
     def sample(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> str:
         tokenizer = pl_module.hparams.get("tokenizer", "byte")
         prompt_ids = torch.tensor([encode_prompt(self.prompt, tokenizer)], device=pl_module.device)
-        room = pl_module.model_config.max_seq_len - prompt_ids.shape[1]
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        new_tokens = max(1, min(self.max_new_tokens, pl_module.model_config.max_seq_len - prompt_ids.shape[1]))
         was_training = pl_module.training
         pl_module.eval()
         # No autocast needed: the KV cache takes the dtype the model computes in (bf16 under FSDP2's
         # MixedPrecisionPolicy, fp32 with fp32 weights), so queries and cached keys always agree.
         try:
-            out = pl_module.model.generate(prompt_ids, max(1, min(self.max_new_tokens, room)),
-                                           temperature=self.temperature, top_k=self.top_k, generator=generator,
-                                           forward=model_call(trainer, pl_module))
+            out = self._generate(pl_module, trainer, prompt_ids, new_tokens)
         finally:
             pl_module.train(was_training)
         return decode_tokens(out[0].tolist(), tokenizer)
+
+    def _generate(self, pl_module: L.LightningModule, trainer: L.Trainer | None, prompt_ids, new_tokens: int):
+        """A captured decode step where it can be (one unsharded CUDA model), else eager. A sample is a
+        side show: if capturing fails, say so once and decode eagerly from then on, but keep training."""
+        decode = self._decode or (decode_mode(trainer, pl_module) if trainer is not None else "eager")
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        kwargs = dict(temperature=self.temperature, top_k=self.top_k, generator=generator,
+                      forward=model_call(trainer, pl_module))
+        try:
+            return pl_module.model.generate(prompt_ids, new_tokens, decode=decode, **kwargs)
+        except Exception as err:
+            if decode == "eager":
+                raise
+            rank_zero_warn(f"SampleText: decoding with decode={decode!r} failed ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly from now on.")
+            self._decode = "eager"
+            generator.manual_seed(self.seed)
+            return pl_module.model.generate(prompt_ids, new_tokens, decode="eager", **kwargs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step

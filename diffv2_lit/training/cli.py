@@ -27,8 +27,10 @@ import glob
 import os
 import sys
 import warnings
+from typing import Literal
 
 import lightning as L
+import torch
 import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -82,6 +84,10 @@ class DiffV2CLI(LightningCLI):
             "--global_batch_size", type=int | None, default=None,
             help="Sequences per optimizer step over all devices; derives trainer.accumulate_grad_batches = "
                  "global_batch_size / (data.batch_size x devices x nodes) and refuses one that does not divide.")
+        parser.add_argument(
+            "--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
+            help="torch.set_float32_matmul_precision on CUDA machines (Lightning advises it at every start): "
+                 "'high' lets fp32 matmuls (the fp32 master weights' and the loss's) use TF32 tensor cores.")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning 2.6 parses an explicit `--ckpt_path FILE`'s hyper-parameters over the config, which
@@ -94,6 +100,8 @@ class DiffV2CLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        if torch.cuda.is_available():  # before the Trainer exists, which otherwise prints its advice
+            torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
         model_config = self._model_config(config)
         data_args = config.get("data", {}).get("init_args", {}) if config.get("data") else {}
         checks.check_seq_len(model_config, data_args.get("seq_len"))

@@ -61,3 +61,24 @@ def _activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, check
 def estimate_memory_gib(config: ModelConfig, micro_batch: int, seq_len: int, n_gpus: int,
                         activation_checkpointing: bool | int = False) -> float:
     return estimate_memory_bytes(config, micro_batch, seq_len, n_gpus, activation_checkpointing) / GIB
+
+
+# The memory a recipe may plan to use on an 80 GB GPU (74.5 GiB): 90% of it, leaving room for what the
+# estimate leaves out (NCCL buffers, the allocator's own fragmentation beyond FRAGMENTATION).
+RECIPE_BUDGET_GIB = 72.0
+
+
+def largest_micro_batch(config: ModelConfig, seq_len: int, n_gpus: int, sequences_per_gpu: int,
+                        activation_checkpointing: bool | int = False, budget_gib: float = RECIPE_BUDGET_GIB) -> int:
+    """The largest power-of-two micro-batch that fits `budget_gib` and divides the sequences each GPU sees
+    per optimizer step (so that gradient accumulation makes up the rest of the global batch exactly)."""
+    best = 0
+    micro_batch = 1
+    while micro_batch <= sequences_per_gpu and sequences_per_gpu % micro_batch == 0:
+        if estimate_memory_gib(config, micro_batch, seq_len, n_gpus, activation_checkpointing) > budget_gib:
+            break
+        best, micro_batch = micro_batch, 2 * micro_batch
+    if not best:
+        raise ValueError(f"not even one sequence of {seq_len} tokens fits {budget_gib} GiB per GPU on {n_gpus} GPUs: "
+                         "turn activation checkpointing on or use more GPUs.")
+    return best

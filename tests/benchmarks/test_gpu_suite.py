@@ -17,8 +17,8 @@ def test_gpu_suite_runs_dry_on_the_cpu(tmp_path):
     out = tmp_path / "suite.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry", "--out", str(out),
-                             "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True,
-                            timeout=600)
+                             "--workdir", str(tmp_path / "work"), "--sections", "kernels,training,decode,ablation"],
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["variant"] for r in rows["kernels"]} == {"baseline", "diffv2", "diffv1"}
@@ -26,6 +26,9 @@ def test_gpu_suite_runs_dry_on_the_cpu(tmp_path):
     assert len(rows["training"]) == 2
     for row in rows["training"]:
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and math.isfinite(row["last_loss"])
-    assert {(r["batch"], r["variant"]) for r in rows["decode"]} == {(b, v) for b in (1, 16)
-                                                                    for v in ("baseline", "diffv2")}
+    assert {(r["batch"], r["variant"], r["decode"]) for r in rows["decode"]} == {
+        (b, v, d) for b in (1, 16) for v in ("baseline", "diffv2") for d in ("eager", "static")}
+    assert all(r["status"] == "ok" for r in rows["decode"])  # greedy tokens equal in both modes
+    assert [r["run"] for r in rows["ablation"]] == ["quickstart-diffv2 loss plain", "quickstart-diffv2 loss chunked"]
+    assert all(r["status"] == "ok" and math.isfinite(r["last_loss"]) for r in rows["ablation"])
     assert "### training" in result.stdout and "| run |" in result.stdout

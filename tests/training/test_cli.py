@@ -58,3 +58,14 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus(tmp_path):
     checkpoint = load_file(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["hyper_parameters"]["tokenizer"] == "byte"
     assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"
+
+
+def test_float32_matmul_precision_defaults_to_high_and_is_validated():
+    import pytest
+
+    from diffv2_lit.training.cli import parse_config
+
+    assert parse_config([str(TINY)]).float32_matmul_precision == "high"
+    assert parse_config([str(TINY)], ["--float32_matmul_precision", "highest"]).float32_matmul_precision == "highest"
+    with pytest.raises(SystemExit):
+        parse_config([str(TINY)], ["--float32_matmul_precision", "fast"])

@@ -90,3 +90,23 @@ def test_twins_differ_by_one_key():
             changed = [(a, b) for a, b in zip(ours, theirs) if a != b]
             assert len(ours) == len(theirs) and len(changed) == 1, (path.stem, changed)
             assert "attention: diffv2" in changed[0][0] and "attention: baseline" in changed[0][1]
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.split("-")[0] in SIZE_CLAIMS], ids=lambda p: p.stem)
+def test_gpu_recipe_fills_its_gpus_and_compiles(path):
+    """The micro-batch is the largest power of two whose memory estimate (for the larger twin) stays within
+    the 80 GB budget and divides the sequences each GPU sees per step; torch.compile is on."""
+    from diffv2_lit.training.memory import RECIPE_BUDGET_GIB, largest_micro_batch
+
+    config = parse_config([str(path)])
+    sizing = parse_config([str(path.with_name(path.name.replace("baseline", "diffv2")))])
+    data, trainer = config.data.init_args, config.trainer
+    n_gpus = trainer.devices * trainer.num_nodes
+    per_gpu = data.batch_size * trainer.accumulate_grad_batches
+    expected = largest_micro_batch(_model_config(sizing), data.seq_len, n_gpus, per_gpu,
+                                   config.model.activation_checkpointing)
+    assert data.batch_size == expected
+    assert estimate_memory_gib(_model_config(sizing), 2 * expected, data.seq_len, n_gpus,
+                               config.model.activation_checkpointing) > RECIPE_BUDGET_GIB or 2 * expected > per_gpu
+    assert config.model.compile is True
+    assert trainer.val_check_interval == 1000 * trainer.accumulate_grad_batches  # every 1000 optimizer steps
