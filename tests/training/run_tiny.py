@@ -2,6 +2,7 @@
 
     python tests/training/run_tiny.py --devices 2 --strategy fsdp2 --max-steps 4 --out losses.json \
         --ckpt-dir ckpts [--resume] [--accumulate 2] [--cpu-offload] [--sync-every-micro-batch]
+        [--compile] [--activation-checkpointing N]
 
 The JSON holds the per-step losses, the last gradient norm, and for every micro-batch whether the
 parameters held gradients right after its backward (under FSDP2 a sharded `.grad` appears only when
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--sync-every-micro-batch", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--activation-checkpointing", type=int, default=0)
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -52,7 +55,8 @@ def main() -> None:
                            enable_checkpointing=bool(args.ckpt_dir), accumulate_grad_batches=args.accumulate)
     # fp32 everywhere on CPU: FSDP2 mixed precision off, so sharded and single runs compare closely.
     module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
-                         cpu_offload=args.cpu_offload, fsdp_sync_every_micro_batch=args.sync_every_micro_batch)
+                         cpu_offload=args.cpu_offload, fsdp_sync_every_micro_batch=args.sync_every_micro_batch,
+                         compile=args.compile, activation_checkpointing=args.activation_checkpointing)
     trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices // args.accumulate),
                 ckpt_path="last" if args.resume else None)
     if trainer.is_global_zero:

@@ -74,3 +74,13 @@ def test_fsdp2_cpu_offload_initialises_like_a_single_process(tmp_path):
     offloaded = _run(tmp_path, "offloaded", "--devices", "2", "--strategy", "fsdp2", "--max-steps", "3",
                      "--cpu-offload")
     torch.testing.assert_close(offloaded["losses"], single["losses"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_compile_and_activation_checkpointing_keeps_the_losses(tmp_path):
+    """What the GPU recipes run: activation checkpointing, then per-block compile, then FSDP2, in that order
+    (here every 2nd block checkpointed, one rank): the losses of the plain single-process run."""
+    single = _run(tmp_path, "single", "--max-steps", "3")
+    recipe_like = _run(tmp_path, "recipe-like", "--strategy", "fsdp2", "--max-steps", "3", "--compile",
+                       "--activation-checkpointing", "2")
+    torch.testing.assert_close(recipe_like["losses"], single["losses"], rtol=1e-4, atol=1e-5)
