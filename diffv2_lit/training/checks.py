@@ -121,3 +121,40 @@ The model, batch and sequence length do not fit this device. Knobs, cheapest fir
   --data.init_args.seq_len N           shorter sequences (activations grow with seq_len)
   more GPUs with FSDP2 (configs/hardware/8gpu-fsdp2.yaml) to shard parameters and optimizer state
 `diffv2_lit.training.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
+
+
+def one_line_parser_error(message: str) -> str:
+    """jsonargparse's nested error report (a Union of subtypes, a Namespace dump) -> one line naming the key,
+    the value and the choices, or the innermost message that one of our own __init__ checks raised.
+
+    Two shapes come out of jsonargparse: a bad value for a typed key ("Parser key "model.model": ... Parser key
+    "attention": ... Expected a typing.Literal[...] ... Given value: diffv3"), and a class whose __init__
+    refused its arguments ("Errors: - data.batch_size must be >= 1, got 0 - Expected a <class 'NoneType'>").
+    Anything else is returned unchanged.
+    """
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    own = [m for m in re.findall(r"^\s*- (.+)$", message, re.M)
+           if not m.startswith(("Expected a ", "Problem with given class_path"))]
+    if not keys:
+        return own[0] if own else message
+    key = _nested_key(keys)
+    choices = [c.strip().strip("'\"") for group in re.findall(r"Literal\[([^\]]+)\]", message) for c in group.split(",")]
+    values = re.findall(r"(?:Given value|Got value): (.*)$", message, re.M)
+    value = values[0] if values else None
+    if choices and value is not None:
+        return f"{key}: {value!r} is not one of: {', '.join(dict.fromkeys(choices))}"
+    if own:
+        return f"{key}: {own[0]}"
+    if value is not None:
+        expected = re.findall(r"Expected a (?:<class '([^']+)'>|(.+?))[.]?(?: Got value|$)", message, re.M)
+        hint = f" (expected {next(filter(None, expected[0]))})" if expected else ""
+        return f"{key}: invalid value {value!r}{hint}"
+    return message
+
+
+def _nested_key(keys: list[str]) -> str:
+    """["model.model", "attention"] -> "model.model.attention" (jsonargparse names nested keys relatively)."""
+    full = keys[0]
+    for key in keys[1:]:
+        full = key if key.startswith(full + ".") else f"{full}.{key}"
+    return full

@@ -66,8 +66,7 @@ class _ConciseParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, ex)
-        _exit(EXIT_USAGE, f"{message}\n(`diffv2-lit fit --help` lists the options; --print_config shows the "
-                          "resolved config)")
+        _exit(EXIT_USAGE, f"{checks.one_line_parser_error(message)}  (`diffv2-lit fit --help` lists the options)")
 
 
 class DiffV2CLI(LightningCLI):
@@ -122,7 +121,7 @@ class DiffV2CLI(LightningCLI):
             raise
         except (ValueError, TypeError) as err:
             # Raised by an __init__ while building the configured classes: a configuration mistake.
-            raise checks.UsageError(f"{type(err).__name__}: {err}") from err
+            raise checks.UsageError(checks.one_line_parser_error(str(err))) from err
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})

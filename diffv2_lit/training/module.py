@@ -28,7 +28,7 @@ from torch import Tensor
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.training.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
-from diffv2_lit.training.optim import ScheduleName, lr_multiplier, parameter_groups
+from diffv2_lit.training.optim import ScheduleName, check_optimization, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
 
 
@@ -120,7 +120,8 @@ class DecoderLM(L.LightningModule):
         """
         super().__init__()
         if loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"loss_impl={loss_impl!r} is unknown; choose one of {LOSS_IMPLS}.")
+            raise ValueError(f"model.loss_impl={loss_impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
+        check_optimization(lr, betas, eps, weight_decay, schedule, warmup_steps, min_lr_ratio, decay_fraction, max_steps)
         self.model_config = resolve_model_config(model)
         self.save_hyperparameters(ignore=["model"])
         # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config,
@@ -131,6 +132,7 @@ class DecoderLM(L.LightningModule):
             self.hparams["init_from"] = os.fspath(init_from)
         self.model: Transformer | None = None
         self._grad_norm, self._grad_norm_step = torch.zeros(()), -1
+        self._warned_short_schedule = False
         self._reset_train_loss()
 
     # ---- model construction ------------------------------------------------------------------
@@ -346,10 +348,19 @@ class DecoderLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def schedule_steps(self) -> int:
+        from diffv2_lit.training.checks import UsageError
+
         steps = self.hparams.max_steps or (self.trainer.max_steps if self._trainer else -1)
         if steps is None or steps <= 0:
-            raise ValueError(
+            raise UsageError(
                 "the LR schedule needs a length: set trainer.max_steps (or model.max_steps). It is not derived "
                 "from estimated_stepping_batches, which would skip restoring the dataloader state on resume."
             )
+        if self.hparams.warmup_steps >= steps and not self._warned_short_schedule:
+            # A warning, not an error: `--trainer.max_steps 100` is how one tries a recipe quickly.
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"model.warmup_steps={self.hparams.warmup_steps} is not below the schedule's {steps} "
+                           "steps (trainer.max_steps): the LR never leaves its warm-up in this run.")
+            self._warned_short_schedule = True
         return steps

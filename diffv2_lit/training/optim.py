@@ -69,3 +69,34 @@ def lr_multiplier(step: int, schedule: ScheduleName, max_steps: int, warmup_step
         return 1.0
     progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
     return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def check_optimization(lr: float, betas, eps: float, weight_decay: float, schedule: str, warmup_steps: int,
+                       min_lr_ratio: float, decay_fraction: float, max_steps: int | None = None) -> None:
+    """Every optimizer and schedule value in one place, each refusal naming its key (`model.<name>`).
+
+    torch's own checks would fire later, inside `configure_optimizers`, as a traceback, and some values it
+    accepts train silently to nothing (lr=0) or to a schedule that never leaves its warm-up.
+    """
+    problems = []
+    if not lr > 0:
+        problems.append(f"model.lr={lr} must be > 0 (the peak learning rate, e.g. 3e-4)")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        problems.append(f"model.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not eps > 0:
+        problems.append(f"model.eps={eps} must be > 0, e.g. 1e-8")
+    if not weight_decay >= 0:
+        problems.append(f"model.weight_decay={weight_decay} must be >= 0")
+    if schedule not in ("cosine", "wsd", "constant"):
+        problems.append(f"model.schedule={schedule!r} is not one of: cosine, wsd, constant")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        problems.append(f"model.warmup_steps={warmup_steps!r} must be an integer >= 0")
+    elif max_steps is not None and max_steps > 0 and warmup_steps >= max_steps:
+        problems.append(f"model.warmup_steps={warmup_steps} must be below model.max_steps={max_steps}: the LR "
+                        "would never leave its warm-up")
+    if not 0 <= min_lr_ratio <= 1:
+        problems.append(f"model.min_lr_ratio={min_lr_ratio} must be in [0, 1] (the final LR as a fraction of the peak)")
+    if not 0 < decay_fraction <= 1:
+        problems.append(f"model.decay_fraction={decay_fraction} must be in (0, 1] (wsd: the share of steps that decay)")
+    if problems:
+        raise ValueError("; ".join(problems))

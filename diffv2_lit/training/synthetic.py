@@ -86,6 +86,9 @@ class SyntheticDataModule(L.LightningDataModule):
                  train_batches: int = 100_000, val_batches: int = 2, alphabet: int | None = None,
                  tokenizer: str = "byte") -> None:
         super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_batches", train_batches)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
         if alphabet is not None and not 1 < alphabet <= vocab_size:
             raise ValueError(f"alphabet={alphabet} must be in [2, vocab_size={vocab_size}].")
         self.vocab_size = vocab_size

@@ -1,14 +1,28 @@
 """Configuration mistakes end before any training work with one line naming the key (exit code 2)."""
 
+import sys
+
 import pytest
 
-from tests.faults.helpers import fit
+from tests.faults.helpers import TINY, fit
 
 EXIT_USAGE = 2
 
 CASES = {
     "unknown key": (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
-    "wrong type": (["--trainer.max_steps", "many"], 'Parser key "trainer.max_steps"'),
+    "wrong type": (["--trainer.max_steps", "many"], "trainer.max_steps: invalid value 'many' (expected int)"),
+    "unknown attention variant": (["--model.model.attention", "diffv3"],
+                                  "model.model.attention: 'diffv3' is not one of: baseline, diffv2, diffv1"),
+    "unknown schedule": (["--model.schedule", "linear"], "model.schedule: 'linear' is not one of: cosine, wsd, constant"),
+    "zero batch": (["--data.init_args.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
+    "missing tokenizer": (["--data", "diffv2_lit.data.datamodule.TokenDataModule", "--data.init_args.tokenizer",
+                           "nope.json"], "tokenizer 'nope.json' not found"),
+    "negative lr": (["--model.lr=-1e-3"], "model.lr=-0.001 must be > 0"),
+    "zero lr": (["--model.lr", "0"], "model.lr=0.0 must be > 0"),
+    "beta above 1": (["--model.betas", "[0.9, 1.5]"], "model.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+    "warmup longer than the schedule": (["--model.max_steps", "10", "--model.warmup_steps", "20"],
+                                        "model.warmup_steps=20 must be below model.max_steps=10"),
+    "negative weight decay": (["--model.weight_decay=-0.1"], "model.weight_decay=-0.1 must be >= 0"),
     "inconsistent heads": (["--model.model.n_kv_heads", "3"],
                            "model.model.n_heads, model.model.n_kv_heads: n_heads=2 is not a multiple of n_kv_heads=3"),
     "seq_len above max_seq_len": (["--data.init_args.seq_len", "100"],
@@ -24,12 +38,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_config_error(tmp_path, name):
+def test_config_error(tmp_path, name, monkeypatch, capsys):
+    """In-process (these end before any training; a process each would cost seconds of imports)."""
+    from diffv2_lit.training.cli import run_lightning_cli
+
     args, expected = CASES[name]
-    result = fit(tmp_path, *args)
-    assert result.returncode == EXIT_USAGE
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["diffv2-lit", "fit"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning_cli(["fit", "--config", str(TINY), *args])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USAGE
+    error = stderr[stderr.index("diffv2-lit fit: error:"):].strip()
+    assert expected in error and len(error.splitlines()) == 1, error  # one line, the last one (no traceback after it)
     assert not (tmp_path / "runs").exists()  # stopped before a logger folder or checkpoint was made
 
 
