@@ -252,8 +252,9 @@ def _run(argv: list[str] | None) -> LightningCLI:
 
 def _is_known_fault(err: BaseException) -> bool:
     from diffv2_lit.data.folder import DataError
+    from diffv2_lit.training.module import DivergedError
 
-    return isinstance(err, (CheckpointError, UntrustedCheckpointError, checks.ResumeError, DataError))
+    return isinstance(err, (CheckpointError, UntrustedCheckpointError, checks.ResumeError, DataError, DivergedError))
 
 
 def _check_yaml_files(args: list[str]) -> None:

@@ -70,6 +70,25 @@ def resolve_model_config(model: ModelSpec | ModelConfig | dict | str) -> ModelCo
     return model.build()
 
 
+class DivergedError(RuntimeError):
+    """A non-finite gradient about to be applied: training stops before the weights turn NaN."""
+
+    def __init__(self, step: int, grad_norm: float, last_good: str | None) -> None:
+        where = (f"the last good checkpoint is {last_good} (--ckpt_path {last_good} resumes from it; a lower "
+                 "--model.lr needs a new run, since a resume restores the LR schedule)") if last_good else \
+            "no checkpoint was written before it"
+        super().__init__(f"training diverged at step {step}: the gradient norm is {grad_norm} (the loss is not "
+                         f"finite); the weights were not updated with it and nothing was saved after it; {where}. "
+                         "Lower model.lr, or let GradientSpikeDetector(action: skip) drop such steps.")
+        self.step, self.last_good = step, last_good
+
+
+def _last_good_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return path or None
+
+
 class DecoderLM(L.LightningModule):
     def __init__(
         self,
@@ -272,6 +291,23 @@ class DecoderLM(L.LightningModule):
             mean_loss = self._train_loss_sum / self._train_loss_count
             self.log("train/loss", mean_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         self._reset_train_loss()
+        self._refuse_non_finite_update(optimizer)
+
+    def _refuse_non_finite_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite gradient about to be applied ends the run here, before the weights (and anything
+        saved after them) turn NaN, whatever the spike detector's action: `skip` and `stop` have already
+        dropped the gradients by now (callbacks run first), so only an update that would really happen is
+        refused. The global norm is the same on every rank, so every rank stops together. fp16's expected
+        overflows are left to GradScaler, which skips those steps itself."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        norm = self.gradient_norm()
+        if bool(torch.isfinite(norm)) or not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        raise DivergedError(self.global_step, float(norm), _last_good_checkpoint(self.trainer))
 
     def gradient_norm(self) -> Tensor:
         """This optimizer step's global gradient norm before clipping, computed once per step.

@@ -51,8 +51,15 @@ class NaNAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step + 1:
-            self.sums["after"] = _checksum(pl_module)
-            Path(self.record).write_text(json.dumps(self.sums))
+            self._record_after(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if "before" in self.sums:  # the run stopped at the NaN step: the weights it leaves behind
+            self._record_after(pl_module)
+
+    def _record_after(self, pl_module) -> None:
+        self.sums["after"] = _checksum(pl_module)
+        Path(self.record).write_text(json.dumps(self.sums))
 
 
 def _checksum(pl_module) -> float:

@@ -11,23 +11,32 @@ from tests.faults.helpers import fit, output, run_dir, scalars
 NAN_STEP = 4
 
 
-def _run_with_nan(tmp_path, action: str, *extra: str):
+def _run_with_nan(tmp_path, action: str, *extra: str, returncode: int = 0):
     record = tmp_path / "weights.json"
     result = fit(tmp_path, "--trainer.max_steps", "8",
                  "--trainer.callbacks+=diffv2_lit.callbacks.GradientSpikeDetector", f"--trainer.callbacks.action={action}",
                  "--trainer.callbacks+=tests.faults.inject.NaNAtStep", f"--trainer.callbacks.step={NAN_STEP}",
                  f"--trainer.callbacks.record={record}", *extra)
-    assert result.returncode == 0, output(result)[-3000:]
+    assert result.returncode == returncode, output(result)[-3000:]
     spikes = [json.loads(line) for line in (run_dir(tmp_path, 0) / "spikes.jsonl").read_text().splitlines()]
     assert spikes[0]["step"] == NAN_STEP and spikes[0]["kind"] == "non_finite_loss" and spikes[0]["action"] == action
     sums = json.loads(record.read_text()) if record.exists() else {}
     return result, spikes, sums
 
 
-def test_log_records_the_nan_and_lets_it_through(tmp_path):
-    _, spikes, sums = _run_with_nan(tmp_path, "log")
-    assert math.isfinite(sums["before"]) and math.isnan(sums["after"])  # the NaN reached the weights
-    assert math.isnan(scalars(run_dir(tmp_path, 0), "train/grad_norm")[NAN_STEP])
+def test_log_stops_before_the_nan_reaches_the_weights_naming_the_last_good_checkpoint(tmp_path):
+    """The default action only records a spike; the module itself refuses to apply a non-finite update:
+    one line naming the step and the last good checkpoint, exit 1, weights and every checkpoint finite."""
+    result, _, sums = _run_with_nan(tmp_path, "log", returncode=1)
+    checkpoints = run_dir(tmp_path, 0) / "checkpoints"
+    error = result.stderr[result.stderr.index("diffv2-lit fit: error:"):].strip()
+    assert len(error.splitlines()) == 1 and f"training diverged at step {NAN_STEP}" in error
+    assert f"the last good checkpoint is {checkpoints.relative_to(tmp_path)}/" in error
+    assert "Traceback" not in result.stderr
+    assert sums["before"] == sums["after"]  # the NaN step's update was never applied
+    saved = sorted(checkpoints.glob("*.ckpt"))
+    assert saved and all(torch.isfinite(t).all() for path in saved for t in load_file(path)["state_dict"].values())
+    assert max(scalars(run_dir(tmp_path, 0), "train/loss")) <= NAN_STEP  # nothing trained after it
 
 
 def test_skip_leaves_the_weights_unchanged_and_logs_the_real_norm(tmp_path):
