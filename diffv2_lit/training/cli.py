@@ -169,10 +169,20 @@ class DiffV2CLI(LightningCLI):
         would look for `last.ckpt` only in the new (empty) one. Take the newest of all versions."""
         if self.config_init[subcommand].get("ckpt_path") != "last":
             return
-        found = find_last_checkpoint(self.trainer)
+        found, others = find_last_checkpoint(self.trainer, self.model.model_config)
         if found:
             self.config_init[subcommand]["ckpt_path"] = found
             _print_rank_zero(f"resuming from {found}")
+            return
+        # Nothing of this model to resume: say so plainly (instead of Lightning's "no last checkpoint
+        # available" warning) and start from step 0; a job that always passes `last` starts the same way.
+        self.config_init[subcommand]["ckpt_path"] = None
+        message = f"--ckpt_path last: no checkpoint of this model under {_checkpoint_folders(self.trainer)}"
+        if others:
+            path, problem = others[0]
+            message += (f"; {len(others)} checkpoint(s) there belong to another model (e.g. {path}: {problem}). "
+                        "To resume one of those, use the recipe it was trained with")
+        _print_rank_zero(message + ("; starting from step 0." if subcommand == "fit" else "."))
 
     def _check_checkpoint(self, subcommand: str) -> None:
         """A given checkpoint must be complete and of this model: say so now, not as a load traceback."""
@@ -298,16 +308,14 @@ def _with_atomic_io(plugins, strategy) -> list:
     return plugins + [AtomicCheckpointIO()]
 
 
-def find_last_checkpoint(trainer: L.Trainer) -> str | None:
-    """The newest complete checkpoint (file or sharded folder) under any version of this run's logger
-    folder, or in a ModelCheckpoint's fixed dirpath: usually the newest `last*.ckpt` (a preemption
-    save is `last-preempted.ckpt`). Incomplete ones (a save killed half-way, a dangling `last.ckpt`
-    link) are skipped with a warning, so a newer `step=N.ckpt` or an older checkpoint is used instead."""
-    folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)]
-    logger = trainer.logger
-    if logger is not None and logger.save_dir is not None:
-        folders.append(os.path.join(logger.save_dir, str(logger.name), "*", "checkpoints"))
-    candidates = {p for folder in folders for p in glob.glob(os.path.join(folder, "*.ckpt"))}
+def find_last_checkpoint(trainer: L.Trainer, model_config=None) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint (file or sharded folder) of this model under any version of this run's
+    logger folder, or in a ModelCheckpoint's fixed dirpath: usually the newest `last*.ckpt` (a preemption
+    save is `last-preempted.ckpt`). Incomplete ones (a save killed half-way, a dangling `last.ckpt` link)
+    are skipped with a warning. Twins (baseline and DIFF V2 of one recipe) log into one folder, so with
+    `model_config` given, checkpoints of another model are set aside: returns (newest of this model or None,
+    [(path, what differs) for the others, newest first])."""
+    candidates = {p for folder in _checkpoint_globs(trainer) for p in glob.glob(os.path.join(folder, "*.ckpt"))}
     complete = []
     for path in sorted(candidates):
         problem = checkpoint_problem(path)
@@ -316,7 +324,38 @@ def find_last_checkpoint(trainer: L.Trainer) -> str | None:
         else:
             complete.append(path)
     # Newest write = latest training state (a `last.ckpt` link reports its target's time).
-    return max(complete, key=lambda p: (os.path.getmtime(p), os.path.basename(p).startswith("last"))) if complete else None
+    complete.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p).startswith("last")), reverse=True)
+    others = []
+    for path in complete:
+        mismatch = _model_mismatch(path, model_config) if model_config is not None else None
+        if mismatch is None:
+            return path, others
+        others.append((path, mismatch))
+    return None, others
+
+
+def _model_mismatch(path: str, model_config) -> str | None:
+    try:
+        saved = checks.peek_hyper_parameters(path).get("model_config")
+    except Exception:  # unreadable here: let the resume itself report it
+        return None
+    if not isinstance(saved, dict):
+        return None
+    differing = [f"{f} {saved.get(f)!r}, this run {getattr(model_config, f)!r}" for f in checks.SHAPE_FIELDS
+                 if f in saved and saved.get(f) != getattr(model_config, f)]
+    return "; ".join(differing) or None
+
+
+def _checkpoint_globs(trainer: L.Trainer) -> list[str]:
+    folders = [callback.dirpath for callback in trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)]
+    logger = trainer.logger
+    if logger is not None and logger.save_dir is not None:
+        folders.append(os.path.join(logger.save_dir, str(logger.name), "*", "checkpoints"))
+    return folders
+
+
+def _checkpoint_folders(trainer: L.Trainer) -> str:
+    return " or ".join(_checkpoint_globs(trainer)) or "the checkpoint folder"
 
 
 @rank_zero_only

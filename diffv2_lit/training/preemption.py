@@ -1,4 +1,4 @@
-"""`PreemptionCheckpoint`: on SIGTERM or SIGUSR1, checkpoint at the next optimizer-step boundary and stop.
+"""`PreemptionCheckpoint`: on SIGTERM, SIGUSR1 or Ctrl-C, checkpoint at the next optimizer-step boundary and stop.
 
 What Lightning 2.6 does by itself (trainer/connectors/signal_connector.py, loops/*.py):
 - SIGTERM sets `trainer.received_sigterm`; the loops then raise `SIGTERMException` (a SystemExit) at
@@ -14,6 +14,10 @@ signal to child ranks like Lightning does); at the end of the next optimizer ste
 whether any rank was signalled (one all-reduce), all save `last-preempted.ckpt` into the checkpoint
 folder (found by `--ckpt_path last`) through the Trainer (atomic, sharded or not), and stop. The run
 ends normally with exit code 0. Under SLURM with auto-requeue, rank 0 then requeues the job.
+
+Ctrl-C (SIGINT) is handled the same way: Lightning would otherwise turn it into a KeyboardInterrupt, a
+"graceful shutdown" that saves nothing and exits 1. A second Ctrl-C while the first is pending stops at
+once, without saving, as a terminal user expects.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 
 import lightning as L
@@ -36,12 +41,14 @@ class PreemptionCheckpoint(L.Callback):
 
     Args:
         signals: signal names to act on. SIGTERM is what schedulers (SLURM, Kubernetes, torchrun)
-            send before killing; SIGUSR1 is SLURM's early warning (`#SBATCH --signal=SIGUSR1@90`).
+            send before killing; SIGUSR1 is SLURM's early warning (`#SBATCH --signal=SIGUSR1@90`);
+            SIGINT is Ctrl-C in a terminal.
         requeue: under SLURM with `SLURMEnvironment(auto_requeue=True)`, requeue the job after the
             save when SIGUSR1 (the environment's requeue signal) was received.
     """
 
-    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1"), requeue: bool = True) -> None:
+    def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+                 requeue: bool = True) -> None:
         super().__init__()
         self.signals = tuple(_signal_number(name) for name in signals)
         self.requeue = requeue
@@ -63,6 +70,11 @@ class PreemptionCheckpoint(L.Callback):
         self._installed = True
 
     def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        if signum == signal.SIGINT and self.received is None:
+            print("\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to stop "
+                  "without saving)", file=sys.stderr, flush=True)
         if self.received is None:
             # Like Lightning's handler: ranks started by this process (the subprocess launcher) get it too.
             launcher = getattr(self._trainer.strategy, "launcher", None)
@@ -84,8 +96,8 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_path = path
         trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
-        rank_zero_info(f"preempted ({name}) after step {trainer.global_step}: saved {path}; "
-                       "resume with --ckpt_path last")
+        what = "interrupted (Ctrl-C)" if self.received == signal.SIGINT else f"preempted ({name})"
+        rank_zero_info(f"{what} after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
         if self.requeue and self.received is not None and _is_requeue_signal(trainer, self.received):
             if trainer.is_global_zero:
                 _requeue_slurm_job()

@@ -14,6 +14,16 @@ import torch
 from diffv2_lit.training.atomic_io import AtomicCheckpointIO
 
 
+class SlowSteps(L.Callback):
+    """Sleeps `seconds` before every batch, so a signal sent during a step lands before its end."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
 class StepMarker(L.Callback):
     """Writes the finished optimizer step count to `path` after every step (the test polls it)."""
 

@@ -3,6 +3,7 @@ every resumed run must log exactly the losses the uninterrupted baseline logged 
 
 import random
 import signal
+import time
 
 from diffv2_lit.training.safe_load import load_file
 from tests.faults.helpers import MAX_STEPS, fit, kill, output, run_dir, scalars, start, step_reached, wait_for
@@ -72,3 +73,29 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     assert "preempted (SIGUSR1) after step" in (tmp_path / "killed.log").read_text()
     saved = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")
     assert 2 < saved["global_step"] < MAX_STEPS
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_resume_continues(tmp_path, baseline):
+    """SIGINT (Ctrl-C) used to end in Lightning's "graceful shutdown": exit 1, no checkpoint, steps lost."""
+    marker = tmp_path / "step.txt"
+    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
+                    f"--trainer.callbacks.path={marker}")
+    wait_for(step_reached(marker, 3), process)
+    assert kill(process, signal.SIGINT) == 0
+    log = (tmp_path / "killed.log").read_text()
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in log
+    assert "interrupted (Ctrl-C) after step" in log and "resume with --ckpt_path last" in log
+    stopped_at = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")["global_step"]
+    assert 3 < stopped_at < MAX_STEPS
+    assert _resume_and_compare(tmp_path, baseline, min_step=stopped_at) == stopped_at
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    marker = tmp_path / "step.txt"
+    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
+                    f"--trainer.callbacks.path={marker}", "--trainer.callbacks+=tests.faults.inject.SlowSteps")
+    wait_for(step_reached(marker, 2), process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert kill(process, signal.SIGINT) != 0
+    assert not (run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt").exists()

@@ -1,0 +1,26 @@
+"""`--ckpt_path last` when twins share a log folder: it resumes this model's newest checkpoint, and says
+plainly when there is none (naming the other model's checkpoints it set aside)."""
+
+from tests.faults.helpers import fit, output, run_dir, scalars
+
+BASELINE = ["--model.model.attention", "baseline"]
+
+
+def test_last_resumes_this_models_run_not_the_newer_twin(tmp_path):
+    assert fit(tmp_path, "--trainer.max_steps", "3").returncode == 0             # version_0: DIFF V2
+    assert fit(tmp_path, "--trainer.max_steps", "6", *BASELINE).returncode == 0  # version_1: its twin, newer
+    resumed = fit(tmp_path, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    assert "resuming from runs/faults/version_0/checkpoints/" in resumed.stdout
+    assert sorted(scalars(run_dir(tmp_path, 2), "train/loss")) == [3, 4]  # continued DIFF V2 from step 3
+
+
+def test_last_with_only_another_models_checkpoints_says_so_and_starts_at_step_0(tmp_path):
+    assert fit(tmp_path, "--trainer.max_steps", "3", *BASELINE).returncode == 0  # step=3.ckpt and last.ckpt
+    started = fit(tmp_path, "--trainer.max_steps", "2", "--ckpt_path", "last")
+    assert started.returncode == 0, output(started)[-3000:]
+    assert ("--ckpt_path last: no checkpoint of this model under runs/faults/*/checkpoints; 2 checkpoint(s) there "
+            "belong to another model (e.g. runs/faults/version_0/checkpoints/") in started.stdout
+    assert "attention 'baseline', this run 'diffv2'" in started.stdout and "starting from step 0." in started.stdout
+    assert "no last checkpoint available" not in output(started)  # Lightning's own, vaguer warning
+    assert sorted(scalars(run_dir(tmp_path, 1), "train/loss")) == [0, 1]
