@@ -388,14 +388,17 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
     # its own so concurrent runs (tests, several users) cannot delete each other's files.
     scratch = {"DATA_OPTIMIZER_CACHE_FOLDER": str(work_dir / "chunks"),
                "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(work_dir / "data")}
-    with _environ(scratch), _quiet_stdout(not verbose):
+    # LitData's own messages (worker start/stop, an account advert, a progress bar updated only when a
+    # worker ends: ~40 lines) stay hidden; our own lines say what happens. DIFFV2_LIT_DEBUG=1 shows them.
+    litdata_verbose = verbose and bool(os.environ.get("DIFFV2_LIT_DEBUG"))
+    with _environ(scratch), _quiet_stdout(not litdata_verbose):
         optimize(
             fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, chunk_size=chunk_size,
             num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
             # fork starts workers in milliseconds; spawn re-imports torch in each (seconds). Workers
             # only read files and tokenize, which is fork-safe. Elsewhere fork is unsafe or absent.
             start_method="fork" if sys.platform == "linux" else "spawn",
-            verbose=verbose, storage_options=dict(storage_options or {}),
+            verbose=litdata_verbose, storage_options=dict(storage_options or {}),
         )
     shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -24,6 +24,7 @@ DIFFV2_LIT_TRUST_CHECKPOINTS=1; `--weights_only false` is refused in its favour.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
 import warnings
@@ -33,6 +34,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -41,6 +43,7 @@ from diffv2_lit.training import checks
 from diffv2_lit.training.atomic_io import AtomicCheckpointIO, CheckpointError, checkpoint_problem, unreadable_message
 from diffv2_lit.training.module import DecoderLM, resolve_model_config
 from diffv2_lit.training.preemption import PreemptionCheckpoint
+from diffv2_lit.training.progress import StepProgressBar
 from diffv2_lit.training.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
 
 # TensorBoard by default; each run gets its own runs/<name>/version_<n> folder, and checkpoints go
@@ -127,8 +130,12 @@ class DiffV2CLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
         callbacks = _as_list(trainer_config.get("callbacks"))
-        if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
-            kwargs.setdefault("callbacks", callbacks + [PreemptionCheckpoint()])
+        added = [] if any(isinstance(c, PreemptionCheckpoint) for c in callbacks) else [PreemptionCheckpoint()]
+        if trainer_config.get("enable_progress_bar", True) is not False and \
+                not any(isinstance(c, ProgressBar) for c in callbacks):
+            added.append(StepProgressBar())  # step / max_steps, loss, tokens/s, ETA (training/progress.py)
+        if added:
+            kwargs.setdefault("callbacks", callbacks + added)
         trainer = super().instantiate_trainer(**kwargs)
         guard_restore(trainer.strategy)  # Lightning's restore inside fit/validate reads data only
         self._apply_global_batch(trainer)
@@ -150,6 +157,7 @@ class DiffV2CLI(LightningCLI):
         self._refuse_unrestricted_loading("fit")
         self._resolve_last("fit")
         self._check_checkpoint("fit")
+        _report_outputs(self.trainer, at_start=True)  # where to look while it runs, not only at the end
 
     def before_validate(self) -> None:
         self._refuse_unrestricted_loading("validate")
@@ -237,6 +245,8 @@ def parse_config(config_files: list[str], overrides: list[str] | None = None):
 def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
     """Entry point of `diffv2-lit fit|validate` (argv starts with the subcommand)."""
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+    if not os.environ.get("DIFFV2_LIT_DEBUG"):
+        _quiet_known_noise()
     args = sys.argv[1:] if argv is None else list(argv)
     if os.environ.get("DIFFV2_LIT_DEBUG"):
         return _run(argv)
@@ -258,6 +268,28 @@ def _run(argv: list[str] | None) -> LightningCLI:
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
     _report_outputs(cli.trainer)
     return cli
+
+
+# Messages every run would print that say nothing about this run (DIFFV2_LIT_DEBUG=1 shows them):
+NOISY_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",        # Lightning's own use of a torch API
+    r"Your `IterableDataset` has `__len__` defined",             # our streaming loaders are sized on purpose
+    r"The dirpath has changed from",                              # a resume logs into a new version folder
+)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()  # an advert Lightning logs at every start
+
+
+def _quiet_known_noise() -> None:
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # One line per warning: the source line Python prints under it is the warn() call, not the cause.
+    warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
 
 
 def _is_known_fault(err: BaseException) -> bool:
@@ -364,16 +396,18 @@ def _print_rank_zero(message: str) -> None:
 
 
 @rank_zero_only
-def _report_outputs(trainer: L.Trainer) -> None:
-    """Say where the TensorBoard logs, the resolved config and the checkpoints went."""
+def _report_outputs(trainer: L.Trainer, at_start: bool = False) -> None:
+    """Say where the TensorBoard logs, the resolved config and the checkpoints go (at the start) or went."""
     lines = []
     log_dir = _log_dir(trainer)
     if log_dir:
         lines.append(f"logs and resolved config: {log_dir}  (tensorboard --logdir {log_dir})")
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        lines.append(f"checkpoints: {callback.dirpath}" + (f"  (last: {callback.last_model_path})"
-                                                           if callback.last_model_path else ""))
+    dirpath = getattr(callback, "dirpath", None) or (os.path.join(log_dir, "checkpoints") if callback and log_dir
+                                                     else None)
+    if dirpath:
+        last = getattr(callback, "last_model_path", "")
+        lines.append(f"checkpoints: {dirpath}" + (f"  (last: {last})" if last and not at_start else ""))
     for line in lines:
         print(line)
 

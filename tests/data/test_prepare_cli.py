@@ -18,8 +18,12 @@ def test_cli_writes_metadata_and_summary(tmp_path, capsys):
     assert meta["tokenizer"]["name"] == "byte" and meta["tokenizer"]["vocab_size"] == 259
     assert meta["splits"]["val"]["documents"] == 3 and meta["splits"]["train"]["documents"] == 27
     assert meta["sources"] == ["a.jsonl"] and "--seed 3" in meta["command"]
-    summary = capsys.readouterr().out
+    captured = capsys.readouterr()
+    summary = captured.out
     assert "documents: 27 train, 3 val" in summary and "tokens/s" in summary and "MiB" in summary
+    # Our own lines only: LitData's worker chatter and its account advert (~40 lines) stay hidden.
+    assert "lightning.ai" not in summary + captured.err and "Worker 0" not in summary + captured.err
+    assert len(summary.strip().splitlines()) <= 8
 
 
 def test_refuses_existing_output_unless_overwrite(tmp_path, capsys):

@@ -69,3 +69,16 @@ def test_float32_matmul_precision_defaults_to_high_and_is_validated():
     assert parse_config([str(TINY)], ["--float32_matmul_precision", "highest"]).float32_matmul_precision == "highest"
     with pytest.raises(SystemExit):
         parse_config([str(TINY)], ["--float32_matmul_precision", "fast"])
+
+
+def test_a_run_shows_steps_loss_and_speed_and_nothing_else(tmp_path):
+    """What a pretraining user wants on screen: where the logs go (before training), one bar in optimizer
+    steps with loss and tokens/s, and none of the messages every run used to print."""
+    result = _diffv2_lit(tmp_path, "fit", "--config", str(TINY), "--trainer.enable_progress_bar", "true",
+                         "--trainer.max_steps", "5", "--model.max_steps", "6")
+    screen = (result.stdout + result.stderr).replace("\r", "\n")
+    assert screen.index("logs and resolved config: runs/tiny/version_0") < screen.index("train:")
+    bar = [line for line in screen.splitlines() if line.startswith("train:")][-1]
+    assert "5/5" in bar and "step/s" in bar and "loss=" in bar and "tok/s=" in bar
+    for noise in ("Epoch 0/", "v_num", "litlogger", "LeafSpec", "`IterableDataset` has `__len__`"):
+        assert noise not in screen, noise

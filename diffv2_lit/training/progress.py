@@ -1,0 +1,71 @@
+"""What a pretraining run shows while it trains: one bar in optimizer steps for the whole run.
+
+Lightning's bars count micro-batches per epoch. A pretraining run streams an endless dataset in one
+"epoch", so they read "Epoch 0/-2", count accumulated micro-batches ("1250/49" after a resume) and show
+the logger's version number as a metric. `StepProgressBar` shows instead:
+
+    train  41%|████▏     | 492/1200 [01:10<01:41, 7.0 step/s, loss=1.98, tok/s=14.3k, val=1.97]
+
+step / max_steps (resumed runs start where they stopped), the training loss, tokens/s from
+`ThroughputMFU` when it runs, the last validation loss, and tqdm's elapsed time and ETA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A TQDM bar over optimizer steps (`trainer.global_step` of `trainer.max_steps`)."""
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.unit = "step"
+        return bar
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._reset_to_steps(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if self.train_progress_bar.total != _max_steps(trainer):  # one bar for the run, not one per epoch
+            self._reset_to_steps(trainer)
+
+    def _reset_to_steps(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=_max_steps(trainer))
+        bar.initial = bar.n = trainer.global_step  # a resumed run continues its count (and its ETA)
+        bar.set_description("train")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self.train_progress_bar.n and self._should_update(step, self.train_progress_bar.total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # the bar spans epochs
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = trainer.callback_metrics
+        shown: dict[str, Any] = {}
+        for label, key, form in (("loss", "train/loss", "{:.3g}"), ("tok/s", "perf/tokens_per_sec", None),
+                                 ("val", "val/loss", "{:.3g}")):
+            if key in metrics:
+                value = float(metrics[key])
+                shown[label] = form.format(value) if form else _si(value)
+        return shown
+
+
+def _max_steps(trainer: L.Trainer) -> int | None:
+    return trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
