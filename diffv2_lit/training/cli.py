@@ -42,6 +42,7 @@ from diffv2_lit.model.config import ConfigError
 from diffv2_lit.training import checks
 from diffv2_lit.training.atomic_io import AtomicCheckpointIO, CheckpointError, checkpoint_problem, unreadable_message
 from diffv2_lit.training.module import DecoderLM, resolve_model_config
+from diffv2_lit.training.cleanup import RemoveEmptyRunFolder
 from diffv2_lit.training.preemption import PreemptionCheckpoint
 from diffv2_lit.training.progress import StepProgressBar
 from diffv2_lit.training.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
@@ -131,6 +132,7 @@ class DiffV2CLI(LightningCLI):
         kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
         callbacks = _as_list(trainer_config.get("callbacks"))
         added = [] if any(isinstance(c, PreemptionCheckpoint) for c in callbacks) else [PreemptionCheckpoint()]
+        added.append(RemoveEmptyRunFolder())
         if trainer_config.get("enable_progress_bar", True) is not False and \
                 not any(isinstance(c, ProgressBar) for c in callbacks):
             added.append(StepProgressBar())  # step / max_steps, loss, tokens/s, ETA (training/progress.py)

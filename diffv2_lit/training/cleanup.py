@@ -1,0 +1,47 @@
+"""`RemoveEmptyRunFolder`: a run that fails before it has logged a value or saved a checkpoint leaves no folder.
+
+Every run gets a new `runs/<name>/version_<n>` as soon as its logger starts. A run that then fails at
+once (a missing data folder, out of memory at the first step) used to leave that folder with nothing but
+an empty event file, and such folders pile up in `diffv2-lit compare runs/<name>` and in the search of
+`--ckpt_path last`. A folder that holds any logged value, any checkpoint or a spike record is kept: a
+run that diverged or crashed at step 1000 must keep its curves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+
+
+class RemoveEmptyRunFolder(L.Callback):
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        logger = trainer.logger
+        log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+        if not trainer.is_global_zero or not log_dir or not os.path.isdir(log_dir):
+            return
+        if holds_nothing(Path(log_dir)):
+            shutil.rmtree(log_dir, ignore_errors=True)
+            print(f"removed {log_dir}: the run failed before logging anything", file=sys.stderr)
+
+
+def holds_nothing(folder: Path) -> bool:
+    """No checkpoint, no spike record, no logged value in its TensorBoard event files."""
+    for path in folder.rglob("*"):
+        if path.suffix == ".ckpt" or path.name == "spikes.jsonl" or (path.is_dir() and path.name.endswith(".ckpt")):
+            return False
+        if path.name.startswith("events.out.tfevents") and _has_values(path):
+            return False
+    return True
+
+
+def _has_values(event_file: Path) -> bool:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    try:
+        return any(event.HasField("summary") and event.summary.value for event in EventFileLoader(str(event_file)).Load())
+    except Exception:  # unreadable: keep the folder, it is not ours to judge
+        return True
