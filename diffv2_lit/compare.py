@@ -313,17 +313,17 @@ class Series:
 
 
 def _x_axis(run: Run, steps: list[int]) -> tuple[list[float], str]:
-    """Tokens seen when the run logged them, else optimizer steps.
+    """Tokens seen (step x tokens per step) when the run logged them, else optimizer steps.
 
-    `perf/tokens_seen` is logged with the training metrics (after step s: (s + 1) steps' tokens); other
-    callbacks log at other steps (DiffMonitor at the start of step s: s steps' tokens), placed with the
-    constant tokens per step."""
-    seen = dict(run.series((TOKENS_TAG,)))
+    Every tag is placed by its step with the same tokens per step, whichever callback logged it and at
+    whichever steps (DiffMonitor's are not the training metrics' steps). `perf/tokens_seen` logged at
+    step s counts s + 1 steps (it is logged after the step)."""
+    seen = run.series((TOKENS_TAG,))
     if not seen:
         return [float(s) for s in steps], "step"
-    last_step = max(seen)
-    tokens_per_step = seen[last_step] / (last_step + 1)
-    return [seen.get(s, s * tokens_per_step) for s in steps], "tokens"
+    last_step, tokens = seen[-1]
+    tokens_per_step = tokens / (last_step + 1)
+    return [s * tokens_per_step for s in steps], "tokens"
 
 
 def chart_series(candidates: tuple[str, ...], groups: dict[str, list[Run]]) -> dict[str, Series]:

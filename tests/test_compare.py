@@ -1,19 +1,14 @@
 """`diffv2-lit compare` on real TensorBoard event files, and on the run folders `diffv2-lit fit` writes."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.image
 import pytest
-import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from diffv2_lit import compare
 from diffv2_lit.compare import main
-
-TINY = Path(__file__).parent / "training" / "configs" / "tiny.yaml"
 
 
 def _write_run(folder, losses, spikes_at=()):
@@ -67,37 +62,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         main([str(tmp_path / "nope"), "--output", str(tmp_path / "r")])
 
 
-# ---- the folders real runs leave -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def twin_runs(tmp_path_factory):
-    """runs/tiny as a newcomer leaves it: the DIFF V2 run (version_0) and its baseline twin (version_1),
-    which share one logger folder; the DIFF V2 run restarted from its step-3 checkpoint (version_2, the
-    same settings and seed: a second piece of the same run); an empty folder and one whose event file
-    holds nothing but the logger's hp_metric (runs that failed early). Real `fit` runs, in process."""
-    from diffv2_lit.training.cli import run_lightning_cli
-
-    root = tmp_path_factory.mktemp("twins")
-    config = yaml.safe_load(TINY.read_text())
-    config["trainer"]["callbacks"].append({"class_path": "diffv2_lit.callbacks.DiffMonitor",
-                                           "init_args": {"every_n_steps": 2}})
-    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
-    fits = [["--model.model.attention", "diffv2"], ["--model.model.attention", "baseline"],
-            ["--model.model.attention", "diffv2", "--ckpt_path", "runs/tiny/version_0/checkpoints/epoch=0-step=3.ckpt"]]
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for extra in fits:
-            run_lightning_cli(["fit", "--config", "tiny.yaml", *extra])
-    finally:
-        os.chdir(cwd)
-    runs = root / "runs" / "tiny"
-    (runs / "version_3").mkdir()
-    writer = SummaryWriter(str(runs / "version_4"))
-    writer.add_scalar("hp_metric", -1, 0)
-    writer.close()
-    return runs
+# ---- the folders real runs leave (the quickstart_twin_runs fixture: tests/conftest.py) ---------
 
 
 def _table_rows(page: str) -> dict[str, list[str]]:
@@ -105,28 +70,28 @@ def _table_rows(page: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
 
 
-def test_twins_in_one_logger_folder_are_two_groups(twin_runs, tmp_path, capsys):
-    assert main([str(twin_runs), "--output", str(tmp_path / "report")]) == 0
+def test_twins_in_one_logger_folder_are_two_groups(quickstart_twin_runs, tmp_path, capsys):
+    assert main([str(quickstart_twin_runs), "--output", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "report.md").read_text()
     rows = _table_rows(page)
-    assert set(rows) == {"tiny-diffv2", "tiny-baseline"}, page
-    assert rows["tiny-diffv2"][0] == "1" and rows["tiny-baseline"][0] == "1"  # the restart is no second seed
-    assert "- `tiny-diffv2`: " in page and "version_0` + `" in page and "version_2`" in page
+    assert set(rows) == {"quickstart-diffv2", "quickstart-baseline"}, page
+    assert rows["quickstart-diffv2"][0] == "1" and rows["quickstart-baseline"][0] == "1"  # the restart is no second seed
+    assert "- `quickstart-diffv2`: " in page and "version_0` + `" in page and "version_2`" in page
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 2, warnings  # one line for each folder left by a failed run
     assert "skipping" in warnings[0] and "version_3" in warnings[0] and "version_4" in warnings[1]
 
 
-def test_diff_charts_cover_the_whole_run_per_variant(twin_runs):
-    groups = compare.group_runs(compare.load_runs(compare.find_run_dirs([twin_runs])))
+def test_diff_charts_cover_the_whole_run_per_variant(quickstart_twin_runs):
+    groups = compare.group_runs(compare.load_runs(compare.find_run_dirs([quickstart_twin_runs])))
     lam = compare.chart_series(compare.CHARTS["sigmoid(lambda) mean (DIFF)"], groups)
-    assert list(lam) == ["tiny-diffv2"]  # the baseline has no lambda
+    assert list(lam) == ["quickstart-diffv2"]  # the baseline has no lambda
     rms = compare.chart_series(compare.CHARTS["context RMS, mean"], groups)
-    assert set(rms) == {"tiny-diffv2", "tiny-baseline"}
+    assert set(rms) == {"quickstart-diffv2", "quickstart-baseline"}
     for line in rms.values():  # DiffMonitor ran at steps 0, 2, 4 of the 6: all drawn, on the token axis
         assert line.steps == [0, 2, 4] and line.x_label == "tokens" and line.cut_note is None
-        assert line.x[0] == 0 and line.x[-1] == 4 * 4 * 32  # 4 steps of 4 sequences of 32 tokens
-    loss = compare.chart_series(compare.CHARTS["train loss"], groups)["tiny-diffv2"]
+        assert line.x[0] == 0 and line.x[-1] == 4 * 4 * 32  # at the start of step 4: 4 steps of 4 x 32 tokens
+    loss = compare.chart_series(compare.CHARTS["train loss"], groups)["quickstart-diffv2"]
     assert loss.steps == list(range(6))  # steps 0-2 from the first piece, 3-5 from the restart
 
 
