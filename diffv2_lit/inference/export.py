@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffv2_lit.inference import hf_format
-from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.inference.loading import CheckpointError, load_for_inference
 from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype | None = None,
            overwrite: bool = False) -> Path:
     """Write the folder; returns its path."""
-    model, config, stored_spec = load_model(ckpt, dtype=dtype)
+    model, config, stored_spec, train_seq_len = load_for_inference(ckpt, dtype=dtype)
     tokenizer_spec = tokenizer_spec or stored_spec
     folder = _prepare_folder(Path(output), overwrite)
     weight_dtype = next(model.parameters()).dtype
@@ -72,7 +72,8 @@ def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype |
               "the folder has no tokenizer files.", file=sys.stderr)
     # The export folder carries its own BPE tokenizer.json; the byte tokenizer needs no file.
     recorded_spec = "byte" if tokenizer_spec == "byte" else ("tokenizer.json" if tokenizer_spec else None)
-    _write_json(folder / "config.json", hf_format.hf_config(config, weight_dtype, special_ids, recorded_spec))
+    _write_json(folder / "config.json",
+                hf_format.hf_config(config, weight_dtype, special_ids, recorded_spec, train_seq_len))
     _write_json(folder / "generation_config.json", _generation_config(special_ids))
     if config.attention != "baseline":
         for name in MODELING_FILES:
