@@ -5,7 +5,10 @@
 
 Baseline models become a plain `LlamaForCausalLM` folder (no custom code). DIFF V2 / V1 folders hold the
 same files plus `configuration_diffv2.py` / `modeling_diffv2.py` (self-contained, registered through
-`auto_map`), loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
+`auto_map`), loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Their
+tokenizer is a standard `PreTrainedTokenizerFast` and needs no custom code, but transformers 5's
+AutoTokenizer reads config.json first and, finding custom code named there, asks whether to run it
+unless told: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads it without asking.
 
 Folder: config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
 special_tokens_map.json (when the tokenizer is known), and the modeling files for DIFF models.
@@ -55,7 +58,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffv2-lit export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported to {folder}")
+    print("\n".join(load_instructions(folder)))
     return 0
+
+
+def load_instructions(folder: Path) -> list[str]:
+    """How to load the folder in transformers: the lines `main` prints after exporting."""
+    config = json.loads((folder / "config.json").read_text())
+    custom = "auto_map" in config
+    lines = ["load it in transformers:"]
+    if custom:
+        lines.append(f"  AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)"
+                     "  # runs the folder's modeling_diffv2.py")
+    else:
+        lines.append(f"  LlamaForCausalLM.from_pretrained({str(folder)!r})  # no custom code")
+    if (folder / "tokenizer_config.json").is_file():
+        # The tokenizer is standard; for a DIFF folder, saying False keeps AutoTokenizer from asking about
+        # the model's code (transformers 5 reads config.json before the tokenizer files).
+        extra = ", trust_remote_code=False" if custom else ""
+        lines.append(f"  AutoTokenizer.from_pretrained({str(folder)!r}{extra})  # a standard tokenizer, no custom code")
+    return lines
 
 
 def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype | None = None,
