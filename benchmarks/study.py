@@ -115,9 +115,9 @@ def summarize(run_dirs: list[Path], command: str) -> str:
     """A Markdown table of the last value of each study metric, mean ± std over seeds, per group."""
     import statistics
 
-    from diffv2_lit.compare import find_run_dirs, group_runs, load_run
+    from diffv2_lit.compare import find_run_dirs, group_runs, load_runs
 
-    groups = group_runs([load_run(d) for d in find_run_dirs(run_dirs)])
+    groups = group_runs(load_runs(find_run_dirs(run_dirs)))
 
     def cell(values: list[float], digits: int = 3) -> str:
         if not values:

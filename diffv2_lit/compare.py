@@ -1,21 +1,39 @@
 """`diffv2-lit compare`: overlay several TensorBoard runs in a Markdown page with PNG charts.
 
-    diffv2-lit compare runs/quickstart runs/quickstart-baseline --output report/
+    diffv2-lit compare runs/quickstart --output report/
 
-Each argument is a run folder or a folder holding runs; every folder below it that holds a
-TensorBoard event file is one run. A run is labelled by the logger name above its `version_N`
-folder, plus its attention variant (from hparams.yaml) when the name does not say it, since recipe
-twins share one logger name. Runs whose labels differ only by a trailing `seedN`
-are one group: charts draw the group mean with its min-max band, and the table gives mean ± std.
-Event files are read with tensorboard's own EventAccumulator.
+Each argument is a run folder or a folder holding runs: every folder below it that holds a TensorBoard
+event file is one run. `version_N` folders with nothing logged (left by runs that failed early) are
+skipped with a warning.
+
+Labels: the logger name (the folder above `version_N`), plus the attention variant when the name does
+not say it, plus each setting in which the run differs from the runs sharing its logger name (recipe
+twins share one: runs/quickstart holds quickstart-diffv2 and quickstart-baseline). The variant and the
+settings are read from the config.yaml that `diffv2-lit fit` writes into each run folder (LightningCLI's
+resolved config: model.model.attention, the rest of model and data, and trainer max_steps, precision,
+accumulate_grad_batches, gradient_clip_val); a run folder without one falls back to the model_config in
+its hparams.yaml, then to the name alone.
+
+Groups: runs that differ only in their seed (seed_everything or data.seed in config.yaml, or a trailing
+`seedN` in the logger name) are one group: charts draw the group mean with its min-max band, the table
+gives mean ± std. Runs with the same settings and the same seed_everything are one run logged in pieces
+(a resumed or restarted run): their curves are joined in version order; where pieces overlap, the one
+that reaches further wins.
+
+Charts plot against tokens seen (perf/tokens_seen) when it was logged, else optimizer steps. A group's
+mean stops where its shortest seed stops; the page says so under the chart. Event files are read with
+tensorboard's own EventAccumulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +53,19 @@ CHARTS: dict[str, tuple[str, ...]] = {
 }
 TOKENS_TAG = "perf/tokens_seen"
 SEED_SUFFIX = re.compile(r"[-_.]?seed[-_]?\d+$")
+VERSION_DIR = re.compile(r"version_(\d+)")
+NOT_TRAINING_TAGS = {"hp_metric"}  # what the logger writes before the first step
+MARKER_BELOW = 30  # series with fewer points get markers: a line through one point draws nothing
+
+# The settings a run is labelled by (config.yaml keys, flattened with dots): everything under model and
+# data but what does not change the experiment, and these trainer keys.
+TRAINER_SETTINGS = ("trainer.max_steps", "trainer.precision", "trainer.accumulate_grad_batches",
+                    "trainer.gradient_clip_val", "global_batch_size")
+SEED_SETTINGS = ("data.init_args.seed", "data.seed")
+IGNORED_SETTINGS = SEED_SETTINGS + ("data.init_args.num_workers", "data.init_args.cache_dir",
+                                    "data.init_args.storage_options", "data.num_workers", "data.cache_dir",
+                                    "data.storage_options", "model.model.attention")
+ATTENTION_SETTING = "model.model.attention"
 
 
 @dataclass
@@ -42,10 +73,16 @@ class Run:
     label: str
     path: Path
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    group: str = ""
+    name: str = ""  # the logger name
+    settings: dict | None = None  # flattened config.yaml, None without one
+    seed: int | None = None  # seed_everything from config.yaml
+    pieces: list[Path] = field(default_factory=list)  # the folders of a run logged in several pieces
 
-    @property
-    def group(self) -> str:
-        return SEED_SUFFIX.sub("", self.label) or self.label
+    def __post_init__(self) -> None:
+        self.group = self.group or SEED_SUFFIX.sub("", self.label) or self.label
+        self.name = self.name or self.label
+        self.pieces = self.pieces or [self.path]
 
     def series(self, candidates: tuple[str, ...]) -> list[tuple[int, float]]:
         return next((self.scalars[tag] for tag in candidates if tag in self.scalars), [])
@@ -54,41 +91,61 @@ class Run:
         values = self.series(candidates)
         return values[-1][1] if values else None
 
+    @property
+    def has_data(self) -> bool:
+        return any(values for tag, values in self.scalars.items() if tag not in NOT_TRAINING_TAGS)
+
 
 class CompareError(ValueError):
     pass
 
 
+def warn(message: str) -> None:
+    print(f"diffv2-lit compare: warning: {message}", file=sys.stderr)
+
+
+# ---- finding and reading runs ---------------------------------------------------------------
+
+
 def find_run_dirs(roots: list[Path]) -> list[Path]:
+    """Folders holding event files, and `version_N` folders without any (reported by load_runs)."""
     dirs: set[Path] = set()
     for root in roots:
         if not root.exists():
             raise CompareError(f"{root} does not exist; pass folders written by `diffv2-lit fit` (e.g. runs/NAME).")
         found = {p.parent for p in root.rglob("events.out.tfevents.*")}
+        found |= {p for p in [root, *root.rglob("version_*")] if p.is_dir() and VERSION_DIR.fullmatch(p.name)}
         if not found:
             raise CompareError(
                 f"{root} holds no TensorBoard event file (events.out.tfevents.*); point compare at the logger's "
                 "save_dir or run folder of a `diffv2-lit fit` run."
             )
         dirs |= found
-    return sorted(dirs)
+    return sorted(dirs, key=_version_order)
 
 
-def run_label(run_dir: Path) -> str:
-    """The logger name (the folder above `version_N`), plus the attention variant from hparams.yaml
-    when the name lacks it: recipe twins share one logger name and differ only in the variant."""
-    name = run_dir.parent.name if re.fullmatch(r"version_\d+", run_dir.name) else run_dir.name
-    attention = _attention_variant(run_dir / "hparams.yaml")
-    return f"{name}-{attention}" if attention and attention not in name else name
+def _version_order(path: Path) -> tuple:
+    match = VERSION_DIR.fullmatch(path.name)
+    return (str(path.parent), int(match.group(1)), "") if match else (str(path.parent), -1, path.name)
 
 
-def _attention_variant(hparams_file: Path) -> str | None:
-    if not hparams_file.is_file():
-        return None
-    import yaml
-
-    hparams = yaml.safe_load(hparams_file.read_text()) or {}
-    return (hparams.get("model_config") or {}).get("attention")
+def load_runs(run_dirs: list[Path]) -> list[Run]:
+    """Every readable run with something logged; one warning line for each folder left out."""
+    runs = []
+    for run_dir in run_dirs:
+        if not any(run_dir.glob("events.out.tfevents.*")):
+            warn(f"skipping {run_dir}: no event file (a run that failed before it logged anything).")
+            continue
+        try:
+            run = load_run(run_dir)
+        except Exception as error:  # noqa: BLE001 - a damaged folder must not cost the other runs' report
+            warn(f"skipping {run_dir}: cannot read it ({type(error).__name__}: {error}).")
+            continue
+        if not run.has_data:
+            warn(f"skipping {run_dir}: nothing logged (a run that stopped before its first logged step).")
+            continue
+        runs.append(run)
+    return runs
 
 
 def load_run(run_dir: Path) -> Run:
@@ -97,63 +154,238 @@ def load_run(run_dir: Path) -> Run:
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     scalars = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-    return Run(label=run_label(run_dir), path=run_dir, scalars=scalars)
+    name = run_dir.parent.name if VERSION_DIR.fullmatch(run_dir.name) else run_dir.name
+    config = _read_yaml(run_dir / "config.yaml")
+    settings = run_settings(config) if config else None
+    attention = settings.get(ATTENTION_SETTING) if settings else _hparams_attention(run_dir / "hparams.yaml")
+    seed = config.get("seed_everything") if config else None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        seed = None  # seed_everything: false, or not recorded: the run's seed is unknown
+    return Run(label=_with_variant(name, attention), path=run_dir, scalars=scalars, name=name, settings=settings,
+               group=_with_variant(SEED_SUFFIX.sub("", name) or name, attention), seed=seed)
+
+
+def _with_variant(name: str, attention: str | None) -> str:
+    return f"{name}-{attention}" if attention and attention not in name else name
+
+
+def _read_yaml(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        warn(f"{path} is not valid YAML ({error}); labelling the run by its folder name alone.")
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _hparams_attention(hparams_file: Path) -> str | None:
+    """hparams.yaml as TensorBoardLogger writes it: model_config is there only if the module logged it."""
+    hparams = _read_yaml(hparams_file) or {}
+    return (hparams.get("model_config") or {}).get("attention")
+
+
+def run_settings(config: dict) -> dict:
+    """The settings that define a run, flattened from LightningCLI's config.yaml (see TRAINER_SETTINGS).
+
+    `model.model` is resolved to the full model config, so a preset and the same preset spelled out in
+    fields compare equal, and a variant left to the preset's default is still known."""
+    flat = _flatten({"model": config.get("model") or {}, "data": config.get("data") or {}})
+    flat = {key: value for key, value in flat.items() if not key.startswith("model.model.")}
+    flat.update(_flatten({"model": {"model": _resolved_model(((config.get("model") or {}).get("model")))}}))
+    everything = _flatten(config)
+    flat.update({key: everything[key] for key in TRAINER_SETTINGS if key in everything})
+    return flat
+
+
+def _resolved_model(spec) -> dict:
+    if spec is None:
+        return {}
+    try:
+        from diffv2_lit.training.module import resolve_model_config
+
+        return dataclasses.asdict(resolve_model_config(spec))
+    except Exception:  # noqa: BLE001 - a config from another version: compare what it says
+        return {key: value for key, value in spec.items() if value is not None} if isinstance(spec, dict) \
+            else {"preset": spec}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+# ---- grouping -------------------------------------------------------------------------------
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Join the pieces of each run, label the runs by what sets them apart, group them by label."""
+    runs = join_pieces(runs)
+    _label_differences(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     return groups
 
 
+def join_pieces(runs: list[Run]) -> list[Run]:
+    """Runs with the same logger name, settings and seed_everything are one run logged in pieces
+    (`--ckpt_path` resumes into a new version folder); they are joined in version order."""
+    joined: dict[str, Run] = {}
+    result = []
+    for run in sorted(runs, key=lambda r: _version_order(r.path)):
+        if run.settings is None or run.seed is None:
+            result.append(run)
+            continue
+        key = json.dumps([run.name, run.seed, run.settings], sort_keys=True, default=str)
+        if key in joined:
+            _append_piece(joined[key], run)
+        else:
+            joined[key] = run
+            result.append(run)
+    return result
+
+
+def _append_piece(run: Run, piece: Run) -> None:
+    """Where the pieces overlap (a restart from an earlier step), the one that reaches further wins."""
+    for tag, later in piece.scalars.items():
+        earlier = run.scalars.get(tag, [])
+        if not earlier or not later:
+            run.scalars[tag] = earlier or later
+        elif later[-1][0] >= earlier[-1][0]:
+            run.scalars[tag] = [point for point in earlier if point[0] < later[0][0]] + later
+        else:
+            run.scalars[tag] = earlier + [point for point in later if point[0] > earlier[-1][0]]
+    run.pieces.append(piece.path)
+
+
+def _label_differences(runs: list[Run]) -> None:
+    """Add `key=value` for each setting that differs among the runs sharing a logger name (seeds aside)."""
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.settings is not None:
+            by_name.setdefault(SEED_SUFFIX.sub("", run.name) or run.name, []).append(run)
+    for peers in by_name.values():
+        keys = sorted({key for run in peers for key in run.settings} - set(IGNORED_SETTINGS))
+        differing = [key for key in keys if len({_shown(run.settings.get(key)) for run in peers}) > 1]
+        names = _short_names(differing)
+        for run in peers:
+            tags = " ".join(f"{names[key]}={_shown(run.settings.get(key))}" for key in differing)
+            if tags:
+                run.label, run.group = f"{run.label} {tags}", f"{run.group} {tags}"
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each dotted key, or the whole key (without `init_args.`) where two would clash."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: short if last.count(short) == 1 else key.replace("init_args.", "") for key, short in zip(keys, last)}
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value)
+    return str(value)
+
+
 # ---- charts ---------------------------------------------------------------------------------
 
 
+@dataclass
+class Series:
+    """One group's line on a chart: x (tokens or steps), the mean and min/max over seeds, and where
+    the mean had to stop early because a seed did."""
+    x: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+    x_label: str
+    steps: list[int]
+    cut_note: str | None = None
+
+
 def _x_axis(run: Run, steps: list[int]) -> tuple[list[float], str]:
-    """Tokens seen when the run logged them (tokens per step is constant), else optimizer steps."""
-    seen = [(step, tokens) for step, tokens in run.series((TOKENS_TAG,)) if step > 0]
+    """Tokens seen (step x tokens per step) when the run logged them, else optimizer steps.
+
+    Every tag is placed by its step with the same tokens per step, whichever callback logged it and at
+    whichever steps (DiffMonitor's are not the training metrics' steps). `perf/tokens_seen` logged at
+    step s counts s + 1 steps (it is logged after the step)."""
+    seen = run.series((TOKENS_TAG,))
     if not seen:
         return [float(s) for s in steps], "step"
-    tokens_per_step = seen[-1][1] / seen[-1][0]
+    last_step, tokens = seen[-1]
+    tokens_per_step = tokens / (last_step + 1)
     return [s * tokens_per_step for s in steps], "tokens"
 
 
-def _group_band(runs: list[Run], candidates: tuple[str, ...]):
-    """Mean, min and max across seeds at the steps every seed logged."""
-    per_run = [dict(run.series(candidates)) for run in runs]
-    common = sorted(set.intersection(*(set(series) for series in per_run))) if per_run else []
-    values = [[series[step] for series in per_run] for step in common]
-    return common, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+def chart_series(candidates: tuple[str, ...], groups: dict[str, list[Run]]) -> dict[str, Series]:
+    """The line each group draws on the chart of `candidates` (groups that logged none of them draw none)."""
+    lines = {}
+    for label, runs in groups.items():
+        per_run = [dict(series) for series in (run.series(candidates) for run in runs) if series]
+        if not per_run:
+            continue
+        common = sorted(set.intersection(*(set(series) for series in per_run)))
+        if not common:
+            continue
+        values = [[series[step] for series in per_run] for step in common]
+        x, x_label = _x_axis(runs[0], common)
+        line = Series(x, [statistics.fmean(v) for v in values], [min(v) for v in values],
+                      [max(v) for v in values], x_label, common)
+        longest = max(max(series) for series in per_run)
+        if longest > common[-1]:
+            line.cut_note = (f"`{label}`: the mean stops at step {common[-1]}, where its shortest seed stops "
+                             f"(its longest reaches step {longest}).")
+        if len(per_run) < len(runs):
+            missing = len(runs) - len(per_run)
+            line.cut_note = " ".join(filter(None, [line.cut_note, f"`{label}`: {missing} of {len(runs)} seeds "
+                                                                  "logged nothing here."]))
+        lines[label] = line
+    return lines
 
 
-def plot_chart(title: str, candidates: tuple[str, ...], groups: dict[str, list[Run]], path: Path) -> bool:
+def draw_chart(title: str, lines: dict[str, Series], groups: dict[str, list[Run]], candidates: tuple[str, ...]):
+    """A matplotlib Figure of the lines (the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    drawn, x_label = False, "step"
-    for label, runs in groups.items():
-        steps, mean, low, high = _group_band(runs, candidates)
-        if not steps:
-            continue
-        x, x_label = _x_axis(runs[0], steps)
-        ax.plot(x, mean, label=f"{label} (n={len(runs)})", linewidth=1.2)
+    for label, line in lines.items():
+        runs = groups[label]
+        marker = {"marker": "o", "markersize": 3} if len(line.x) < MARKER_BELOW else {}
+        ax.plot(line.x, line.mean, label=f"{label} (n={len(runs)})", linewidth=1.2, **marker)
         if len(runs) > 1:
-            ax.fill_between(x, low, high, alpha=0.2)
+            ax.fill_between(line.x, line.low, line.high, alpha=0.2)
         if "grad" in candidates[0]:
-            _mark_spikes(ax, runs, x, steps)
-        drawn = True
-    if drawn:
-        ax.set(title=title, xlabel=x_label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+            _mark_spikes(ax, runs, line.x, line.steps)
+    ax.set(title=title, xlabel=next(iter(lines.values())).x_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_chart(title: str, candidates: tuple[str, ...], groups: dict[str, list[Run]], path: Path) -> list[str] | None:
+    """Write the chart's PNG; returns its notes (where a mean stops early), or None if nothing was drawn."""
+    lines = chart_series(candidates, groups)
+    if not lines:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig = draw_chart(title, lines, groups, candidates)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return drawn
+    return [line.cut_note for line in lines.values() if line.cut_note]
 
 
 def _mark_spikes(ax, runs: list[Run], x: list[float], steps: list[int]) -> None:
@@ -201,12 +433,20 @@ def write_report(groups: dict[str, list[Run]], output: Path) -> Path:
     lines = ["# Run comparison", "", summary_table(groups), ""]
     for title, candidates in CHARTS.items():
         file_name = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_") + ".png"
-        if plot_chart(title, candidates, groups, output / file_name):
+        notes = plot_chart(title, candidates, groups, output / file_name)
+        if notes is not None:
             lines += [f"## {title}", "", f"![{title}]({file_name})", ""]
-    lines += ["## Runs", ""] + [f"- `{run.label}`: `{run.path}`" for runs in groups.values() for run in runs]
+            lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
+    lines += ["## Runs", ""] + [_run_line(run) for runs in groups.values() for run in runs]
     page = output / "report.md"
     page.write_text("\n".join(lines) + "\n")
     return page
+
+
+def _run_line(run: Run) -> str:
+    folders = " + ".join(f"`{piece}`" for piece in run.pieces)
+    joined = " (one run logged in pieces: same settings and seed)" if len(run.pieces) > 1 else ""
+    return f"- `{run.label}`: {folders}{joined}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="report folder (report.md + PNG charts)")
     args = parser.parse_args(argv)
     try:
-        runs = [load_run(run_dir) for run_dir in find_run_dirs(args.runs)]
+        runs = load_runs(find_run_dirs(args.runs))
+        if not runs:
+            raise CompareError(f"no run with logged values under {', '.join(map(str, args.runs))}: every run "
+                               "folder was skipped (see the warnings above).")
     except CompareError as error:
         parser.exit(2, f"diffv2-lit compare: error: {error}\n")
-    page = write_report(group_runs(runs), args.output)
-    print(f"compared {len(runs)} runs; report written to {page}")
+    groups = group_runs(runs)
+    page = write_report(groups, args.output)
+    print(f"compared {len(runs)} run folders in {len(groups)} groups; report written to {page}")
     return 0

@@ -5,7 +5,10 @@
 
 Baseline models become a plain `LlamaForCausalLM` folder (no custom code). DIFF V2 / V1 folders hold the
 same files plus `configuration_diffv2.py` / `modeling_diffv2.py` (self-contained, registered through
-`auto_map`), loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
+`auto_map`), loaded with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Their
+tokenizer is a standard `PreTrainedTokenizerFast` and needs no custom code, but transformers 5's
+AutoTokenizer reads config.json first and, finding custom code named there, asks whether to run it
+unless told: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads it without asking.
 
 Folder: config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
 special_tokens_map.json (when the tokenizer is known), and the modeling files for DIFF models.
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from diffv2_lit.inference import hf_format
-from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.inference.loading import CheckpointError, load_for_inference
 from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
@@ -55,13 +58,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffv2-lit export: error: {error}", file=sys.stderr)
         return 2
     print(f"exported to {folder}")
+    print("\n".join(load_instructions(folder)))
     return 0
+
+
+def load_instructions(folder: Path) -> list[str]:
+    """How to load the folder in transformers: the lines `main` prints after exporting."""
+    config = json.loads((folder / "config.json").read_text())
+    custom = "auto_map" in config
+    lines = ["load it in transformers:"]
+    if custom:
+        lines.append(f"  AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)"
+                     "  # runs the folder's modeling_diffv2.py")
+    else:
+        lines.append(f"  LlamaForCausalLM.from_pretrained({str(folder)!r})  # no custom code")
+    if (folder / "tokenizer_config.json").is_file():
+        # The tokenizer is standard; for a DIFF folder, saying False keeps AutoTokenizer from asking about
+        # the model's code (transformers 5 reads config.json before the tokenizer files).
+        extra = ", trust_remote_code=False" if custom else ""
+        lines.append(f"  AutoTokenizer.from_pretrained({str(folder)!r}{extra})  # a standard tokenizer, no custom code")
+    return lines
 
 
 def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype | None = None,
            overwrite: bool = False) -> Path:
     """Write the folder; returns its path."""
-    model, config, stored_spec = load_model(ckpt, dtype=dtype)
+    model, config, stored_spec, train_seq_len = load_for_inference(ckpt, dtype=dtype)
     tokenizer_spec = tokenizer_spec or stored_spec
     folder = _prepare_folder(Path(output), overwrite)
     weight_dtype = next(model.parameters()).dtype
@@ -72,7 +94,8 @@ def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype |
               "the folder has no tokenizer files.", file=sys.stderr)
     # The export folder carries its own BPE tokenizer.json; the byte tokenizer needs no file.
     recorded_spec = "byte" if tokenizer_spec == "byte" else ("tokenizer.json" if tokenizer_spec else None)
-    _write_json(folder / "config.json", hf_format.hf_config(config, weight_dtype, special_ids, recorded_spec))
+    _write_json(folder / "config.json",
+                hf_format.hf_config(config, weight_dtype, special_ids, recorded_spec, train_seq_len))
     _write_json(folder / "generation_config.json", _generation_config(special_ids))
     if config.attention != "baseline":
         for name in MODELING_FILES:

@@ -10,6 +10,10 @@ or one per non-empty line of --prompt-file) are decoded in batches of prompts wi
 count (the model has no padding mask, so batching equal lengths keeps every result exact); each
 continuation is printed when its batch finishes. Generation stops at max-new-tokens or, per prompt, at
 the tokenizer's end-of-text token. On CUDA the default dtype is bfloat16, on CPU float32.
+
+A request longer than the model's context is refused. One longer than the sequences the model was
+trained on (when the checkpoint records it) is served with a warning: past that length the model has
+never been trained, and its text usually degrades.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections import defaultdict
 
 import torch
 
-from diffv2_lit.inference.loading import CheckpointError, load_model
+from diffv2_lit.inference.loading import CheckpointError, load_for_inference
 from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
@@ -72,10 +76,11 @@ def run(args: argparse.Namespace) -> None:
     _check_sampling_args(args)
     device = _resolve_device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, config, stored_spec = load_model(args.ckpt, device=device, dtype=dtype)
+    model, config, stored_spec, train_seq_len = load_for_inference(args.ckpt, device=device, dtype=dtype)
     tokenizer = _tokenizer(args.tokenizer or stored_spec, config.vocab_size)
     prompts = _read_prompts(args)
     encoded = [_encode(tokenizer, text, config.max_seq_len, args.max_new_tokens) for text in prompts]
+    _warn_past_training_length(max(len(ids) for ids in encoded), args.max_new_tokens, train_seq_len)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eos_id = None if args.ignore_eos else tokenizer.eos_id
     started, n_tokens = time.perf_counter(), 0
@@ -142,6 +147,18 @@ def _encode(tokenizer, text: str, context: int, max_new_tokens: int) -> list[int
             f"or lower --max-new-tokens to at most {max(context - len(ids), 0)}."
         )
     return ids
+
+
+def _warn_past_training_length(prompt_tokens: int, max_new_tokens: int, train_seq_len: int | None) -> None:
+    """One line when the longest request passes the training sequence length (unknown: nothing to say)."""
+    total = prompt_tokens + max_new_tokens
+    if train_seq_len is None or total <= train_seq_len:
+        return
+    advice = (f"--max-new-tokens {train_seq_len - prompt_tokens} stays within it" if prompt_tokens < train_seq_len
+              else "shorten the prompt to stay within it")
+    print(f"diffv2-lit generate: warning: prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} = "
+          f"{total} tokens, more than the {train_seq_len} the model was trained on: text past token "
+          f"{train_seq_len} is likely to degrade ({advice}).", file=sys.stderr)
 
 
 def _preview(text: str, width: int = 40) -> str:

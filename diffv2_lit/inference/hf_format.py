@@ -5,9 +5,10 @@ Our module names already follow HF Llama, so a state dict maps by prefixing `mod
 DIFF V2 / V1 as our own `DiffV2LitForCausalLM` (hf_modeling/, loaded with trust_remote_code=True) with
 the same Llama field names, so tools that read `max_position_embeddings` or `hidden_size` keep working.
 
-config.json also carries a `diffv2_lit` block (the full ModelConfig and the tokenizer spec) so that
-importing an export back gives exactly the config it came from; without that block (a Llama folder
-from elsewhere), the config is rebuilt from the Llama fields.
+config.json also carries a `diffv2_lit` block (the full ModelConfig, the tokenizer spec and the sequence
+length the model was trained at) so that importing an export back gives exactly the config it came from
+and `generate` can warn past the training length; without that block (a Llama folder from elsewhere),
+the config is rebuilt from the Llama fields.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ AUTO_MAP = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict, tokenizer_spec: str | None) -> dict:
+def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict, tokenizer_spec: str | None,
+              train_seq_len: int | None = None) -> dict:
     """config.json contents: Llama fields, plus auto_map and the variant for DIFF models."""
     fields = {
         "vocab_size": config.vocab_size,
@@ -59,8 +61,15 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict, tokeni
     else:
         head = {"architectures": [REMOTE_ARCHITECTURE], "model_type": REMOTE_MODEL_TYPE, "auto_map": AUTO_MAP,
                 "attention_variant": config.attention}
-    ours = {"format_version": FORMAT_VERSION, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer_spec}
+    ours = {"format_version": FORMAT_VERSION, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer_spec,
+            "train_seq_len": train_seq_len}
     return {**head, **fields, "diffv2_lit": ours}
+
+
+def train_seq_len_from_hf(hf: dict) -> int | None:
+    """The training sequence length an export recorded (None for older exports and foreign folders)."""
+    seq_len = (hf.get("diffv2_lit") or {}).get("train_seq_len")
+    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
 
 
 def model_config_fields_from_hf(hf: dict) -> dict:

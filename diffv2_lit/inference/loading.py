@@ -6,8 +6,10 @@
   writes it): the same `state_dict` under DCP, the hyper-parameters in `meta.pt` beside it;
 - a folder written by `diffv2-lit export` (config.json + model.safetensors), or a plain Llama folder.
 
-`load_model` returns a ready Transformer in eval mode; `load_state_dict_for_training` returns the raw
-pieces for `--model.init_from` (continued training). Pickled parts are read as data only
+`load_model` returns a ready Transformer in eval mode (`load_for_inference` also the sequence length it
+was trained at: the datamodule's `seq_len` in a Lightning checkpoint or `meta.pt`, `train_seq_len` in an
+export's config.json); `load_state_dict_for_training` returns the raw pieces for `--model.init_from`
+(continued training). Pickled parts are read as data only
 (`diffv2_lit.training.safe_load`): a checkpoint that needs more raises `UntrustedCheckpointError`
 unless trusted (DIFFV2_LIT_TRUST_CHECKPOINTS=1, or `with safe_load.trusting(): ...`).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,15 +39,34 @@ class CheckpointError(ValueError):
     """A checkpoint path that cannot be read, or whose weights do not fit its model config."""
 
 
+class _Checkpoint(NamedTuple):
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer_spec: str | None
+    train_seq_len: int | None  # None when the checkpoint does not record it
+
+
+class LoadedModel(NamedTuple):
+    model: Transformer
+    config: ModelConfig
+    tokenizer_spec: str | None
+    train_seq_len: int | None  # the training sequence length, when recorded: past it the model has not learned
+
+
 def load_model(path, device="cpu", dtype: torch.dtype | None = None):
     """-> (Transformer in eval mode, ModelConfig, tokenizer spec or None). dtype None keeps the stored dtype."""
-    config, state_dict, tokenizer_spec = _read_checkpoint(Path(path))
+    return load_for_inference(path, device, dtype)[:3]
+
+
+def load_for_inference(path, device="cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """load_model, plus the sequence length the model was trained at (None if unrecorded)."""
+    config, state_dict, tokenizer_spec, train_seq_len = _read_checkpoint(Path(path))
     check_state_dict(config, state_dict, source=str(path))
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state_dict, assign=True)  # assign: take the loaded tensors, no second copy
     model.to(device=device, dtype=dtype)
-    return model.eval(), config, tokenizer_spec
+    return LoadedModel(model.eval(), config, tokenizer_spec, train_seq_len)
 
 
 def load_state_dict_for_training(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -53,7 +75,7 @@ def load_state_dict_for_training(path) -> tuple[dict, dict[str, torch.Tensor]]:
     For `--model.init_from`: accepts the same three kinds of path as load_model, checks that the weights
     fit the config, and leaves dtype and attention backend exactly as stored.
     """
-    config, state_dict, _ = _read_checkpoint(Path(path))
+    config, state_dict, _, _ = _read_checkpoint(Path(path))
     check_state_dict(config, state_dict, source=str(path))
     return dataclasses.asdict(config), state_dict
 
@@ -74,7 +96,7 @@ def checkpoint_kind(path: Path) -> str:
     )
 
 
-def _read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
+def _read_checkpoint(path: Path) -> _Checkpoint:
     readers = {"lightning": _read_lightning_file, "dcp": _read_dcp_dir, "hf": _read_hf_folder}
     return readers[checkpoint_kind(path)](path)
 
@@ -92,17 +114,26 @@ def _read_lightning_file(path: Path):
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} has no 'state_dict': not a Lightning checkpoint of a diffv2-lit model.")
     config, tokenizer_spec = _config_from_hparams(checkpoint.get("hyper_parameters", {}), path)
-    return config, _model_weights(checkpoint["state_dict"], path), tokenizer_spec
+    return _Checkpoint(config, _model_weights(checkpoint["state_dict"], path), tokenizer_spec,
+                       _train_seq_len(checkpoint))
 
 
 def _read_dcp_dir(path: Path):
-    hparams = {}
+    metadata = {}
     if (path / LIGHTNING_METADATA_FILE).is_file():
-        hparams = load_file(path / LIGHTNING_METADATA_FILE).get("hyper_parameters", {})
-    config, tokenizer_spec = _config_from_hparams(hparams, path / LIGHTNING_METADATA_FILE)
+        metadata = load_file(path / LIGHTNING_METADATA_FILE)
+    config, tokenizer_spec = _config_from_hparams(metadata.get("hyper_parameters", {}), path / LIGHTNING_METADATA_FILE)
     # Only the model's keys: the optimizer states beside them are twice the model's size.
     loaded = load_sharded(path, keys={"state_dict"})
-    return config, _model_weights(loaded.get("state_dict", {}), path), tokenizer_spec
+    return _Checkpoint(config, _model_weights(loaded.get("state_dict", {}), path), tokenizer_spec,
+                       _train_seq_len(metadata))
+
+
+def _train_seq_len(checkpoint: dict) -> int | None:
+    """The datamodule's `seq_len` (TokenDataModule saves its hyper-parameters; Lightning stores them in the
+    checkpoint, and in `meta.pt` beside a sharded one)."""
+    seq_len = (checkpoint.get("datamodule_hyper_parameters") or {}).get("seq_len")
+    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
 
 
 def _config_from_hparams(hparams: dict, source: Path) -> tuple[ModelConfig, str | None]:
@@ -163,7 +194,8 @@ def _read_hf_folder(path: Path):
     state_dict = {}
     for file in files:  # one file, or the shards of a save_pretrained(max_shard_size=...) folder
         state_dict.update(load_file(file))
-    return config, hf_format.from_hf_keys(state_dict, config), _folder_tokenizer_spec(path, hf)
+    return _Checkpoint(config, hf_format.from_hf_keys(state_dict, config), _folder_tokenizer_spec(path, hf),
+                       hf_format.train_seq_len_from_hf(hf))
 
 
 def _folder_tokenizer_spec(path: Path, hf: dict) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,19 +107,56 @@ def test_byte_tokenizer_loads_in_transformers(make_checkpoint, tmp_path):
     assert (config["eos_token_id"], config["bos_token_id"]) == (256, 257)
 
 
-def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
+def _bpe_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(["to be or not to be"] * 20, trainers.BpeTrainer(
         vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.save(str(tmp_path / "tokenizer.json"))
+    bpe.save(str(path))
+    return bpe
+
+
+def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
+    _bpe_tokenizer(tmp_path / "tokenizer.json")
     ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
     folder = export(ckpt, tmp_path / "hf")
     _, _, spec = load_model(folder)
     assert spec == str(folder / "tokenizer.json")
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|> trained first
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_path, capsys, tokenizer):
+    """A DIFF V2 folder's tokenizer loads without custom code and without the interactive "run the custom
+    code? [y/N]" prompt, by the call `export` prints: run as printed, in a fresh process whose stdin is
+    closed (a prompt would read EOF and print its question)."""
+    spec = "byte"
+    if tokenizer == "bpe":
+        _bpe_tokenizer(tmp_path / "tokenizer.json")
+        spec = str(tmp_path / "tokenizer.json")
+    ckpt, _ = make_checkpoint("diffv2", tokenizer=spec)
+    assert export_module.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
+    call = re.search(r"^\s*(AutoTokenizer\.from_pretrained\(.*?\))", capsys.readouterr().out, re.MULTILINE).group(1)
+    text = "to be, or not to be: héllo"
+    script = (f"import json\nfrom transformers import AutoTokenizer\ntokenizer = {call}\n"
+              f"print(json.dumps([type(tokenizer).__module__, tokenizer({text!r})['input_ids']]))")
+    result = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr and "custom code" not in result.stdout + result.stderr
+    module, ids = json.loads(result.stdout.splitlines()[-1])
+    assert module.startswith("transformers.")  # a class of transformers itself, not the folder's code
+    if tokenizer == "byte":
+        assert ids == list(text.encode("utf-8"))
+    else:
+        from tokenizers import Tokenizer
+
+        assert ids == Tokenizer.from_file(spec).encode(text).ids
+    for name in ("tokenizer_config.json", "config.json"):  # nothing points the tokenizer at custom code
+        auto_map = json.loads((tmp_path / "hf" / name).read_text()).get("auto_map", {})
+        assert "AutoTokenizer" not in auto_map
 
 
 def test_export_cli_and_training_import(make_checkpoint, tmp_path, capsys):

@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import warnings
+
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from diffv2_lit.inference import generate
 from diffv2_lit.inference.export import export
+from diffv2_lit.inference.loading import load_for_inference
 from diffv2_lit.training.safe_load import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,3 +101,47 @@ def test_text_stream_holds_back_split_characters():
     stream = generate._TextStream(ByteTokenizer())
     pieces = [stream.push(byte) for byte in "é!".encode()]
     assert pieces == ["", "é", "!"]
+
+
+# ---- requests past the training length ------------------------------------------------------------
+
+
+def _sharded(ckpt: Path, folder: Path) -> Path:
+    """The checkpoint as Lightning's ModelParallelStrategy writes it: DCP shards + meta.pt (the rest)."""
+    checkpoint = load_file(ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=str(folder), no_dist=True)
+    torch.save(checkpoint, folder / "meta.pt")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["lightning", "sharded", "export"])
+def test_warns_past_the_training_length_and_still_generates(make_checkpoint, tmp_path, capsys, layout):
+    ckpt, _ = make_checkpoint("diffv2", seq_len=16)  # a context of 64 tokens, trained on 16
+    path = {"lightning": lambda: ckpt, "sharded": lambda: _sharded(ckpt, tmp_path / "sharded"),
+            "export": lambda: export(ckpt, tmp_path / "hf")}[layout]()
+    capsys.readouterr()
+    assert generate.main(["--ckpt", str(path), "--prompt", "To be", "--max-new-tokens", "20", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    out = capsys.readouterr()
+    warning = [line for line in out.err.splitlines() if "warning" in line]
+    assert len(warning) == 1, out.err
+    assert "prompt (5 tokens) + --max-new-tokens 20 = 25 tokens, more than the 16 the model was trained on" \
+        in warning[0] and "--max-new-tokens 11 stays within it" in warning[0]
+    assert out.out.startswith("To be") and "20 new tokens" in out.err  # served in full all the same
+
+
+def test_no_warning_within_the_training_length_or_when_it_is_unknown(make_checkpoint, capsys):
+    trained, _ = make_checkpoint("diffv2", seq_len=25)
+    unknown, _ = make_checkpoint("diffv2")  # an older checkpoint: nothing recorded, nothing to say
+    for ckpt in (trained, unknown):
+        assert generate.main(["--ckpt", str(ckpt), "--prompt", "To be", "--max-new-tokens", "20"]) == 0
+        assert "warning" not in capsys.readouterr().err
+
+
+def test_a_real_run_records_its_training_length(quickstart_twin_runs, tmp_path):
+    """The quickstart recipe (TokenDataModule, cut to seq_len 32): its checkpoint and its export know it."""
+    ckpt = quickstart_twin_runs / "version_0" / "checkpoints" / "last.ckpt"
+    assert load_for_inference(ckpt).train_seq_len == 32
+    assert load_for_inference(export(ckpt, tmp_path / "hf")).train_seq_len == 32
