@@ -8,7 +8,7 @@ the median over repeats (this machine is shared: only ratios measured in one run
 counts the activation bytes saved for backward (exact, via saved-tensor hooks), and prints the
 time ratio, the FLOP ratio (diffv2_lit.model.flops) and the achieved-FLOP-rate ratio against the
 baseline. A rate ratio near 1.0 means the extra FLOPs of a variant run as efficiently as the
-baseline's; DESIGN.md expects DIFF V2 within 5%.
+baseline's; docs/design.md expects DIFF V2 within 5%.
 """
 
 from __future__ import annotations

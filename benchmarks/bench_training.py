@@ -21,10 +21,10 @@ import torch
 
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.flops import training_flops_per_token
-from diffv2_lit.training.callbacks import device_peak_flops
+from diffv2_lit.callbacks.throughput import device_peak_flops
 from diffv2_lit.training.module import DecoderLM, global_grad_norm, resolve_model_config
 from diffv2_lit.training.optim import lr_multiplier, parameter_groups
-from diffv2_lit.training.synthetic import SyntheticDataModule
+from diffv2_lit.data.synthetic import SyntheticDataModule
 
 OVERHEAD_MODEL = {"preset": "quickstart", "n_layers": 4, "dim": 128, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32}
 SEQ, BATCH, WARMUP_STEPS = 128, 16, 5
@@ -44,7 +44,7 @@ class _StepTimer(L.Callback):
 
 def lightning_tokens_per_sec(steps: int) -> float:
     torch.manual_seed(0)
-    module = DecoderLM(model=OVERHEAD_MODEL, lr=1e-3, warmup_steps=2, max_steps=steps)
+    module = DecoderLM(architecture=OVERHEAD_MODEL, lr=1e-3, warmup_steps=2, max_steps=steps)
     data = SyntheticDataModule(vocab_size=320, seq_len=SEQ, batch_size=BATCH, alphabet=256)
     timer = _StepTimer(WARMUP_STEPS)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

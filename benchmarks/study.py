@@ -68,7 +68,7 @@ def derived_config(recipe: dict, model: str, lr: float, seed: int, steps: int, o
     trainer["logger"]["init_args"] = {"save_dir": save_dir, "name": run_name(model, lr, seed), "version": 0}
     trainer["callbacks"] = [cb for cb in trainer["callbacks"]
                             if not any(cb["class_path"].endswith(name) for name in DROP_CALLBACKS)]
-    config["model"]["model"] = {"preset": preset, "attention": attention}
+    config["model"]["architecture"] = {"preset": preset, "attention": attention}
     config["model"]["lr"] = lr
     config["data"]["init_args"]["val_tokens"] = val_tokens
     return config

@@ -10,7 +10,7 @@ Labels: the logger name (the folder above `version_N`), plus the attention varia
 not say it, plus each setting in which the run differs from the runs sharing its logger name (recipe
 twins share one: runs/quickstart holds quickstart-diffv2 and quickstart-baseline). The variant and the
 settings are read from the config.yaml that `diffv2-lit fit` writes into each run folder (LightningCLI's
-resolved config: model.model.attention, the rest of model and data, and trainer max_steps, precision,
+resolved config: model.architecture.attention, the rest of model and data, and trainer max_steps, precision,
 accumulate_grad_batches, gradient_clip_val); a run folder without one falls back to the model_config in
 its hparams.yaml, then to the name alone.
 
@@ -64,8 +64,8 @@ TRAINER_SETTINGS = ("trainer.max_steps", "trainer.precision", "trainer.accumulat
 SEED_SETTINGS = ("data.init_args.seed", "data.seed")
 IGNORED_SETTINGS = SEED_SETTINGS + ("data.init_args.num_workers", "data.init_args.cache_dir",
                                     "data.init_args.storage_options", "data.num_workers", "data.cache_dir",
-                                    "data.storage_options", "model.model.attention")
-ATTENTION_SETTING = "model.model.attention"
+                                    "data.storage_options", "model.architecture.attention")
+ATTENTION_SETTING = "model.architecture.attention"
 
 
 @dataclass
@@ -191,11 +191,12 @@ def _hparams_attention(hparams_file: Path) -> str | None:
 def run_settings(config: dict) -> dict:
     """The settings that define a run, flattened from LightningCLI's config.yaml (see TRAINER_SETTINGS).
 
-    `model.model` is resolved to the full model config, so a preset and the same preset spelled out in
+    `model.architecture` is resolved to the full model config, so a preset and the same preset spelled out in
     fields compare equal, and a variant left to the preset's default is still known."""
-    flat = _flatten({"model": config.get("model") or {}, "data": config.get("data") or {}})
-    flat = {key: value for key, value in flat.items() if not key.startswith("model.model.")}
-    flat.update(_flatten({"model": {"model": _resolved_model(((config.get("model") or {}).get("model")))}}))
+    model = dict(config.get("model") or {})
+    spec = model.pop("architecture", model.pop("model", None))  # 0.1.0's config.yaml named it `model.model`
+    flat = _flatten({"model": model, "data": config.get("data") or {}})
+    flat.update(_flatten({"model": {"architecture": _resolved_model(spec)}}))
     everything = _flatten(config)
     flat.update({key: everything[key] for key in TRAINER_SETTINGS if key in everything})
     return flat
@@ -205,7 +206,7 @@ def _resolved_model(spec) -> dict:
     if spec is None:
         return {}
     try:
-        from diffv2_lit.training.module import resolve_model_config
+        from diffv2_lit.model import resolve_model_config
 
         return dataclasses.asdict(resolve_model_config(spec))
     except Exception:  # noqa: BLE001 - a config from another version: compare what it says

@@ -19,14 +19,14 @@ def quickstart_twin_runs(tmp_path_factory):
     import yaml
     from torch.utils.tensorboard import SummaryWriter
 
-    from diffv2_lit.training.cli import run_lightning_cli
+    from diffv2_lit.cli.fit import run_lightning_cli
 
     root = tmp_path_factory.mktemp("quickstart")
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     for recipe in ("quickstart", "quickstart-baseline"):
         config = yaml.safe_load((recipes / f"{recipe}.yaml").read_text())
         config["trainer"].update(max_steps=6, val_check_interval=3, log_every_n_steps=1, enable_progress_bar=False)
-        config["model"]["model"].update(n_layers=2, dim=64, n_heads=2, n_kv_heads=1, head_dim=32, max_seq_len=64)
+        config["model"]["architecture"].update(n_layers=2, dim=64, n_heads=2, n_kv_heads=1, head_dim=32, max_seq_len=64)
         config["model"]["warmup_steps"] = 2
         config["data"]["init_args"].update(seq_len=32, batch_size=4, val_tokens=256)
         for callback in config["trainer"]["callbacks"]:

@@ -144,8 +144,8 @@ def test_the_walk_from_own_text_to_a_125m_run(tmp_path):
     cwd = _workdir(tmp_path)
     tiny = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "2",
             "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "2",
-            "--model.model.n_layers", "1", "--model.model.dim", "64", "--model.model.n_heads", "2",
-            "--model.model.n_kv_heads", "1", "--model.model.head_dim", "32", "--model.model.vocab_size", "1024",
+            "--model.architecture.n_layers", "1", "--model.architecture.dim", "64", "--model.architecture.n_heads", "2",
+            "--model.architecture.n_kv_heads", "1", "--model.architecture.head_dim", "32", "--model.architecture.vocab_size", "1024",
             "--model.compile", "false", "--model.warmup_steps", "1", "--data.init_args.seq_len", "64",
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
             "--data.init_args.val_tokens", "1024"]

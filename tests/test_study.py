@@ -26,7 +26,7 @@ def test_derived_config_changes_only_the_study_knobs(tmp_path):
     recipe = yaml.safe_load(study.RECIPE.read_text())
     config = study.derived_config(recipe, "control-baseline", 5e-2, 3, 200, tmp_path, 100, 8192)
     assert config["seed_everything"] == 3
-    assert config["model"]["model"] == {"preset": "quickstart-control", "attention": "baseline"}
+    assert config["model"]["architecture"] == {"preset": "quickstart-control", "attention": "baseline"}
     assert config["model"]["lr"] == 5e-2 and config["trainer"]["max_steps"] == 200
     paths = [cb["class_path"] for cb in config["trainer"]["callbacks"]]
     assert any(p.endswith("GradientSpikeDetector") for p in paths) and any(p.endswith("DiffMonitor") for p in paths)

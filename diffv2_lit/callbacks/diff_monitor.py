@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from diffv2_lit.callbacks.model_access import model_call
+from diffv2_lit.callbacks.protocol import model_call
 
 PROBES = ("batch", "random")
 PEAK_METRICS = ("max_hidden", "max_logit")

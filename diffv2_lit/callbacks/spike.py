@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from diffv2_lit.training.gradients import global_grad_norm, is_dtensor
+from diffv2_lit.gradients import global_grad_norm, is_dtensor
 
 ACTIONS = ("log", "skip", "stop")
 METHODS = ("ema", "median")

@@ -275,15 +275,6 @@ class TokenDataModule(L.LightningDataModule):
                 "more data / bigger chunks (--chunk-bytes)"
             )
 
-    def check_model_vocab(self, model_vocab_size: int) -> None:
-        """Raise if a model with this vocabulary cannot embed every token id of the data."""
-        if model_vocab_size < self.vocab_size:
-            raise DataError(
-                f"the model's vocab_size {model_vocab_size} is smaller than the data's tokenizer vocabulary "
-                f"{self.vocab_size} ({self.tokenizer_identity['name']}); set model vocab_size >= {self.vocab_size} "
-                "(rounded up to a multiple of 64 is efficient)"
-            )
-
     # ------------------------------------------------------------ loaders
 
     def _streaming(self, split_dir: Path | str, shuffle: bool, eos_id: int | None):

@@ -12,7 +12,7 @@ unless told: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads
 
 Folder: config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
 special_tokens_map.json (when the tokenizer is known), and the modeling files for DIFF models.
-`diffv2_lit.inference.loading.load_model(DIR)` reads the folder back (import for continued training).
+`diffv2_lit.checkpoint.reading.load_model(DIR)` reads the folder back (import for continued training).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from diffv2_lit.inference import hf_format
-from diffv2_lit.inference.loading import CheckpointError, load_for_inference
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
+from diffv2_lit.checkpoint import hf_format
+from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"

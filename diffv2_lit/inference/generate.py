@@ -25,8 +25,8 @@ from collections import defaultdict
 
 import torch
 
-from diffv2_lit.inference.loading import CheckpointError, load_for_inference
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, trusting
+from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
 from diffv2_lit.model.generation import DECODE_MODES

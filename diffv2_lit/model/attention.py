@@ -28,12 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffv2_lit.model.config import ModelConfig, flash_attn_available
+from diffv2_lit.model.norm import RMSNorm, at_least_fp32
 from diffv2_lit.model.rope import apply_rope
-
-def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 -> fp32 for reductions; fp32 and fp64 stay as they are (tests run in fp64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take q [B, T, Hq, d], k [B, S, h_kv, d], v [B, S, h_kv, dv] and return
@@ -292,24 +288,6 @@ class DiffV1Attention(Attention):
         for vector in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
             nn.init.normal_(vector, mean=0.0, std=0.1)
         self.subln.reset_parameters()
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm as HF Llama computes it (in fp32, cast back, then scaled), so exported logits match."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        wide = x.to(at_least_fp32(x.dtype))
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 ATTENTION_REGISTRY: dict[str, type[Attention]] = {

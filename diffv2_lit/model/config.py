@@ -1,6 +1,6 @@
-"""Model configuration, named presets and parameter counting.
+"""Model configuration and named presets (parameter counts: params.py).
 
-Notation (DESIGN.md section 1): `dim` = D model width, `n_heads` = h output heads,
+Notation (docs/design.md section 1): `dim` = D model width, `n_heads` = h output heads,
 `n_kv_heads` = h_kv key/value heads, `head_dim` = d.
 
 For every attention variant `n_heads` counts the heads that reach `o_proj`, so baseline, DIFF V2
@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 ATTENTION_VARIANTS = ("baseline", "diffv2", "diffv1")
+# Where a recipe holds the ModelConfig (`model:` is DecoderLM, `architecture:` its argument), for messages
+# that name the key to fix: `model.architecture.attention`, `model.architecture.n_kv_heads`, ...
+CONFIG_PATH = "model.architecture"
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "eager")
 
 AttentionVariant = Literal["baseline", "diffv2", "diffv1"]
@@ -123,7 +127,7 @@ def _gpt3_shape(n_layers: int, dim: int, n_heads: int, n_kv_heads: int, head_dim
                        head_dim=head_dim or dim // n_heads, max_seq_len=2048, **extra)
 
 
-# Sizes from DESIGN.md section 3 (GQA variants of the GPT-3 table). All default to DIFF V2; pass
+# Sizes from docs/design.md section 3 (GQA variants of the GPT-3 table). All default to DIFF V2; pass
 # attention="baseline" / "diffv1" to get the twins.
 PRESETS: dict[str, ModelConfig] = {
     # The dataclass defaults: 4 x 128, 4 heads of 32 over 2 KV heads, about 1.5M parameters, which
@@ -147,28 +151,36 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Parameter counts by part, from a model built on the meta device (no memory allocated)."""
-    import torch
-
-    from diffv2_lit.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    counts = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0, "lm_head": 0}
-    for name, param in model.named_parameters():
-        counts[_parameter_group(name)] += param.numel()
-    counts["total"] = sum(counts.values())
-    return counts
+# ---- what a recipe writes: a preset plus any field ------------------------------------------------
 
 
-def _parameter_group(name: str) -> str:
-    if name.startswith("embed_tokens"):
-        return "embedding"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    return "norm"
+def _architecture_fields() -> list[tuple]:
+    """`preset`, then every ModelConfig field as optional (None: keep the preset's value). Derived from
+    ModelConfig, so a new field needs no second declaration."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", str, dataclasses.field(default="quickstart"))]
+    for field in dataclasses.fields(ModelConfig):
+        fields.append((field.name, typing.Optional[hints[field.name]], dataclasses.field(default=None)))
+    return fields
+
+
+def _build(self) -> ModelConfig:
+    overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+    return ModelConfig.from_preset(self.preset, **overrides)
+
+
+Architecture = dataclasses.make_dataclass("Architecture", _architecture_fields(), namespace={"build": _build})
+Architecture.__module__ = __name__
+Architecture.__doc__ = ("A preset name plus overrides of any ModelConfig field, as recipes write it under "
+                        f"`{CONFIG_PATH}` (for example `{{preset: 125m, attention: baseline}}`).")
+
+
+def resolve_model_config(spec: "Architecture | ModelConfig | dict | str") -> ModelConfig:
+    """A preset name, an Architecture, a ModelConfig, or a dict of either's fields -> ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    if isinstance(spec, str):
+        return ModelConfig.from_preset(spec)
+    if isinstance(spec, dict):
+        return resolve_model_config(Architecture(**spec) if "preset" in spec else ModelConfig(**spec))
+    return spec.build()

@@ -14,7 +14,8 @@ Attention-core widths per token, per layer (h output heads, d head dim):
 
 from __future__ import annotations
 
-from diffv2_lit.model.config import ModelConfig, count_parameters
+from diffv2_lit.model.config import ModelConfig
+from diffv2_lit.model.params import count_parameters
 
 
 def attention_core_width(config: ModelConfig) -> int:

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffv2_lit.model.attention import RMSNorm, build_attention
+from diffv2_lit.model.attention import build_attention
 from diffv2_lit.model.config import ModelConfig
 from diffv2_lit.model.generation import DecodeStep, KVCache, StaticKVCache, new_decode_cache, sample_next_token
 from diffv2_lit.model.loss import linear_cross_entropy
+from diffv2_lit.model.norm import RMSNorm
 from diffv2_lit.model.rope import rope_cos_sin
 
 

@@ -8,7 +8,7 @@ on the meta device, parallelised from outside (`parallelize`), materialised and 
 YAML shape (LightningCLI):
 
     model:
-      model: {preset: 125m, attention: baseline}   # a preset plus any ModelConfig field
+      architecture: {preset: 125m, attention: baseline}   # a preset plus any ModelConfig field
       lr: 6.0e-4
       schedule: cosine
 """
@@ -18,56 +18,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.errors import UsageError
+from diffv2_lit.model import Architecture, ModelConfig, Transformer, resolve_model_config
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
-from diffv2_lit.training.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
+from diffv2_lit.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
+from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.optim import ScheduleName, check_optimization, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
 
-
-
-@dataclass
-class ModelSpec:
-    """A preset name plus overrides of any `ModelConfig` field (None: keep the preset's value)."""
-
-    preset: str = "quickstart"
-    vocab_size: int | None = None
-    n_layers: int | None = None
-    dim: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    ffn_hidden_dim: int | None = None
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
-    norm_eps: float | None = None
-    tie_embeddings: bool | None = None
-    init_std: float | None = None
-    attention: Literal["baseline", "diffv2", "diffv1"] | None = None
-    attn_backend: Literal["auto", "flash", "sdpa", "eager"] | None = None
-
-    def build(self) -> ModelConfig:
-        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
-        return ModelConfig.from_preset(self.preset, **overrides)
-
-
-def resolve_model_config(model: ModelSpec | ModelConfig | dict | str) -> ModelConfig:
-    """Accepts a preset name, a ModelSpec, a ModelConfig, or a dict of either's fields."""
-    if isinstance(model, ModelConfig):
-        return model
-    if isinstance(model, str):
-        return ModelConfig.from_preset(model)
-    if isinstance(model, dict):
-        model = ModelSpec(**model) if "preset" in model else ModelConfig(**model)
-        return resolve_model_config(model)
-    return model.build()
 
 
 class DivergedError(RuntimeError):
@@ -92,7 +56,7 @@ def _last_good_checkpoint(trainer: L.Trainer) -> str | None:
 class DecoderLM(L.LightningModule):
     def __init__(
         self,
-        model: ModelSpec | str = "quickstart",  # also a ModelConfig or a dict, from Python
+        architecture: Architecture | str = "quickstart",  # also a ModelConfig or a dict, from Python
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -114,7 +78,8 @@ class DecoderLM(L.LightningModule):
     ) -> None:
         """
         Args:
-            model: a preset name (`125m`) or `{preset: ..., <ModelConfig field>: ...}`.
+            architecture: a preset name (`125m`) or `{preset: ..., <ModelConfig field>: ...}` (recipes:
+                `model.architecture`; `self.model` is the Transformer it builds).
             lr, betas, eps, weight_decay: AdamW; decay applies to weight matrices only (see optim.py).
             schedule: `cosine` (warmup then cosine to `min_lr_ratio`), `wsd` (warmup, stable, linear
                 decay over the last `decay_fraction` of the steps) or `constant` (after warmup).
@@ -141,14 +106,16 @@ class DecoderLM(L.LightningModule):
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"model.loss_impl={loss_impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
         check_optimization(lr, betas, eps, weight_decay, schedule, warmup_steps, min_lr_ratio, decay_fraction, max_steps)
-        self.model_config = resolve_model_config(model)
-        self.save_hyperparameters(ignore=["model"])
-        # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config,
-        # which other tools (generate, export) read to rebuild the model.
-        self.hparams["model"] = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else model
-        self.hparams["model_config"] = dataclasses.asdict(self.model_config)
+        self.model_config = resolve_model_config(architecture)
+        self.save_hyperparameters(ignore=["architecture"])
+        # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config, which
+        # other tools (generate, export, compare) read to rebuild the model. Saved again so that the logger's
+        # hparams.yaml holds them too (it writes the first snapshot).
+        plain = {"architecture": dataclasses.asdict(architecture) if dataclasses.is_dataclass(architecture)
+                 else architecture, "model_config": dataclasses.asdict(self.model_config)}
         if init_from is not None:  # a str, not a pathlib object: checkpoints hold data only (safe_load.py)
-            self.hparams["init_from"] = os.fspath(init_from)
+            plain["init_from"] = os.fspath(init_from)
+        self.save_hyperparameters({**self.hparams, **plain})
         self.model: Transformer | None = None
         self._grad_norm, self._grad_norm_step = torch.zeros(()), -1
         self._warned_short_schedule = False
@@ -159,7 +126,7 @@ class DecoderLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # called again by validate/test after fit
             return
-        self._check_vocab()
+        self._handshake_with_the_data()
         with torch.device("meta"):
             model = Transformer(self.model_config)
         mesh = self._device_mesh
@@ -194,8 +161,9 @@ class DecoderLM(L.LightningModule):
         """Full (unsharded) weights into a plain or FSDP2-sharded model: each rank keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from diffv2_lit.inference.loading import load_state_dict_for_training
-        from diffv2_lit.training.checks import ResumeError, model_mismatch
+        from diffv2_lit.checkpoint.reading import load_state_dict_for_training
+        from diffv2_lit.checkpoint import ResumeError
+        from diffv2_lit.checkpoint.compat import model_mismatch
 
         saved_config, state_dict = load_state_dict_for_training(path)
         problem = model_mismatch(saved_config, self.model_config)
@@ -215,20 +183,10 @@ class DecoderLM(L.LightningModule):
             return torch.device("cpu")
         return self.trainer.strategy.root_device
 
-    def _check_vocab(self) -> None:
+    def _handshake_with_the_data(self) -> None:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        try:
-            data_vocab = getattr(datamodule, "vocab_size", None)
-        except Exception:  # a datamodule that only knows its vocabulary after setup()
-            data_vocab = None
-        if data_vocab is not None and self.model_config.vocab_size < data_vocab:
-            raise ValueError(
-                f"the model's vocab_size={self.model_config.vocab_size} is smaller than the data's tokenizer "
-                f"vocabulary ({data_vocab} ids): tokens past {self.model_config.vocab_size - 1} would index out of "
-                f"the embedding. Set model.model.vocab_size to at least {data_vocab} (a multiple of 64 is fastest)."
-            )
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if isinstance(tokenizer, str):
+        tokenizer = check_data_fits_model(self.model_config, datamodule)
+        if tokenizer is not None:
             self.hparams["tokenizer"] = tokenizer
 
     def forward(self, input_ids: Tensor, cache=None) -> Tensor:
@@ -242,7 +200,7 @@ class DecoderLM(L.LightningModule):
         warn when the data's tokenizer changed since it was written."""
         from lightning.pytorch.utilities import rank_zero_warn
 
-        from diffv2_lit.training.checks import check_resume
+        from diffv2_lit.checkpoint.compat import check_resume
 
         saved = checkpoint.get("hyper_parameters", {}) or {}
         check_resume(saved, self.model_config, "the checkpoint")
@@ -384,8 +342,6 @@ class DecoderLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def schedule_steps(self) -> int:
-        from diffv2_lit.training.checks import UsageError
-
         steps = self.hparams.max_steps or (self.trainer.max_steps if self._trainer else -1)
         if steps is None or steps <= 0:
             raise UsageError(

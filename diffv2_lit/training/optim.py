@@ -4,7 +4,7 @@ Weight decay goes on the 2-D weight matrices of linear layers only (q/k/v/o, gat
 lm_head). No decay on:
 - norm weights (RMSNorm, DIFF V1's subln): they set a scale, decaying them pulls it towards 0;
 - lambda parameters (DIFF V2's lambda_proj, DIFF V1's lambda_q1/k1/q2/k2): a handful of gating
-  parameters per layer whose value is the mechanism; DESIGN.md section 6;
+  parameters per layer whose value is the mechanism; docs/design.md section 6;
 - embeddings (a choice, as in Llama/OLMo-style recipes): each row only gets gradient when its token
   appears, so decay would shrink rare tokens towards zero between their updates. With tied
   embeddings the shared matrix is an embedding and is not decayed either.

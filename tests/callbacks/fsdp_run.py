@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import TinyLM, token_loader  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+from tests.callbacks.conftest import TinyLM, token_loader  # noqa: E402
 
 from diffv2_lit.callbacks import DiffMonitor, GradientSpikeDetector  # noqa: E402
 

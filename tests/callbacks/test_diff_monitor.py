@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TinyLM, fast_trainer, tiny_config, token_loader
+from tests.callbacks.conftest import TinyLM, fast_trainer, tiny_config, token_loader
 from diffv2_lit.callbacks import DiffMonitor
 from diffv2_lit.callbacks.diff_monitor import context_rms
 from diffv2_lit.model import Transformer
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.safe_load import load_file
 
 PER_LAYER = ("context_rms_mean", "context_rms_p05", "context_rms_norm_mean", "context_rms_norm_p05",
              "below_floor_frac", "sink_mass", "max_hidden", "max_logit")

@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TinyLM, fast_trainer, token_loader
+from tests.callbacks.conftest import TinyLM, fast_trainer, token_loader
 from diffv2_lit.callbacks import GradientSpikeDetector
 from diffv2_lit.callbacks.spike import EmaStats, MedianStats
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.safe_load import load_file
 
 
 def read_spikes(log_dir) -> list[dict]:

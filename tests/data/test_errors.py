@@ -93,13 +93,6 @@ def test_unknown_tokenizer_file():
         TokenDataModule(tokenizer="no/such/tokenizer.json")
 
 
-def test_model_vocab_smaller_than_data_vocab():
-    dm = TokenDataModule()
-    dm.check_model_vocab(320)  # the quickstart model covers the byte tokenizer
-    with pytest.raises(DataError, match=r"vocab_size 256 is smaller than the data's tokenizer vocabulary 259"):
-        dm.check_model_vocab(256)
-
-
 def test_other_url_schemes_are_refused_not_written_locally(tmp_path, capsys, monkeypatch):
     # Before S3 support, a URL was taken for a local path: prepare wrote a folder named "gs:".
     monkeypatch.chdir(tmp_path)

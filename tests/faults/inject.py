@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from diffv2_lit.training.atomic_io import AtomicCheckpointIO
+from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 
 
 class SlowSteps(L.Callback):

@@ -11,8 +11,8 @@ EXIT_USAGE = 2
 CASES = {
     "unknown key": (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
     "wrong type": (["--trainer.max_steps", "many"], "trainer.max_steps: invalid value 'many' (expected int)"),
-    "unknown attention variant": (["--model.model.attention", "diffv3"],
-                                  "model.model.attention: 'diffv3' is not one of: baseline, diffv2, diffv1"),
+    "unknown attention variant": (["--model.architecture.attention", "diffv3"],
+                                  "model.architecture.attention: 'diffv3' is not one of: baseline, diffv2, diffv1"),
     "unknown schedule": (["--model.schedule", "linear"], "model.schedule: 'linear' is not one of: cosine, wsd, constant"),
     "zero batch": (["--data.init_args.batch_size", "0"], "data.batch_size must be >= 1, got 0"),
     "missing tokenizer": (["--data", "diffv2_lit.data.datamodule.TokenDataModule", "--data.init_args.tokenizer",
@@ -23,10 +23,10 @@ CASES = {
     "warmup longer than the schedule": (["--model.max_steps", "10", "--model.warmup_steps", "20"],
                                         "model.warmup_steps=20 must be below model.max_steps=10"),
     "negative weight decay": (["--model.weight_decay=-0.1"], "model.weight_decay=-0.1 must be >= 0"),
-    "inconsistent heads": (["--model.model.n_kv_heads", "3"],
-                           "model.model.n_heads, model.model.n_kv_heads: n_heads=2 is not a multiple of n_kv_heads=3"),
+    "inconsistent heads": (["--model.architecture.n_kv_heads", "3"],
+                           "model.architecture.n_heads, model.architecture.n_kv_heads: n_heads=2 is not a multiple of n_kv_heads=3"),
     "seq_len above max_seq_len": (["--data.init_args.seq_len", "100"],
-                                  "data.seq_len=100 is above the model's max_seq_len=64 (model.model.max_seq_len)"),
+                                  "data.seq_len=100 is above the model's max_seq_len=64 (model.architecture.max_seq_len)"),
     "indivisible global batch": (["--global_batch_size", "6"],
                                  "global_batch_size=6 is not a multiple of data.batch_size=4 x 1 device(s) = 4"),
     "global batch vs accumulation": (["--global_batch_size", "8", "--trainer.accumulate_grad_batches", "3"],
@@ -40,7 +40,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_config_error(tmp_path, name, monkeypatch, capsys):
     """In-process (these end before any training; a process each would cost seconds of imports)."""
-    from diffv2_lit.training.cli import run_lightning_cli
+    from diffv2_lit.cli.fit import run_lightning_cli
 
     args, expected = CASES[name]
     monkeypatch.chdir(tmp_path)

@@ -48,20 +48,20 @@ def test_explicit_corrupt_checkpoint_names_the_file_and_the_one_to_use(tmp_path,
 
 def test_resume_refuses_another_attention_variant(tmp_path, baseline):
     checkpoint = baseline["checkpoints"] / "epoch=0-step=6.ckpt"
-    result = fit(tmp_path, "--ckpt_path", str(checkpoint), "--model.model.attention", "baseline")
+    result = fit(tmp_path, "--ckpt_path", str(checkpoint), "--model.architecture.attention", "baseline")
     assert result.returncode == EXIT_FAULT
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"diffv2-lit fit: error: cannot resume from {checkpoint}: the checkpoint's model "
-                              "does not match this run's: model.model.attention: checkpoint 'diffv2', this run "
+                              "does not match this run's: model.architecture.attention: checkpoint 'diffv2', this run "
                               "'baseline'.")
-    assert "--model.model.attention diffv2" in message and "Traceback" not in result.stderr
+    assert "--model.architecture.attention diffv2" in message and "Traceback" not in result.stderr
 
 
 def test_resume_refuses_another_shape_and_warns_about_a_changed_tokenizer(tmp_path, baseline):
     checkpoint = baseline["checkpoints"] / "epoch=0-step=6.ckpt"
-    result = fit(tmp_path, "--ckpt_path", str(checkpoint), "--model.model.n_layers", "3")
+    result = fit(tmp_path, "--ckpt_path", str(checkpoint), "--model.architecture.n_layers", "3")
     assert result.returncode == EXIT_FAULT
-    assert "model.model.n_layers: checkpoint 2, this run 3" in result.stderr
+    assert "model.architecture.n_layers: checkpoint 2, this run 3" in result.stderr
 
     result = fit(tmp_path, "--ckpt_path", str(checkpoint), "--data.init_args.tokenizer", "other.json",
                  "--trainer.max_steps", "7", "--model.max_steps", "12")

@@ -5,7 +5,7 @@ import random
 import signal
 import time
 
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.safe_load import load_file
 from tests.faults.helpers import MAX_STEPS, fit, kill, output, run_dir, scalars, start, step_reached, wait_for
 
 

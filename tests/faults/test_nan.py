@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.safe_load import load_file
 from tests.faults.helpers import fit, output, run_dir, scalars
 
 NAN_STEP = 4

@@ -3,7 +3,7 @@ plainly when there is none (naming the other model's checkpoints it set aside)."
 
 from tests.faults.helpers import fit, output, run_dir, scalars
 
-BASELINE = ["--model.model.attention", "baseline"]
+BASELINE = ["--model.architecture.attention", "baseline"]
 
 
 def test_last_resumes_this_models_run_not_the_newer_twin(tmp_path):

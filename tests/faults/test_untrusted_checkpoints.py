@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from diffv2_lit.data.datamodule import TokenDataModule
-from diffv2_lit.inference.loading import load_model
-from diffv2_lit.training.atomic_io import AtomicCheckpointIO
+from diffv2_lit.checkpoint.reading import load_model
+from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.training.module import DecoderLM
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
 from tests.faults.helpers import TINY, diffv2_lit, fit, output, run_dir
 from tests.faults.tamper import EVIL_GLOBAL, crafted_file, crafted_folder
 from tests.training.helpers import tiny_data, tiny_module, tiny_trainer
 
 TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
 # The fault suite's model with the quickstart's vocabulary, so `generate` can use the byte tokenizer.
-MODEL = ("--model.model.vocab_size", "320")
+MODEL = ("--model.architecture.vocab_size", "320")
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
          "model:\n  fsdp_param_dtype: null\n  fsdp_reduce_dtype: null\n")
@@ -263,7 +263,7 @@ def test_a_guarded_strategy_still_pickles():
 
 def test_path_arguments_are_saved_as_strings(tmp_path):
     """From Python, paths are often pathlib objects; the hyper-parameters a checkpoint stores stay data."""
-    module = DecoderLM(model={"preset": "quickstart", "n_layers": 1}, init_from=tmp_path / "weights.ckpt")
+    module = DecoderLM(architecture={"preset": "quickstart", "n_layers": 1}, init_from=tmp_path / "weights.ckpt")
     data = TokenDataModule(data_dir=tmp_path / "prepared", tokenizer="byte")
     torch.save({"hyper_parameters": dict(module.hparams), "datamodule_hyper_parameters": dict(data.hparams)},
                tmp_path / "hparams.ckpt")

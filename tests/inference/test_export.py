@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra installs it: a missing one must fail, not skip)
 
 from diffv2_lit.inference import export as export_module  # noqa: E402
 from diffv2_lit.inference.export import export  # noqa: E402
-from diffv2_lit.inference.loading import load_model, load_state_dict_for_training  # noqa: E402
+from diffv2_lit.checkpoint.reading import load_model, load_state_dict_for_training  # noqa: E402
 
 ATOL = 1e-5  # fp32
 

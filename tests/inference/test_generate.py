@@ -15,8 +15,8 @@ import torch.distributed.checkpoint as dcp
 
 from diffv2_lit.inference import generate
 from diffv2_lit.inference.export import export
-from diffv2_lit.inference.loading import load_for_inference
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.reading import load_for_inference
+from diffv2_lit.checkpoint.safe_load import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 

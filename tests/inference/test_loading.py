@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from diffv2_lit.inference.loading import CheckpointError, load_model, load_state_dict_for_training
+from diffv2_lit.checkpoint.reading import CheckpointError, load_model, load_state_dict_for_training
 from tests.inference.conftest import lightning_checkpoint, tiny_config, tiny_model
 
 

@@ -1,5 +1,5 @@
 """Attention kernels against the eager reference, and the head pairing of DIFF V2 / DIFF V1 against
-implementations written independently from DESIGN.md section 1 (explicit repeat_kv, per-pair loops)."""
+implementations written independently from docs/design.md section 1 (explicit repeat_kv, per-pair loops)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Config validation and parameter counts against the closed forms of DESIGN.md section 1."""
+"""Config validation and parameter counts against the closed forms of docs/design.md section 1."""
 
 import pytest
 
@@ -45,7 +45,7 @@ def test_unknown_preset_lists_presets():
 
 
 def _attention_closed_form(c: ModelConfig) -> int:
-    """Per layer; written from DESIGN.md section 1 without looking at the modules."""
+    """Per layer; written from docs/design.md section 1 without looking at the modules."""
     D, h, hkv, d = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
     kv = 2 * D * hkv * d
     if c.attention == "baseline":

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
 from diffv2_lit.model.transformer import Block  # noqa: E402
-from diffv2_lit.training.gradients import clip_by_total_norm_, global_grad_norm  # noqa: E402
+from diffv2_lit.gradients import clip_by_total_norm_, global_grad_norm  # noqa: E402
 
 MAX_NORM = 0.05
 

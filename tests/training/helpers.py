@@ -6,15 +6,15 @@ import lightning as L
 import torch
 
 from diffv2_lit.training.module import DecoderLM
-from diffv2_lit.training.synthetic import SyntheticDataModule
+from diffv2_lit.data.synthetic import SyntheticDataModule
 
 TINY_MODEL = {"preset": "quickstart", "n_layers": 2, "dim": 64, "n_heads": 2, "n_kv_heads": 1, "head_dim": 32,
               "vocab_size": 64, "max_seq_len": 64}
 
 
-def tiny_module(attention: str = "diffv2", model: dict | None = None, **kwargs) -> DecoderLM:
+def tiny_module(attention: str = "diffv2", architecture: dict | None = None, **kwargs) -> DecoderLM:
     kwargs = {"lr": 3e-3, "warmup_steps": 2, **kwargs}
-    return DecoderLM(model={**TINY_MODEL, "attention": attention, **(model or {})}, **kwargs)
+    return DecoderLM(architecture={**TINY_MODEL, "attention": attention, **(architecture or {})}, **kwargs)
 
 
 def tiny_data(batch_size: int = 4, **kwargs) -> SyntheticDataModule:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.safe_load import load_file
 
 ROOT = Path(__file__).parents[2]
 TINY = Path(__file__).with_name("configs") / "tiny.yaml"
@@ -63,7 +63,7 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus(tmp_path):
 def test_float32_matmul_precision_defaults_to_high_and_is_validated():
     import pytest
 
-    from diffv2_lit.training.cli import parse_config
+    from diffv2_lit.cli.fit import parse_config
 
     assert parse_config([str(TINY)]).float32_matmul_precision == "high"
     assert parse_config([str(TINY)], ["--float32_matmul_precision", "highest"]).float32_matmul_precision == "highest"

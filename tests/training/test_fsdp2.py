@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffv2_lit.training.checkpoint import consolidate, is_sharded_checkpoint
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.checkpoint.consolidate import consolidate
+from diffv2_lit.checkpoint.layout import is_sharded
+from diffv2_lit.checkpoint.safe_load import load_file
 
 SCRIPT = Path(__file__).with_name("run_tiny.py")
 ROOT = SCRIPT.parents[2]
@@ -38,7 +39,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path, single):
     first = _run(tmp_path, "first", *sharded, "--max-steps", "4")
 
     last = ckpt_dir / "last.ckpt"
-    assert is_sharded_checkpoint(last), "FSDP2 must write a sharded (distributed) checkpoint folder"
+    assert is_sharded(last), "FSDP2 must write a sharded (distributed) checkpoint folder"
     assert len(list(last.glob("__*_0.distcp"))) == 2  # one shard file per rank
 
     resumed = _run(tmp_path, "resumed", *sharded, "--max-steps", "6", "--resume")

@@ -6,18 +6,19 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffv2_lit.model import ModelConfig
-from diffv2_lit.training.module import DecoderLM, ModelSpec, resolve_model_config
-from diffv2_lit.training.safe_load import load_file
+from diffv2_lit.model import Architecture, resolve_model_config
+from diffv2_lit.training.module import DecoderLM
+from diffv2_lit.checkpoint.safe_load import load_file
 
 from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer
 
 
 def test_model_spec_forms_agree():
-    from_spec = resolve_model_config(ModelSpec(preset="125m", attention="baseline"))
+    from_spec = resolve_model_config(Architecture(preset="125m", attention="baseline"))
     assert from_spec == ModelConfig.from_preset("125m", attention="baseline")
     assert resolve_model_config({"preset": "125m", "attention": "baseline"}) == from_spec
     assert resolve_model_config("quickstart") == ModelConfig.from_preset("quickstart")
-    module = DecoderLM(model={"preset": "125m", "n_layers": 2})
+    module = DecoderLM(architecture={"preset": "125m", "n_layers": 2})
     assert module.hparams["model_config"]["n_layers"] == 2 and module.hparams["model_config"]["dim"] == 768
 
 
@@ -90,8 +91,8 @@ def test_activation_checkpointing_and_compile_keep_the_losses():
 
 def test_a_model_config_from_python_is_stored_as_a_plain_dict():
     config = ModelConfig(n_layers=1, dim=64, n_heads=2, n_kv_heads=1, head_dim=32)
-    module = DecoderLM(model=config)
-    assert module.model_config == config and module.hparams["model"] == dataclasses.asdict(config)
+    module = DecoderLM(architecture=config)
+    assert module.model_config == config and module.hparams["architecture"] == dataclasses.asdict(config)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -103,7 +104,7 @@ def test_chunked_loss_trains_like_the_plain_loss(tie):
         L.seed_everything(0)
         recorder = LossRecorder()
         trainer = tiny_trainer(max_steps=6, callbacks=[recorder], limit_val_batches=2, val_check_interval=6)
-        module = tiny_module(loss_impl=impl, model={"tie_embeddings": tie})
+        module = tiny_module(loss_impl=impl, architecture={"tie_embeddings": tie})
         trainer.fit(module, tiny_data())
         results[impl] = (recorder.losses, module.model.state_dict(), trainer.callback_metrics)
     (plain_losses, plain_weights, plain_metrics), (losses, weights, metrics) = results["plain"], results["chunked"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from diffv2_lit.model import count_parameters
-from diffv2_lit.training.cli import parse_config
-from diffv2_lit.training.memory import estimate_memory_gib
+from diffv2_lit.cli.fit import parse_config
+from diffv2_lit.model.memory import estimate_memory_gib
 from diffv2_lit.training.module import resolve_model_config
 
 ROOT = Path(__file__).parents[2]
@@ -20,13 +20,8 @@ SIZE_CLAIMS = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b
 GPU_MEMORY_GIB = 80
 
 
-def _needs_data_module(path: Path) -> None:
-    if "TokenDataModule" in path.read_text():
-        pytest.importorskip("diffv2_lit.data.datamodule", reason="TokenDataModule (issue 3) not merged yet")
-
-
 def _model_config(config):
-    spec = config.model.model
+    spec = config.model.architecture
     if hasattr(spec, "as_dict"):
         spec = spec.as_dict()
     elif dataclasses.is_dataclass(spec):
@@ -44,7 +39,6 @@ def test_there_are_recipes_and_fragments():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses(path):
-    _needs_data_module(path)
     config = parse_config([str(path)])
     assert config.model.lr > 0
     _model_config(config)  # the ModelConfig validates (heads, vocab, ...)
@@ -54,7 +48,6 @@ def test_recipe_parses(path):
 def test_fragment_composes_with_a_recipe(path):
     """Each fragment parses alone (the data defaults to the built-in corpus) and on top of a complete
     config (repeated --config)."""
-    pytest.importorskip("diffv2_lit.data.datamodule", reason="TokenDataModule (issue 3) not merged yet")
     parse_config([str(path)])
     composed = parse_config([str(TINY), str(path)])
     assert composed.model.lr == pytest.approx(3e-3)
@@ -62,7 +55,6 @@ def test_fragment_composes_with_a_recipe(path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.split("-")[0] in SIZE_CLAIMS], ids=lambda p: p.stem)
 def test_recipe_size_and_memory(path):
-    _needs_data_module(path)
     config = parse_config([str(path)])
     model_config = _model_config(config)
     n_params = count_parameters(model_config)["total"]  # built on the meta device
@@ -96,7 +88,7 @@ def test_twins_differ_by_one_key():
 def test_gpu_recipe_fills_its_gpus_and_compiles(path):
     """The micro-batch is the largest power of two whose memory estimate (for the larger twin) stays within
     the 80 GB budget and divides the sequences each GPU sees per step; torch.compile is on."""
-    from diffv2_lit.training.memory import RECIPE_BUDGET_GIB, largest_micro_batch
+    from diffv2_lit.model.memory import RECIPE_BUDGET_GIB, largest_micro_batch
 
     config = parse_config([str(path)])
     sizing = parse_config([str(path.with_name(path.name.replace("baseline", "diffv2")))])

@@ -10,7 +10,7 @@
 was trained at: the datamodule's `seq_len` in a Lightning checkpoint or `meta.pt`, `train_seq_len` in an
 export's config.json); `load_state_dict_for_training` returns the raw pieces for `--model.init_from`
 (continued training). Pickled parts are read as data only
-(`diffv2_lit.training.safe_load`): a checkpoint that needs more raises `UntrustedCheckpointError`
+(`diffv2_lit.checkpoint.safe_load`): a checkpoint that needs more raises `UntrustedCheckpointError`
 unless trusted (DIFFV2_LIT_TRUST_CHECKPOINTS=1, or `with safe_load.trusting(): ...`).
 """
 
@@ -23,20 +23,16 @@ from typing import NamedTuple
 
 import torch
 
-from diffv2_lit.inference import hf_format
+from diffv2_lit.checkpoint import hf_format
+from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_export, is_sharded
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, load_file, load_sharded
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.config import flash_attn_available
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file, load_sharded
-
-LIGHTNING_METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a DCP checkpoint
-DCP_METADATA_FILE = ".metadata"
 # Wrappers that training may leave in parameter names: torch.compile and activation checkpointing.
 WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 MAX_LISTED_KEYS = 8
 
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be read, or whose weights do not fit its model config."""
 
 
 class _Checkpoint(NamedTuple):
@@ -84,14 +80,14 @@ def checkpoint_kind(path: Path) -> str:
     """'lightning' (a file), 'dcp' (a sharded checkpoint directory) or 'hf' (an exported folder)."""
     if path.is_file():
         return "lightning"
-    if path.is_dir() and (path / DCP_METADATA_FILE).is_file():
+    if is_sharded(path):
         return "dcp"
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_export(path):
         return "hf"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
     raise CheckpointError(
-        f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA_FILE} file) nor an exported "
+        f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA} file) nor an exported "
         "model (no config.json). Pass a Lightning .ckpt file, a sharded checkpoint directory, or an export folder."
     )
 
@@ -120,9 +116,9 @@ def _read_lightning_file(path: Path):
 
 def _read_dcp_dir(path: Path):
     metadata = {}
-    if (path / LIGHTNING_METADATA_FILE).is_file():
-        metadata = load_file(path / LIGHTNING_METADATA_FILE)
-    config, tokenizer_spec = _config_from_hparams(metadata.get("hyper_parameters", {}), path / LIGHTNING_METADATA_FILE)
+    if (path / LIGHTNING_META).is_file():
+        metadata = load_file(path / LIGHTNING_META)
+    config, tokenizer_spec = _config_from_hparams(metadata.get("hyper_parameters", {}), path / LIGHTNING_META)
     # Only the model's keys: the optimizer states beside them are twice the model's size.
     loaded = load_sharded(path, keys={"state_dict"})
     return _Checkpoint(config, _model_weights(loaded.get("state_dict", {}), path), tokenizer_spec,

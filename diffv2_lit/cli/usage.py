@@ -1,7 +1,5 @@
-"""Checks that turn mistakes into messages naming the key to fix, before any heavy work starts.
-
-Used by the CLI (cli.py) between parsing and training, and by `DecoderLM.on_load_checkpoint`.
-"""
+"""Usage errors of `diffv2-lit fit|validate`: a mistake in the configuration becomes one line naming the key
+(exit code 2), before any heavy work starts."""
 
 from __future__ import annotations
 
@@ -10,36 +8,18 @@ import re
 
 import torch
 
+from diffv2_lit.errors import UsageError
 from diffv2_lit.model import ModelConfig
-from diffv2_lit.model.config import ConfigError
+from diffv2_lit.model.config import CONFIG_PATH, ConfigError
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
-# Fields that change the parameter shapes or the computation: a checkpoint must agree on them.
-SHAPE_FIELDS = ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim",
-                "tie_embeddings", "attention")
-
-
-class UsageError(ValueError):
-    """A configuration that cannot work; the message names the key and the fix (exit code 2)."""
-
-
-class ResumeError(RuntimeError):
-    """A checkpoint that does not belong to this model (exit code 1)."""
 
 
 def model_config_error(err: ConfigError) -> UsageError:
     """`ConfigError` names bare fields (`n_kv_heads=3`); say which YAML keys they are."""
     named = [f for f in MODEL_FIELDS if re.search(rf"\b{f}\b", str(err))]
-    keys = ", ".join(f"model.model.{f}" for f in named) or "model.model"
+    keys = ", ".join(f"{CONFIG_PATH}.{f}" for f in named) or CONFIG_PATH
     return UsageError(f"{keys}: {err}")
-
-
-def check_seq_len(model_config: ModelConfig, seq_len: int | None) -> None:
-    if seq_len is not None and seq_len > model_config.max_seq_len:
-        raise UsageError(
-            f"data.seq_len={seq_len} is above the model's max_seq_len={model_config.max_seq_len} "
-            f"(model.model.max_seq_len): lower data.seq_len, or raise model.model.max_seq_len to at least {seq_len}."
-        )
 
 
 def accumulation_for(global_batch_size: int, micro_batch: int | None, world_size: int,
@@ -68,44 +48,6 @@ def accumulation_for(global_batch_size: int, micro_batch: int | None, world_size
     return accumulation
 
 
-def model_mismatch(saved: dict, current: ModelConfig) -> str | None:
-    """None when a checkpoint's `model_config` fits the current model, else what differs and the fix."""
-    differing = [(f, saved.get(f), getattr(current, f)) for f in SHAPE_FIELDS
-                 if f in saved and saved.get(f) != getattr(current, f)]
-    if not differing:
-        return None
-    details = "; ".join(f"model.model.{f}: checkpoint {old!r}, this run {new!r}" for f, old, new in differing)
-    fixes = " ".join(f"--model.model.{f} {old}" for f, old, _ in differing)
-    hint = ""
-    if any(f == "attention" for f, _, _ in differing):
-        hint = f" (the checkpoint was trained with attention={saved['attention']!r}: use that variant's recipe)"
-    return (f"the checkpoint's model does not match this run's: {details}. Resume with the recipe the checkpoint "
-            f"was trained with{hint}, or pass {fixes}.")
-
-
-def check_resume(saved_hparams: dict, current: ModelConfig, path: str) -> None:
-    saved = saved_hparams.get("model_config")
-    if not isinstance(saved, dict):
-        return  # not a diffv2-lit checkpoint: Lightning's own load reports what it finds
-    problem = model_mismatch(saved, current)
-    if problem:
-        raise ResumeError(f"cannot resume from {path}: {problem}")
-
-
-def peek_hyper_parameters(path: str) -> dict:
-    """`hyper_parameters` of a checkpoint without reading its tensors (mmap) or a sharded folder's meta.pt."""
-    from pathlib import Path
-
-    from diffv2_lit.training.atomic_io import LIGHTNING_META
-
-    from diffv2_lit.training.safe_load import load_file
-
-    path_ = Path(path)
-    target = path_ / LIGHTNING_META if path_.is_dir() else path_
-    checkpoint = load_file(target, mmap=not path_.is_dir())  # data only: refuses a checkpoint that needs more
-    return checkpoint.get("hyper_parameters", {}) or {}
-
-
 def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
@@ -120,7 +62,7 @@ The model, batch and sequence length do not fit this device. Knobs, cheapest fir
   --model.cpu_offload true             FSDP2 only: keep sharded parameters and optimizer state in CPU memory
   --data.init_args.seq_len N           shorter sequences (activations grow with seq_len)
   more GPUs with FSDP2 (configs/hardware/8gpu-fsdp2.yaml) to shard parameters and optimizer state
-`diffv2_lit.training.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
+`diffv2_lit.model.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
 
 
 def one_line_parser_error(message: str) -> str:

@@ -10,7 +10,7 @@ a single file with Lightning's layout (`state_dict` keys `model.<Transformer key
     diffv2-lit consolidate runs/125m/version_0/checkpoints/last.ckpt model.ckpt [--with-optimizer]
         [--trust-checkpoint]
 
-The shards, their index and `meta.pt` are read as data only (diffv2_lit.training.safe_load): a folder
+The shards, their index and `meta.pt` are read as data only (diffv2_lit.checkpoint.safe_load): a folder
 that needs anything more is refused unless --trust-checkpoint (or DIFFV2_LIT_TRUST_CHECKPOINTS=1).
 """
 
@@ -23,21 +23,17 @@ from pathlib import Path
 
 import torch
 
-from diffv2_lit.training.safe_load import UntrustedCheckpointError, load_file, load_sharded, trusting
-
-LIGHTNING_METADATA = "meta.pt"  # what ModelParallelStrategy writes next to the shards (rank 0)
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_sharded
+from diffv2_lit.checkpoint.safe_load import load_file, load_sharded, trusting
 
 
 def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: bool = False) -> Path:
     """Merge a distributed checkpoint folder into one `torch.save` file; returns the output path."""
     sharded_dir, output = Path(sharded_dir), Path(output)
-    if not is_sharded_checkpoint(sharded_dir):
-        raise FileNotFoundError(
-            f"{sharded_dir} is not a sharded checkpoint folder (no .metadata inside); single-file checkpoints "
+    if not is_sharded(sharded_dir):
+        raise CheckpointError(
+            f"{sharded_dir} is not a sharded checkpoint folder (no {DCP_METADATA} inside); single-file checkpoints "
             "need no consolidation."
         )
     checkpoint = _lightning_metadata(sharded_dir)
@@ -53,7 +49,7 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
 
 
 def _lightning_metadata(sharded_dir: Path) -> dict:
-    path = sharded_dir / LIGHTNING_METADATA
+    path = sharded_dir / LIGHTNING_META
     return load_file(path) if path.is_file() else {}
 
 
@@ -69,7 +65,7 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             output = consolidate(args.checkpoint, args.output, args.with_optimizer)
-    except (UntrustedCheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused or damaged
+    except (CheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused, damaged or missing
         print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
         return 2
     size_mb = output.stat().st_size / 2**20

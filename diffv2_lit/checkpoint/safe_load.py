@@ -41,16 +41,17 @@ from typing import Any
 
 import torch
 
+from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META
+
 TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
 TRUE_VALUES = ("1", "true", "yes", "on")
-LIGHTNING_META = "meta.pt"       # ModelParallelStrategy's non-tensor part of a sharded checkpoint
-DCP_METADATA = ".metadata"       # torch.distributed.checkpoint's index of the shards
 
 # Globals a diffv2-lit checkpoint may name beyond torch's own weights_only set (tensors, storages,
 # dtypes, torch.Size, torch.device, OrderedDict; dict/list/tuple/str/int/float/bool/None need none).
 # Empty, checked on every checkpoint the project writes (fp32, FSDP2 `meta.pt`, preemption,
 # spike-stop; tests/faults/test_untrusted_checkpoints.py): hyper-parameters are plain dicts
-# (DecoderLM stores its ModelSpec / ModelConfig with dataclasses.asdict, paths as str), the LR
+# (DecoderLM stores its Architecture / ModelConfig with dataclasses.asdict, paths as str), the LR
 # schedule saves `lr_lambdas` as the partial's empty __dict__, callbacks and LitData save numbers,
 # strings and lists. Add a type only if it is genuinely data, and say why next to it.
 CHECKPOINT_GLOBALS: tuple = ()
@@ -58,7 +59,7 @@ CHECKPOINT_GLOBALS: tuple = ()
 _trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("diffv2_lit_trust_checkpoints", default=False)
 
 
-class UntrustedCheckpointError(pickle.UnpicklingError):
+class UntrustedCheckpointError(CheckpointError, pickle.UnpicklingError):
     """A checkpoint that needs more than data to load; the message names the type and the opt-in."""
 
     def __init__(self, source, offending: list[str]) -> None:

@@ -19,7 +19,7 @@ TOOL_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train-tokenizer": ("diffv2_lit.data.tokenizer", "train_main", "train a byte-level BPE tokenizer"),
     "generate": ("diffv2_lit.inference.generate", "main", "sample text from a checkpoint or export"),
     "export": ("diffv2_lit.inference.export", "main", "export a checkpoint to Hugging Face format"),
-    "consolidate": ("diffv2_lit.training.checkpoint", "consolidate_main", "merge a sharded checkpoint into one file"),
+    "consolidate": ("diffv2_lit.checkpoint.consolidate", "consolidate_main", "merge a sharded checkpoint into one file"),
     "compare": ("diffv2_lit.compare", "main", "overlay several runs in a Markdown/PNG report"),
 }
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = argv[0]
     if command in LIGHTNING_SUBCOMMANDS:
-        from diffv2_lit.training.cli import run_lightning_cli
+        from diffv2_lit.cli.fit import run_lightning_cli
 
         run_lightning_cli(argv)
         return

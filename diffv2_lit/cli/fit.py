@@ -39,13 +39,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from diffv2_lit.model.config import ConfigError
-from diffv2_lit.training import checks
-from diffv2_lit.training.atomic_io import AtomicCheckpointIO, CheckpointError, checkpoint_problem, unreadable_message
-from diffv2_lit.training.module import DecoderLM, resolve_model_config
-from diffv2_lit.training.cleanup import RemoveEmptyRunFolder
-from diffv2_lit.training.preemption import PreemptionCheckpoint
-from diffv2_lit.training.progress import StepProgressBar
-from diffv2_lit.training.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
+from diffv2_lit.checkpoint import compat
+from diffv2_lit.cli import usage
+from diffv2_lit.checkpoint import CheckpointError
+from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
+from diffv2_lit.checkpoint.layout import checkpoint_problem, unreadable_message
+from diffv2_lit.model import resolve_model_config
+from diffv2_lit.training.handshake import check_data_fits_model
+from diffv2_lit.training.module import DecoderLM
+from diffv2_lit.callbacks.cleanup import RemoveEmptyRunFolder
+from diffv2_lit.callbacks.preemption import PreemptionCheckpoint
+from diffv2_lit.callbacks.progress import StepProgressBar
+from diffv2_lit.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
 
 # TensorBoard by default; each run gets its own runs/<name>/version_<n> folder, and checkpoints go
 # to its checkpoints/ subfolder (ModelCheckpoint's default dirpath).
@@ -70,7 +75,7 @@ class _ConciseParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, ex)
-        _exit(EXIT_USAGE, f"{checks.one_line_parser_error(message)}  (`diffv2-lit fit --help` lists the options)")
+        _exit(EXIT_USAGE, f"{usage.one_line_parser_error(message)}  (`diffv2-lit fit --help` lists the options)")
 
 
 class DiffV2CLI(LightningCLI):
@@ -105,27 +110,27 @@ class DiffV2CLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         if torch.cuda.is_available():  # before the Trainer exists, which otherwise prints its advice
             torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
-        model_config = self._model_config(config)
-        data_args = config.get("data", {}).get("init_args", {}) if config.get("data") else {}
-        checks.check_seq_len(model_config, data_args.get("seq_len"))
+        self._model_config(config)  # a ModelConfig that cannot be built: one line naming the key, now
 
     @staticmethod
     def _model_config(config):
-        spec = config.model.model
+        spec = config.model.architecture
         spec = spec.as_dict() if hasattr(spec, "as_dict") else spec
         try:
             return resolve_model_config(spec)
         except ConfigError as err:
-            raise checks.model_config_error(err) from None
+            raise usage.model_config_error(err) from None
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except checks.UsageError:
+        except usage.UsageError:
             raise
         except (ValueError, TypeError) as err:
             # Raised by an __init__ while building the configured classes: a configuration mistake.
-            raise checks.UsageError(checks.one_line_parser_error(str(err))) from err
+            raise usage.UsageError(usage.one_line_parser_error(str(err))) from err
+        # The data-model handshake DecoderLM.configure_model runs too, here before any run folder exists.
+        check_data_fits_model(self.model.model_config, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -135,7 +140,7 @@ class DiffV2CLI(LightningCLI):
         added.append(RemoveEmptyRunFolder())
         if trainer_config.get("enable_progress_bar", True) is not False and \
                 not any(isinstance(c, ProgressBar) for c in callbacks):
-            added.append(StepProgressBar())  # step / max_steps, loss, tokens/s, ETA (training/progress.py)
+            added.append(StepProgressBar())  # step / max_steps, loss, tokens/s, ETA (callbacks/progress.py)
         if added:
             kwargs.setdefault("callbacks", callbacks + added)
         trainer = super().instantiate_trainer(**kwargs)
@@ -148,7 +153,7 @@ class DiffV2CLI(LightningCLI):
         if global_batch is None:
             return
         micro = getattr(self.datamodule, "batch_size", None)
-        trainer.accumulate_grad_batches = checks.accumulation_for(
+        trainer.accumulate_grad_batches = usage.accumulation_for(
             global_batch, micro, trainer.world_size, trainer.accumulate_grad_batches)
         _print_rank_zero(f"global batch {global_batch} = {micro} per device x {trainer.world_size} device(s) x "
                          f"{trainer.accumulate_grad_batches} accumulation step(s)")
@@ -170,7 +175,7 @@ class DiffV2CLI(LightningCLI):
         """Lightning's `--weights_only false` would unpickle anything: the one opt-in is the environment
         variable, which still tries the restricted load first and names what it trusted."""
         if self.config_init[subcommand].get("weights_only") is False:
-            raise checks.UsageError(
+            raise usage.UsageError(
                 f"--weights_only false: diffv2-lit loads checkpoints as data only (docs/faults.md). To load one "
                 f"that needs more and whose source you trust, set {TRUST_ENV}=1 instead.")
 
@@ -203,12 +208,12 @@ class DiffV2CLI(LightningCLI):
         if problem:
             raise CheckpointError(unreadable_message(path, problem))
         try:
-            hparams = checks.peek_hyper_parameters(path)
+            hparams = compat.peek_hyper_parameters(path)
         except UntrustedCheckpointError:
             raise
         except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
             raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
-        checks.check_resume(hparams, self.model.model_config, path)
+        compat.check_resume(hparams, self.model.model_config, path)
 
 
 class _ParseOnlyCLI(DiffV2CLI):
@@ -255,11 +260,11 @@ def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
     try:
         _check_yaml_files(args)
         return _run(argv)
-    except (checks.UsageError, ConfigError) as err:
+    except (usage.UsageError, ConfigError) as err:
         _exit(EXIT_USAGE, str(err))
     except Exception as err:
-        if checks.is_out_of_memory(err):
-            _exit(EXIT_FAULT, checks.OOM_ADVICE.format(error=_first_line(err)))
+        if usage.is_out_of_memory(err):
+            _exit(EXIT_FAULT, usage.OOM_ADVICE.format(error=_first_line(err)))
         if _is_known_fault(err):
             _exit(EXIT_FAULT, str(err))
         raise
@@ -298,7 +303,7 @@ def _is_known_fault(err: BaseException) -> bool:
     from diffv2_lit.data.folder import DataError
     from diffv2_lit.training.module import DivergedError
 
-    return isinstance(err, (CheckpointError, UntrustedCheckpointError, checks.ResumeError, DataError, DivergedError))
+    return isinstance(err, (CheckpointError, DataError, DivergedError))
 
 
 def _check_yaml_files(args: list[str]) -> None:
@@ -315,7 +320,7 @@ def _check_yaml_files(args: list[str]) -> None:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err)
-            raise checks.UsageError(f"malformed YAML in {path}{where}: {problem}") from None
+            raise usage.UsageError(f"malformed YAML in {path}{where}: {problem}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -370,12 +375,12 @@ def find_last_checkpoint(trainer: L.Trainer, model_config=None) -> tuple[str | N
 
 def _model_mismatch(path: str, model_config) -> str | None:
     try:
-        saved = checks.peek_hyper_parameters(path).get("model_config")
+        saved = compat.peek_hyper_parameters(path).get("model_config")
     except Exception:  # unreadable here: let the resume itself report it
         return None
     if not isinstance(saved, dict):
         return None
-    differing = [f"{f} {saved.get(f)!r}, this run {getattr(model_config, f)!r}" for f in checks.SHAPE_FIELDS
+    differing = [f"{f} {saved.get(f)!r}, this run {getattr(model_config, f)!r}" for f in compat.SHAPE_FIELDS
                  if f in saved and saved.get(f) != getattr(model_config, f)]
     return "; ".join(differing) or None
 

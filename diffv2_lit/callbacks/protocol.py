@@ -1,0 +1,65 @@
+"""What the callbacks ask of the LightningModule, and how they run the model outside the training step.
+
+The callbacks know `DecoderLM` only through this protocol (any LightningModule that offers it works):
+
+    pl_module.model            a `diffv2_lit.model.Transformer` (DiffMonitor's probe, SampleText's `generate`)
+    pl_module.model_config     its `ModelConfig` (ThroughputMFU's FLOPs, SampleText's context length)
+    pl_module.gradient_norm()  optional: this optimizer step's global gradient norm before clipping, computed
+                               once per step (the spike detector shares it; without it the detector computes
+                               the norm itself)
+    pl_module.hparams["tokenizer"]  optional: the data's tokenizer spec (SampleText's encoding)
+
+`DecoderLMProtocol` states it for type checkers; nothing inherits from it.
+
+Under FSDP2 (`ModelParallelStrategy`) the Transformer itself is the root of the sharding, so calling
+`pl_module.model` gathers its parameters as training does. Under FSDP1 (`FSDPStrategy`) Lightning wraps
+the whole LightningModule, and only that wrapper's forward gathers the root parameters (embeddings,
+final norm) and casts them to the compute dtype: a direct call of `pl_module.model` would read the
+rank's flat shard. So `model_call` goes through the wrapper, which runs `DecoderLM.forward(input_ids, cache)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import lightning as L
+from torch import Tensor
+
+
+class DecoderLMProtocol(Protocol):
+    model: Any  # diffv2_lit.model.Transformer
+    model_config: Any  # diffv2_lit.model.ModelConfig
+    hparams: Any
+
+    def gradient_norm(self) -> Tensor: ...
+
+
+def model_call(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Callable[..., Tensor]:
+    """`call(input_ids, cache=None) -> logits` for `pl_module.model`, valid on every rank (a collective
+    under sharding: every rank must make the same calls)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = trainer.model if trainer is not None else None
+    if isinstance(wrapper, FullyShardedDataParallel):
+        return wrapper
+    return pl_module.model
+
+
+def decode_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+    """How a callback should decode: a captured step ("cuda-graphs") on one unsharded CUDA model; eagerly
+    where the parameters are sharded (each step's all-gathers cannot be captured) or on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    wrapped = model_call(trainer, pl_module) is not pl_module.model  # FSDP1
+    sharded = wrapped or any(isinstance(p, DTensor) for p in pl_module.model.parameters())  # FSDP2
+    return "cuda-graphs" if pl_module.device.type == "cuda" and not sharded else "eager"
+
+
+def new_optimizer_step(callback: L.Callback, trainer: L.Trainer) -> bool:
+    """True on the first batch end after an optimizer step (not after every accumulated micro-batch);
+    the callback keeps the last step it saw in `_last_step`."""
+    if trainer.global_step == callback._last_step:
+        return False
+    callback._last_step = trainer.global_step
+    return True

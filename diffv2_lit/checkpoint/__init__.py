@@ -1,0 +1,18 @@
+"""Checkpoints and exports: their layout, atomic writing, reading as data only, compatibility, consolidation.
+
+    layout.py       the on-disk layout, and telling a complete checkpoint from a half-written one
+    safe_load.py    the one loader: torch.load(weights_only=True) with an allow-list, DCP readers, the opt-in
+    atomic_io.py    AtomicCheckpointIO: Lightning's CheckpointIO with atomic saves and safe loads
+    reading.py      a ready model (or its state dict) from a .ckpt, a sharded folder or an export folder
+    compat.py       does a checkpoint belong to this model?
+    consolidate.py  `diffv2-lit consolidate`: shards -> one file
+    hf_format.py    ModelConfig / state-dict names <-> Hugging Face Llama (and modeling_diffv2) ones
+    errors.py       CheckpointError, the one error type every entry point turns into one line
+
+Training and inference use this package and know nothing of the layout themselves.
+"""
+
+from diffv2_lit.checkpoint.errors import CheckpointError, ResumeError
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError
+
+__all__ = ["CheckpointError", "ResumeError", "UntrustedCheckpointError"]

@@ -1,0 +1,47 @@
+"""Does a checkpoint belong to this model? Its `hyper_parameters["model_config"]` against the run's ModelConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffv2_lit.checkpoint.errors import ResumeError
+from diffv2_lit.checkpoint.layout import LIGHTNING_META
+from diffv2_lit.checkpoint.safe_load import load_file
+from diffv2_lit.model import ModelConfig
+from diffv2_lit.model.config import CONFIG_PATH
+
+# Fields that change the parameter shapes or the computation: a checkpoint must agree on them.
+SHAPE_FIELDS = ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim",
+                "tie_embeddings", "attention")
+
+
+def model_mismatch(saved: dict, current: ModelConfig) -> str | None:
+    """None when a checkpoint's `model_config` fits the current model, else what differs and the fix."""
+    differing = [(f, saved.get(f), getattr(current, f)) for f in SHAPE_FIELDS
+                 if f in saved and saved.get(f) != getattr(current, f)]
+    if not differing:
+        return None
+    details = "; ".join(f"{CONFIG_PATH}.{f}: checkpoint {old!r}, this run {new!r}" for f, old, new in differing)
+    fixes = " ".join(f"--{CONFIG_PATH}.{f} {old}" for f, old, _ in differing)
+    hint = ""
+    if any(f == "attention" for f, _, _ in differing):
+        hint = f" (the checkpoint was trained with attention={saved['attention']!r}: use that variant's recipe)"
+    return (f"the checkpoint's model does not match this run's: {details}. Resume with the recipe the checkpoint "
+            f"was trained with{hint}, or pass {fixes}.")
+
+
+def check_resume(saved_hparams: dict, current: ModelConfig, path: str) -> None:
+    saved = saved_hparams.get("model_config")
+    if not isinstance(saved, dict):
+        return  # not a diffv2-lit checkpoint: Lightning's own load reports what it finds
+    problem = model_mismatch(saved, current)
+    if problem:
+        raise ResumeError(f"cannot resume from {path}: {problem}")
+
+
+def peek_hyper_parameters(path: str) -> dict:
+    """`hyper_parameters` of a checkpoint without reading its tensors (mmap) or a sharded folder's meta.pt."""
+    path_ = Path(path)
+    target = path_ / LIGHTNING_META if path_.is_dir() else path_
+    checkpoint = load_file(target, mmap=not path_.is_dir())  # data only: refuses a checkpoint that needs more
+    return checkpoint.get("hyper_parameters", {}) or {}
