@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
-from diffv2_lit.model.attention import eager_attention  # noqa: E402
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import glob
 import os
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffv2_lit.checkpoint.errors import ResumeError
-from diffv2_lit.checkpoint.layout import LIGHTNING_META
-from diffv2_lit.checkpoint.safe_load import load_file
+from diffv2_lit.checkpoint.errors import CheckpointError, ResumeError
+from diffv2_lit.checkpoint.layout import LIGHTNING_META, checkpoint_problem, unreadable_message
+from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, load_file
 from diffv2_lit.model import ModelConfig
 from diffv2_lit.model.config import CONFIG_PATH
 
@@ -45,3 +45,18 @@ def peek_hyper_parameters(path: str) -> dict:
     target = path_ / LIGHTNING_META if path_.is_dir() else path_
     checkpoint = load_file(target, mmap=not path_.is_dir())  # data only: refuses a checkpoint that needs more
     return checkpoint.get("hyper_parameters", {}) or {}
+
+
+def check_resumable(path: str, current: ModelConfig) -> None:
+    """Complete, readable as data, and of this model; else a CheckpointError saying what to use instead.
+    Cheap: no tensor is read (the file is memory-mapped, a sharded folder's `meta.pt` alone is loaded)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(unreadable_message(path, problem))
+    try:
+        hparams = peek_hyper_parameters(path)
+    except UntrustedCheckpointError:
+        raise
+    except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
+        raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
+    check_resume(hparams, current, path)

@@ -43,14 +43,14 @@ from diffv2_lit.checkpoint import compat
 from diffv2_lit.cli import usage
 from diffv2_lit.checkpoint import CheckpointError
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
-from diffv2_lit.checkpoint.layout import checkpoint_problem, unreadable_message
+from diffv2_lit.checkpoint.layout import checkpoint_problem
 from diffv2_lit.model import resolve_model_config
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.callbacks.cleanup import RemoveEmptyRunFolder
 from diffv2_lit.callbacks.preemption import PreemptionCheckpoint
 from diffv2_lit.callbacks.progress import StepProgressBar
-from diffv2_lit.checkpoint.safe_load import TRUST_ENV, UntrustedCheckpointError, guard_restore
+from diffv2_lit.checkpoint.safe_load import TRUST_ENV, guard_restore
 
 # TensorBoard by default; each run gets its own runs/<name>/version_<n> folder, and checkpoints go
 # to its checkpoints/ subfolder (ModelCheckpoint's default dirpath).
@@ -200,20 +200,13 @@ class DiffV2CLI(LightningCLI):
         _print_rank_zero(message + ("; starting from step 0." if subcommand == "fit" else "."))
 
     def _check_checkpoint(self, subcommand: str) -> None:
-        """A given checkpoint must be complete and of this model: say so now, not as a load traceback."""
+        """A given checkpoint must be complete and of this model: say so now, before the model is built, not
+        as a load traceback. (Lightning's restore checks again, through AtomicCheckpointIO and
+        DecoderLM.on_load_checkpoint, for runs that start from Python.)"""
         path = self.config_init[subcommand].get("ckpt_path")
         if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path) and not os.path.islink(path):
             return
-        problem = checkpoint_problem(path)
-        if problem:
-            raise CheckpointError(unreadable_message(path, problem))
-        try:
-            hparams = compat.peek_hyper_parameters(path)
-        except UntrustedCheckpointError:
-            raise
-        except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
-            raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
-        compat.check_resume(hparams, self.model.model_config, path)
+        compat.check_resumable(path, self.model.model_config)
 
 
 class _ParseOnlyCLI(DiffV2CLI):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffv2_lit.errors import UsageError
-from diffv2_lit.model import Architecture, ModelConfig, Transformer, resolve_model_config
+from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
 from diffv2_lit.training.handshake import check_data_fits_model

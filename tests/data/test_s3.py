@@ -4,7 +4,6 @@ The server is moto's, a separate process on 127.0.0.1 with authentication on (te
 the tests look at the bucket with their own client. Without the server they skip (CI fails them instead).
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -224,7 +223,7 @@ def test_prefix_without_prepared_data(s3, shared):
     # An interrupted prepare: chunks and indexes, but no marker (prepare writes it last).
     s3.copy_from(shared)
     s3.delete("diffv2_data.json")
-    with pytest.raises(DataError, match=rf"holds no prepared data \(\d+ object\(s\) but no diffv2_data.json: a "
+    with pytest.raises(DataError, match=r"holds no prepared data \(\d+ object\(s\) but no diffv2_data.json: a "
                                         r"prepare that did not finish, or other data\); .* --overwrite`"):
         _setup(data_dir=s3.url)
 

@@ -4,12 +4,10 @@ given on the command line (`--trainer.callbacks+=tests.faults.inject.X`), never 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 

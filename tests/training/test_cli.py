@@ -29,7 +29,7 @@ def test_fit_through_the_console_script_then_resume(tmp_path):
     result = _diffv2_lit(tmp_path, "fit", "--config", str(TINY), "--trainer.max_steps", "3",
                          "--model.max_steps", "6")
     run_dir = tmp_path / "runs" / "tiny" / "version_0"
-    assert f"logs and resolved config: runs/tiny/version_0" in result.stdout
+    assert "logs and resolved config: runs/tiny/version_0" in result.stdout
     assert "checkpoints: runs/tiny/version_0/checkpoints" in result.stdout
     assert "---- sample after 3 steps" in result.stdout
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
