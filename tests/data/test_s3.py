@@ -120,7 +120,7 @@ def test_fit_command_trains_from_s3(s3, shared, tmp_path):
     fragment.write_text("data:\n  class_path: diffv2_lit.data.datamodule.TokenDataModule\n"
                         "  init_args: {seq_len: 32, batch_size: 4, num_workers: 0, val_tokens: 256}\n"
                         # the quickstart preset's shape (tiny.yaml's fields back to the preset's), byte vocabulary
-                        "model:\n  model: {n_layers: null, dim: null, n_heads: null, n_kv_heads: null, head_dim: null,"
+                        "model:\n  architecture: {n_layers: null, dim: null, n_heads: null, n_kv_heads: null, head_dim: null,"
                         " ffn_hidden_dim: null, max_seq_len: null, vocab_size: 320}\n"
                         "trainer:\n  max_steps: 3\n  limit_val_batches: null\n  val_check_interval: 3\n")
     result = _cli(s3, "fit", "--config", str(ROOT / "tests/faults/tiny.yaml"), "--config", str(fragment),

@@ -79,7 +79,7 @@ def test_truncated_data_chunk_names_the_file(tmp_path):
     fragment = tmp_path / "data.yaml"
     fragment.write_text("data:\n  class_path: diffv2_lit.data.datamodule.TokenDataModule\n"
                         f"  init_args: {{data_dir: '{folder}', seq_len: 32, batch_size: 4, num_workers: 0}}\n"
-                        "model:\n  model: {vocab_size: 320}\n")
+                        "model:\n  architecture: {vocab_size: 320}\n")
 
     result = fit(tmp_path, "--config", str(fragment))
     assert result.returncode == EXIT_FAULT
