@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from diffv2_lit.checkpoint.safe_load import load_file
 from diffv2_lit.model import ModelConfig, count_parameters
 from diffv2_lit.model.generation import KVCache
 
@@ -127,6 +128,8 @@ def test_readme_commands_run_in_order(tmp_path):
     assert "resuming from runs/quickstart/version_1/checkpoints/" in \
         outputs["diffv2-lit validate --config recipes/quickstart.yaml --ckpt_path last"].stdout
     assert outputs["diffv2-lit generate --ckpt runs/quickstart/version_0/checkpoints/last.ckpt"].stdout.startswith("ROMEO:")
+    first = load_file(cwd / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert first["tokenizer"] == "byte" and first["model_config"]["attention"] == "diffv2"  # the built-in corpus
     assert (cwd / "export" / "config.json").is_file() and (cwd / "data" / "mine-bpe" / "diffv2_data.json").is_file()
     report = "\n".join(p.read_text() for p in (cwd / "report").glob("*.md"))
     assert "diffv2" in report and "baseline" in report

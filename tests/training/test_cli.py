@@ -48,18 +48,6 @@ def test_fit_through_the_console_script_then_resume(tmp_path):
     assert [e.step for e in resumed.Scalars("train/loss")] == [3, 4, 5]
 
 
-def test_quickstart_recipe_runs_on_the_builtin_corpus(tmp_path):
-    """The real recipe, cut to 2 steps: built-in corpus prepared on first use, byte tokenizer, sample."""
-    result = _diffv2_lit(tmp_path, "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
-                         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                         "--data.init_args.val_tokens", "512", "--trainer.callbacks.max_new_tokens", "8")
-    assert "---- sample after 2 steps (prompt 'ROMEO:') ----\nROMEO:" in result.stdout
-    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
-    checkpoint = load_file(run_dir / "checkpoints" / "last.ckpt")
-    assert checkpoint["hyper_parameters"]["tokenizer"] == "byte"
-    assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"
-
-
 def test_float32_matmul_precision_defaults_to_high_and_is_validated():
     import pytest
 
