@@ -85,3 +85,30 @@ def scalars(directory: Path, tag: str) -> dict[int, float]:
 
 def output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
+
+
+def tool(tmp_path: Path, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`diffv2-lit generate|export|consolidate ...` in this process, through the same `main` the console
+    script calls (no training happens: each tool is a plain function). Seconds faster than a process."""
+    import contextlib
+    import io
+
+    from diffv2_lit.cli import main
+
+    assert args[0] in ("generate", "export", "consolidate"), args
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(extra_env or {})
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["diffv2-lit", *args], code, stdout.getvalue(), stderr.getvalue())

@@ -28,8 +28,8 @@ def test_last_with_only_another_models_checkpoints_says_so_and_starts_at_step_0(
 
 def test_a_run_that_fails_at_once_leaves_no_empty_folder_behind(tmp_path):
     """Empty version folders of failed runs used to pile up in `compare` and `--ckpt_path last`."""
-    failed = fit(tmp_path, "--data", "diffv2_lit.data.datamodule.TokenDataModule",
-                 "--data.init_args.data_dir", str(tmp_path / "missing"))
+    failed = fit(tmp_path, "--data", "diffv2_lit.data.datamodule.TokenDataModule", "--model.architecture.vocab_size",
+                 "320", "--data.init_args.data_dir", str(tmp_path / "missing"))
     assert failed.returncode == 1 and "does not exist" in failed.stderr
     assert "removed runs/faults/version_0: the run failed before logging anything" in failed.stderr
     assert not (tmp_path / "runs" / "faults" / "version_0").exists()

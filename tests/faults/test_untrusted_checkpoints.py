@@ -1,7 +1,8 @@
 """Issue 16: loading a checkpoint never runs code from it.
 
 Crafted checkpoints (tamper.py: a real checkpoint plus one object that unpickles as
-`os.system("touch <marker>")`) against every entry point, as real `diffv2-lit` processes: each one is
+`os.system("touch <marker>")`) against every entry point (fit and validate as real `diffv2-lit` processes,
+the tools generate, export and consolidate through the same `main` in this process): each one is
 refused with one line naming `posix.system` and the opt-in, and the marker never appears. Every
 checkpoint the project writes still loads, and the opt-in (DIFFV2_LIT_TRUST_CHECKPOINTS=1,
 --trust-checkpoint) loads the crafted one, which the marker proves.
@@ -19,7 +20,7 @@ from diffv2_lit.checkpoint.reading import load_model
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
-from tests.faults.helpers import TINY, diffv2_lit, fit, output, run_dir
+from tests.faults.helpers import TINY, diffv2_lit, fit, output, run_dir, tool
 from tests.faults.tamper import EVIL_GLOBAL, crafted_file, crafted_folder
 from tests.training.helpers import tiny_data, tiny_module, tiny_trainer
 
@@ -90,7 +91,8 @@ def sharded_run(tmp_path_factory):
                                                 ("init_from", 1)])
 def test_every_entry_point_refuses_a_crafted_checkpoint(crafted_ckpt, tmp_path, command, exit_code):
     checkpoint, marker = crafted_ckpt
-    result = diffv2_lit(tmp_path, *_entry_point_args(command, checkpoint, tmp_path))
+    run = tool if command in ("generate", "export") else diffv2_lit  # the tools in-process; fit/validate as processes
+    result = run(tmp_path, *_entry_point_args(command, checkpoint, tmp_path))
     _assert_refused(result, checkpoint, marker, exit_code)
 
 
@@ -138,7 +140,7 @@ def test_the_environment_variable_loads_a_trusted_checkpoint(crafted_ckpt, tmp_p
 
 def test_the_flag_loads_a_trusted_checkpoint(crafted_ckpt, tmp_path):
     checkpoint, marker = crafted_ckpt
-    result = diffv2_lit(tmp_path, *_entry_point_args("export", checkpoint, tmp_path), "--trust-checkpoint")
+    result = tool(tmp_path, *_entry_point_args("export", checkpoint, tmp_path), "--trust-checkpoint")
     assert result.returncode == 0, result.stderr
     assert marker.exists() and (tmp_path / "exported" / "model.safetensors").is_file()
 
@@ -168,7 +170,7 @@ def test_every_checkpoint_of_a_real_run_and_its_export_load(baseline, single_fil
     for checkpoint in checkpoints:
         verify(checkpoint)
         load_model(checkpoint)
-    exported = diffv2_lit(tmp_path, *_entry_point_args("export", single_file_run, tmp_path))
+    exported = tool(tmp_path, *_entry_point_args("export", single_file_run, tmp_path))
     assert exported.returncode == 0, exported.stderr
     load_model(tmp_path / "exported")
 
@@ -181,7 +183,8 @@ def test_every_checkpoint_of_a_real_run_and_its_export_load(baseline, single_fil
 def test_every_tool_refuses_a_sharded_folder_with_a_crafted_meta_pt(sharded_run, tmp_path, command):
     marker = tmp_path / "PWNED"
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, "meta.pt")
-    result = diffv2_lit(tmp_path, *_entry_point_args(command, folder, tmp_path))
+    run = diffv2_lit if command == "init_from" else tool
+    result = run(tmp_path, *_entry_point_args(command, folder, tmp_path))
     _assert_refused(result, folder / "meta.pt", marker, exit_code=1 if command == "init_from" else 2)
 
 
@@ -191,14 +194,14 @@ def test_consolidate_refuses_a_crafted_index_or_item(sharded_run, tmp_path, wher
     """torch reads `.metadata` with plain pickle and non-tensor items with weights_only=False."""
     marker = tmp_path / "PWNED"
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, where)
-    result = diffv2_lit(tmp_path, *_entry_point_args("consolidate", folder, tmp_path))
+    result = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path))
     _assert_refused(result, folder, marker, exit_code=2)
     assert not (tmp_path / "merged.ckpt").exists()
 
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
         verify(folder)
     assert not marker.exists()
-    trusted = diffv2_lit(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--trust-checkpoint")
+    trusted = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--trust-checkpoint")
     assert trusted.returncode == 0, trusted.stderr
     assert marker.exists() and (tmp_path / "merged.ckpt").is_file()
 
@@ -246,7 +249,7 @@ def test_the_projects_sharded_checkpoint_resumes_and_converts(sharded_run, tmp_p
                   str(folder), "--trainer.max_steps", "4", "--model.max_steps", "12")
     assert resumed.returncode == 0, output(resumed)[-3000:]
     assert (run_dir(sharded_run["dir"], 1) / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
-    merged = diffv2_lit(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--with-optimizer")
+    merged = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--with-optimizer")
     assert merged.returncode == 0, merged.stderr
     assert load_file(tmp_path / "merged.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"] > 0
     load_model(tmp_path / "merged.ckpt")
