@@ -20,7 +20,9 @@ class SavingRecorder(BatchRecorder):
 @pytest.mark.slow
 def test_ddp_ranks_get_disjoint_shards(corpus_dir, tmp_path):
     dm = TokenDataModule(data_dir=str(corpus_dir), seq_len=32, batch_size=4, num_workers=0, val_tokens=0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=3, logger=False,
+    # ddp_spawn, not ddp_fork: forking a process whose autograd engine has run (an earlier test in the same
+    # pytest worker) is unsafe ("Unable to handle autograd's threading in combination with fork").
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(SavingRecorder(tmp_path), datamodule=dm)

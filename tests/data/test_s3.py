@@ -139,7 +139,9 @@ def test_ddp_ranks_stream_disjoint_shards_through_one_cache(s3, shared, tmp_path
     # Two ranks on one node: the same index, their own chunks, one shared cache folder (its locks).
     dm = TokenDataModule(data_dir=shared, seq_len=32, batch_size=4, num_workers=0, val_tokens=0,
                          cache_dir=str(tmp_path / "cache"))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=3, logger=False,
+    # ddp_spawn, not ddp_fork: forking a process whose autograd engine has run (an earlier test in the same
+    # pytest worker) is unsafe ("Unable to handle autograd's threading in combination with fork").
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0)
     trainer.fit(SavingRecorder(tmp_path), datamodule=dm)
