@@ -81,6 +81,7 @@ def start_server(log_dir: Path) -> S3Server:
         _wait_until_up(endpoint, process, log)
         access_key, secret_key = _create_user_and_bucket(endpoint)
         _post(endpoint, "/moto-api/reset-auth", b"0")  # from now on every request must be signed by that user
+        _check_signatures_verify(endpoint, access_key, secret_key)
     except BaseException:
         process.kill()
         raise
@@ -120,6 +121,24 @@ def _create_user_and_bucket(endpoint: str) -> tuple[str, str]:
     key = iam.create_access_key(UserName="tests")["AccessKey"]
     boto3.client("s3", **anyone).create_bucket(Bucket=BUCKET)
     return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def _check_signatures_verify(endpoint: str, access_key: str, secret_key: str) -> None:
+    """One correctly signed request must pass, or every S3 test would fail with a misleading 'credentials
+    refused': moto 5.2.1-5.2.3 cannot verify the query-string signatures of botocore 1.43."""
+    import boto3
+    import botocore
+    import moto
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key,
+                          aws_secret_access_key=secret_key, region_name=REGION)
+    try:
+        client.list_objects_v2(Bucket=BUCKET, Prefix="self-check/")
+    except ClientError as err:
+        code = err.response["Error"]["Code"]
+        raise RuntimeError(f"moto {moto.__version__} refused a correctly signed request from botocore "
+                           f"{botocore.__version__} ({code}): pip install -U 'moto[server]>=5.2.4'") from None
 
 
 def _post(endpoint: str, path: str, body: bytes) -> None:
