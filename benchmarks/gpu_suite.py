@@ -6,7 +6,8 @@
 Sections, each under its own time limit so one failure cannot eat the rest:
 1. kernels: logits of the SDPA (and flash-attn, if installed) path against the eager reference on the
    same device, and against an fp64 CPU reference, for the three attention variants; KV-cache decoding
-   against a full forward.
+   against a full forward; the loss and every gradient of one step of the chunked loss and, on CUDA, of
+   liger-kernel's RMSNorm + SwiGLU and fused loss, against the PyTorch path.
 2. training: `diffv2-lit fit` in a subprocess, as users run it: the 125m twins under every hardware
    fragment that fits one GPU (FSDP2, `1gpu` bf16-mixed, FSDP1, DDP with one process), with compile off
    and on under FSDP2, then the 1.3b twins; tokens/s, MFU, peak memory and the last loss read back from
@@ -15,7 +16,8 @@ Sections, each under its own time limit so one failure cannot eat the rest:
    cuda-graphs (a static cache and a captured one-token step), DIFF V2 / baseline, and the greedy tokens of
    both modes compared.
 4. ablation (not in the default sections; `--sections ablation`): the speed levers of the GPU recipes, each
-   on and off in one table (compile, the fused output layer + loss), DIFF V2 against the baseline's FLOP rate.
+   on and off in one table (compile, the fused output layer + loss, liger's RMSNorm + SwiGLU kernels with
+   and without compile), DIFF V2 against the baseline's FLOP rate.
 
 Every row says `ok` or what failed (the first line of the error); the exit code is 1 if any row failed.
 `--dry` shrinks everything (quickstart preset, a few steps, CPU twins of the fragments) so the whole
@@ -78,6 +80,11 @@ def ablation_plan(dry: bool) -> list[TrainingRun]:
         for impl in ("plain", "chunked", "liger"):
             runs.append(TrainingRun(f"{size}-diffv2 loss {impl}", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                     one_step + ["--model.loss_impl", impl]))
+        # fused RMSNorm + SwiGLU: liger's kernels with and without compile, against compile's own fusion
+        runs.append(TrainingRun(f"{size}-diffv2 kernels liger", f"{size}-diffv2", "8gpu-fsdp2", steps,
+                                one_step + ["--model.kernels", "liger"]))
+        runs.append(TrainingRun(f"{size}-diffv2 kernels liger, compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
+                                one_step + ["--model.kernels", "liger", "--model.compile", "false"]))
     return runs
 
 
@@ -125,7 +132,52 @@ def kernel_rows(device: torch.device, dry: bool) -> list[dict]:
         for backend in backends:
             for dtype in ((torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16)):
                 rows.append(_kernel_row(config, reference, ids, expected, device, dtype, backend))
+    return rows + step_rows(device, dry)
+
+
+def step_rows(device: torch.device, dry: bool) -> list[dict]:
+    """Loss and every gradient of one step, each fast path against the PyTorch reference on the same device:
+    `model.loss_impl=chunked`, and on CUDA liger-kernel's `model.kernels=liger` (RMSNorm and SwiGLU) and
+    `model.loss_impl=liger` (output layer + cross-entropy). liger is Triton on CUDA only."""
+    from diffv2_lit.model.fused import kernels_problem, use_kernels
+
+    liger_problem = kernels_problem("liger", "cuda") if device.type == "cuda" else None
+    if liger_problem:
+        return [{"variant": "all", "path": "liger", "status": f"FAILED: {liger_problem} (benchmarks/fetch_gpu_wheels.sh)"}]
+    rows = []
+    for variant in VARIANTS:
+        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256)
+        ids = torch.randint(0, config.vocab_size, (2, 64 if dry else 256), generator=torch.Generator().manual_seed(1))
+        for dtype in ((torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16)):
+            reference = _model(config, device, dtype, "sdpa")
+            paths = [("chunked loss", reference, "chunked")]
+            if device.type == "cuda":
+                fused = _model(config, device, dtype, "sdpa", like=reference)
+                use_kernels(fused, "liger")
+                paths += [("liger kernels", fused, "plain"), ("liger loss", reference, "liger")]
+            for name, model, loss_impl in paths:
+                rows.append(_step_row(variant, name, dtype, reference, model, loss_impl, ids.to(device)))
     return rows
+
+
+def _step_row(variant, name, dtype, reference, model, loss_impl, ids) -> dict:
+    """Loss and gradients of `model` with `loss_impl` against `reference` with the plain loss, as the worst
+    relative difference over the loss and all parameter gradients."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    results = []
+    for candidate, impl in ((reference, "plain"), (model, loss_impl)):
+        candidate.zero_grad(set_to_none=True)
+        loss = candidate(inputs, targets=targets, loss_impl=impl)
+        loss.backward()
+        results.append([loss.detach().float()] + [p.grad.float() for p in candidate.parameters()])
+    worst = max(((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+                for want, got in zip(*results))
+    # fp32 is the correctness check: summation order alone moves DIFF V1's lambda gradients (sums of terms
+    # that nearly cancel) by 1e-4 relative, a wrong kernel by O(1). bf16 only catches gross errors.
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-1
+    status = "ok" if worst < tolerance else f"FAILED: relative |diff| {worst:.3g} >= {tolerance}"
+    return {"variant": variant, "path": name, "dtype": str(dtype).removeprefix("torch."),
+            "step_vs_torch": worst, "status": status}
 
 
 def _kernel_row(config, reference, ids, expected, device, dtype, backend) -> dict:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from diffv2_lit.errors import UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
+from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
 from diffv2_lit.training.handshake import check_data_fits_model
@@ -74,6 +75,7 @@ class DecoderLM(L.LightningModule):
         fsdp_sync_every_micro_batch: bool = False,
         fused_adamw: bool | None = None,
         loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto",
+        kernels: Literal["torch", "liger"] = "torch",
         init_from: str | None = None,
     ) -> None:
         """
@@ -98,6 +100,8 @@ class DecoderLM(L.LightningModule):
             loss_impl: how the output layer and the cross-entropy run (diffv2_lit/model/loss.py): `plain`
                 (full logits), `chunked` (never more than a chunk of logits, plain PyTorch), `liger`
                 (liger-kernel's fused kernel, CUDA), `auto` (liger on CUDA when installed, else plain).
+            kernels: RMSNorm and SwiGLU as PyTorch ops (`torch`, fused by `compile` when it is on) or as
+                liger-kernel's Triton kernels (`liger`, CUDA); see diffv2_lit/model/fused.py.
             init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
                 `diffv2-lit export` folder, with a fresh optimizer and schedule (to continue the same
                 run, use `--ckpt_path` instead). Its model config must match this one.
@@ -105,6 +109,8 @@ class DecoderLM(L.LightningModule):
         super().__init__()
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"model.loss_impl={loss_impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
+        if kernels not in KERNELS:
+            raise ValueError(f"model.kernels={kernels!r} is not one of: {', '.join(KERNELS)}")
         check_optimization(lr, betas, eps, weight_decay, schedule, warmup_steps, min_lr_ratio, decay_fraction, max_steps)
         self.model_config = resolve_model_config(architecture)
         self.save_hyperparameters(ignore=["architecture"])
@@ -127,8 +133,12 @@ class DecoderLM(L.LightningModule):
         if self.model is not None:  # called again by validate/test after fit
             return
         self._handshake_with_the_data()
+        problem = kernels_problem(self.hparams.kernels, self._init_device().type)
+        if problem:
+            raise UsageError(problem)
         with torch.device("meta"):
             model = Transformer(self.model_config)
+        use_kernels(model, self.hparams.kernels)  # before sharding and compiling: it swaps forwards
         mesh = self._device_mesh
         if mesh is not None and mesh.device_type == "cpu":
             # DTensor random ops are not sharding-aware on CPU (each rank would draw its shard from the

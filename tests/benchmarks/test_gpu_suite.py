@@ -22,7 +22,13 @@ def test_gpu_suite_runs_dry_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["variant"] for r in rows["kernels"]} == {"baseline", "diffv2", "diffv1"}
-    assert all(r["status"] == "ok" and r["vs_eager"] < 1e-3 for r in rows["kernels"])
+    logits = [r for r in rows["kernels"] if "vs_eager" in r]
+    assert {r["variant"] for r in logits} == {"baseline", "diffv2", "diffv1"}
+    assert all(r["status"] == "ok" and r["vs_eager"] < 1e-3 for r in logits)
+    steps = [r for r in rows["kernels"] if "step_vs_torch" in r]  # loss + gradients of one step (liger: CUDA only)
+    assert sorted((r["variant"], r["path"]) for r in steps) == [
+        (v, "chunked loss") for v in ("baseline", "diffv1", "diffv2")]
+    assert all(r["status"] == "ok" and r["step_vs_torch"] < 1e-3 for r in steps)
     assert len(rows["training"]) == 1
     for row in rows["training"]:
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and math.isfinite(row["last_loss"])
