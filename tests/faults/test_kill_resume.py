@@ -20,13 +20,22 @@ def _resume_and_compare(tmp_path, baseline, min_step: int) -> int:
     return first
 
 
-def test_sigkill_at_a_random_step_then_resume(tmp_path, baseline):
-    kill_after = random.Random(8).randint(4, 10)
+def _signal_after(tmp_path, step: int, sig: signal.Signals) -> int:
+    """Starts the run, sends `sig` once it has done `step` optimizer steps; returns the exit code."""
     marker = tmp_path / "step.txt"
     process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
                     f"--trainer.callbacks.path={marker}")
-    wait_for(step_reached(marker, kill_after), process)
-    assert kill(process) == -signal.SIGKILL
+    wait_for(step_reached(marker, step), process)
+    return kill(process, sig)
+
+
+def _preempted_step(tmp_path) -> int:
+    return load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")["global_step"]
+
+
+def test_sigkill_at_a_random_step_then_resume(tmp_path, baseline):
+    kill_after = random.Random(8).randint(4, 10)
+    assert _signal_after(tmp_path, kill_after, signal.SIGKILL) == -signal.SIGKILL
     # At most the steps since the last checkpoint (every 3) are lost.
     _resume_and_compare(tmp_path, baseline, min_step=3 * (kill_after // 3) - 3)
 
@@ -49,15 +58,10 @@ def test_sigkill_inside_a_checkpoint_write(tmp_path, baseline):
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(tmp_path, baseline):
-    marker = tmp_path / "step.txt"
-    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
-                    f"--trainer.callbacks.path={marker}")
-    wait_for(step_reached(marker, 4), process)
-    assert kill(process, signal.SIGTERM) == 0
+    assert _signal_after(tmp_path, 4, signal.SIGTERM) == 0
     log = (tmp_path / "killed.log").read_text()
     assert "preempted (SIGTERM) after step" in log and "resume with --ckpt_path last" in log
-    saved = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")
-    stopped_at = saved["global_step"]
+    stopped_at = _preempted_step(tmp_path)
     assert 4 < stopped_at < MAX_STEPS
     assert max(scalars(run_dir(tmp_path, 0), "train/loss")) == stopped_at - 1  # no step after the save
     # Nothing lost: the resume starts exactly where the preempted run stopped.
@@ -65,27 +69,18 @@ def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(tmp_path, baseli
 
 
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
-    marker = tmp_path / "step.txt"
-    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
-                    f"--trainer.callbacks.path={marker}")
-    wait_for(step_reached(marker, 2), process)
-    assert kill(process, signal.SIGUSR1) == 0
+    assert _signal_after(tmp_path, 2, signal.SIGUSR1) == 0
     assert "preempted (SIGUSR1) after step" in (tmp_path / "killed.log").read_text()
-    saved = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")
-    assert 2 < saved["global_step"] < MAX_STEPS
+    assert 2 < _preempted_step(tmp_path) < MAX_STEPS
 
 
 def test_ctrl_c_checkpoints_like_sigterm_and_resume_continues(tmp_path, baseline):
     """SIGINT (Ctrl-C) used to end in Lightning's "graceful shutdown": exit 1, no checkpoint, steps lost."""
-    marker = tmp_path / "step.txt"
-    process = start(tmp_path, "--trainer.callbacks+=tests.faults.inject.StepMarker",
-                    f"--trainer.callbacks.path={marker}")
-    wait_for(step_reached(marker, 3), process)
-    assert kill(process, signal.SIGINT) == 0
+    assert _signal_after(tmp_path, 3, signal.SIGINT) == 0
     log = (tmp_path / "killed.log").read_text()
     assert "Ctrl-C: saving a checkpoint at the end of this step" in log
     assert "interrupted (Ctrl-C) after step" in log and "resume with --ckpt_path last" in log
-    stopped_at = load_file(run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt")["global_step"]
+    stopped_at = _preempted_step(tmp_path)
     assert 3 < stopped_at < MAX_STEPS
     assert _resume_and_compare(tmp_path, baseline, min_step=stopped_at) == stopped_at
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffv2_lit.model import KVCache, ModelConfig, Transformer, sample_next_token
+from diffv2_lit.model import KVCache, ModelConfig, StaticKVCache, Transformer, sample_next_token
 
 VARIANTS = ["baseline", "diffv2", "diffv1"]
 
@@ -33,13 +33,21 @@ def test_future_tokens_do_not_change_earlier_logits(attention):
 
 @pytest.mark.parametrize("attention", VARIANTS)
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_kv_cache_decoding_matches_full_forward(attention, backend):
+@pytest.mark.parametrize("cache_kind", ["growing", "static"])
+def test_kv_cache_decoding_matches_full_forward(attention, backend, cache_kind):
+    """Prefill, a chunk, then one token at a time: logits equal a full forward's. The static cache hands
+    all its S slots to the kernel, the unfilled ones masked."""
     model = tiny(attention, attn_backend=backend)
     ids = torch.randint(0, 97, (3, 16))
     full = model(ids)
-    cache = model.new_cache(batch_size=3, max_len=16)
+    if cache_kind == "growing":
+        cache = model.new_cache(batch_size=3, max_len=16)
+    else:
+        cache = StaticKVCache(model.config, batch_size=3, max_len=32)
     pieces = [model(ids[:, :5], cache), model(ids[:, 5:9], cache)]  # prefill, then a chunk
     pieces += [model(ids[:, t:t + 1], cache) for t in range(9, 16)]  # then one token at a time
+    if cache_kind == "static":
+        assert int(cache.length) == 16 and cache.keys[0].shape == (3, 32, 2, 16)
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10)
 
 
@@ -148,22 +156,6 @@ def test_sampling_respects_top_k_and_top_p():
     top_p = {sample_next_token(logits, top_p=0.7, generator=gen).item() for _ in range(200)}
     assert top_p == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
     assert sample_next_token(logits, temperature=0).item() == 0
-
-
-@pytest.mark.parametrize("attention", VARIANTS)
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_static_cache_decoding_matches_full_forward(attention, backend):
-    """All S slots reach the kernel, unfilled ones masked: logits equal a full forward's."""
-    from diffv2_lit.model import StaticKVCache
-
-    model = tiny(attention, attn_backend=backend)
-    ids = torch.randint(0, 97, (3, 16))
-    full = model(ids)
-    cache = StaticKVCache(model.config, batch_size=3, max_len=32)
-    pieces = [model(ids[:, :5], cache), model(ids[:, 5:9], cache)]  # prefill, then a chunk
-    pieces += [model(ids[:, t:t + 1], cache) for t in range(9, 16)]  # then one token at a time
-    assert int(cache.length) == 16 and cache.keys[0].shape == (3, 32, 2, 16)
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10)
 
 
 @pytest.mark.parametrize("attention", VARIANTS)
