@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import PARTIAL_MARK, checkpoint_problem, unreadable_message
-from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, load_file
+from diffv2_lit.checkpoint.layout import PARTIAL_MARK
+from diffv2_lit.checkpoint.safe_load import load_complete
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,18 +59,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
         """`weights_only` is ignored: only data is ever loaded (the opt-in is DIFFV2_LIT_TRUST_CHECKPOINTS)."""
-        problem = checkpoint_problem(path)
-        if problem:
-            raise CheckpointError(unreadable_message(path, problem))
-        try:
-            return load_file(path, map_location=map_location)
-        except UntrustedCheckpointError:
-            raise
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(unreadable_message(path, f"torch.load failed: {message}")) from err
+        return load_complete(path, map_location=map_location)
 
 
 def _remove_stale_partials(path: Path) -> None:

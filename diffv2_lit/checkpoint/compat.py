@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffv2_lit.checkpoint.errors import CheckpointError, ResumeError
-from diffv2_lit.checkpoint.layout import LIGHTNING_META, checkpoint_problem, unreadable_message
-from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, load_file
+from diffv2_lit.checkpoint.errors import ResumeError
+from diffv2_lit.checkpoint.layout import LIGHTNING_META
+from diffv2_lit.checkpoint.safe_load import load_complete
 from diffv2_lit.model import ModelConfig
 from diffv2_lit.model.config import CONFIG_PATH
 
@@ -15,10 +15,15 @@ SHAPE_FIELDS = ("vocab_size", "n_layers", "dim", "n_heads", "n_kv_heads", "head_
                 "tie_embeddings", "attention")
 
 
+def differing_fields(saved: dict, current: ModelConfig) -> list[tuple[str, object, object]]:
+    """[(field, checkpoint's value, this run's value)] for the SHAPE_FIELDS a checkpoint's `model_config` sets
+    differently."""
+    return [(f, saved.get(f), getattr(current, f)) for f in SHAPE_FIELDS if f in saved and saved.get(f) != getattr(current, f)]
+
+
 def model_mismatch(saved: dict, current: ModelConfig) -> str | None:
     """None when a checkpoint's `model_config` fits the current model, else what differs and the fix."""
-    differing = [(f, saved.get(f), getattr(current, f)) for f in SHAPE_FIELDS
-                 if f in saved and saved.get(f) != getattr(current, f)]
+    differing = differing_fields(saved, current)
     if not differing:
         return None
     details = "; ".join(f"{CONFIG_PATH}.{f}: checkpoint {old!r}, this run {new!r}" for f, old, new in differing)
@@ -40,23 +45,15 @@ def check_resume(saved_hparams: dict, current: ModelConfig, path: str) -> None:
 
 
 def peek_hyper_parameters(path: str) -> dict:
-    """`hyper_parameters` of a checkpoint without reading its tensors (mmap) or a sharded folder's meta.pt."""
+    """`hyper_parameters` of a complete checkpoint without reading its tensors (mmap) or a sharded folder's
+    meta.pt; CheckpointError for an incomplete or damaged one."""
     path_ = Path(path)
     target = path_ / LIGHTNING_META if path_.is_dir() else path_
-    checkpoint = load_file(target, mmap=not path_.is_dir())  # data only: refuses a checkpoint that needs more
+    checkpoint = load_complete(path_, target, mmap=not path_.is_dir())  # data only: refuses what needs more
     return checkpoint.get("hyper_parameters", {}) or {}
 
 
 def check_resumable(path: str, current: ModelConfig) -> None:
     """Complete, readable as data, and of this model; else a CheckpointError saying what to use instead.
     Cheap: no tensor is read (the file is memory-mapped, a sharded folder's `meta.pt` alone is loaded)."""
-    problem = checkpoint_problem(path)
-    if problem:
-        raise CheckpointError(unreadable_message(path, problem))
-    try:
-        hparams = peek_hyper_parameters(path)
-    except UntrustedCheckpointError:
-        raise
-    except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
-        raise CheckpointError(unreadable_message(path, f"torch.load failed: {err}")) from err
-    check_resume(hparams, current, path)
+    check_resume(peek_hyper_parameters(path), current, path)

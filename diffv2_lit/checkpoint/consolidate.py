@@ -21,8 +21,7 @@ import pickle
 import sys
 from pathlib import Path
 
-import torch
-
+from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_sharded
 from diffv2_lit.checkpoint.safe_load import load_file, load_sharded, trusting
@@ -38,13 +37,13 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
         )
     checkpoint = _lightning_metadata(sharded_dir)
     # What torch's dcp_to_torch_save does, without its unrestricted reads and the temporary file.
-    merged = load_sharded(sharded_dir)
+    # The optimizer state is about twice the model's size: read it only when it is kept.
+    merged = load_sharded(sharded_dir, keys=None if with_optimizer else {"state_dict"})
     checkpoint["state_dict"] = merged["state_dict"]
     optimizers = [merged[key] for key in sorted(merged) if key.startswith("optimizer_")]
-    if with_optimizer and optimizers:
+    if optimizers:
         checkpoint["optimizer_states"] = optimizers
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, output)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, output)  # a killed run leaves no truncated file behind
     return output
 
 

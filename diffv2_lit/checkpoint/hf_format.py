@@ -68,8 +68,12 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict, tokeni
 
 def train_seq_len_from_hf(hf: dict) -> int | None:
     """The training sequence length an export recorded (None for older exports and foreign folders)."""
-    seq_len = (hf.get("diffv2_lit") or {}).get("train_seq_len")
-    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
+    return positive_int_or_none((hf.get("diffv2_lit") or {}).get("train_seq_len"))
+
+
+def positive_int_or_none(value) -> int | None:
+    """`value` if it is a positive int (not a bool), else None: for lengths read from files we did not write."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def model_config_fields_from_hf(hf: dict) -> dict:

@@ -128,8 +128,7 @@ def _read_dcp_dir(path: Path):
 def _train_seq_len(checkpoint: dict) -> int | None:
     """The datamodule's `seq_len` (TokenDataModule saves its hyper-parameters; Lightning stores them in the
     checkpoint, and in `meta.pt` beside a sharded one)."""
-    seq_len = (checkpoint.get("datamodule_hyper_parameters") or {}).get("seq_len")
-    return seq_len if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0 else None
+    return hf_format.positive_int_or_none((checkpoint.get("datamodule_hyper_parameters") or {}).get("seq_len"))
 
 
 def _config_from_hparams(hparams: dict, source: Path) -> tuple[ModelConfig, str | None]:

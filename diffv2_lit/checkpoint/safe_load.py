@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META
+from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, checkpoint_problem, unreadable_message
 
 TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
 TRUE_VALUES = ("1", "true", "yes", "on")
@@ -251,6 +251,22 @@ def _reader_and_planner(path, keys: set[str] | None = None, whole: bool = False)
     planner = whole_planner_class(keys=keys) if whole else planner_class()
     planner.source = str(path)
     return reader_class(path), planner
+
+
+def load_complete(path, target=None, **load_kwargs) -> Any:
+    """`load_file(target or path)` once `path` is a complete checkpoint (`target`: a file inside a sharded
+    folder, e.g. its meta.pt). An incomplete or damaged one is one CheckpointError naming `path` and the
+    checkpoint to use instead; a refused type stays an UntrustedCheckpointError."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(unreadable_message(path, problem))
+    try:
+        return load_file(target or path, **load_kwargs)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as err:  # a damaged archive: torch.load's own error is a zip/pickle traceback
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(unreadable_message(path, f"torch.load failed: {message}")) from err
 
 
 def load_sharded(path, keys: set[str] | None = None) -> dict[str, Any]:

@@ -373,9 +373,8 @@ def _model_mismatch(path: str, model_config) -> str | None:
         return None
     if not isinstance(saved, dict):
         return None
-    differing = [f"{f} {saved.get(f)!r}, this run {getattr(model_config, f)!r}" for f in compat.SHAPE_FIELDS
-                 if f in saved and saved.get(f) != getattr(model_config, f)]
-    return "; ".join(differing) or None
+    differing = compat.differing_fields(saved, model_config)
+    return "; ".join(f"{f} {old!r}, this run {new!r}" for f, old, new in differing) or None
 
 
 def _checkpoint_globs(trainer: L.Trainer) -> list[str]:

@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
-from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, trusting
+from diffv2_lit.checkpoint.safe_load import trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
 from diffv2_lit.model.generation import DECODE_MODES
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             run(args)
-    except (CheckpointError, UntrustedCheckpointError, TokenizerError, GenerateError, ConfigError) as error:
+    except (CheckpointError, TokenizerError, GenerateError, ConfigError) as error:
         print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
         return 2
     return 0

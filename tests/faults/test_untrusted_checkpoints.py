@@ -191,17 +191,19 @@ def test_every_tool_refuses_a_sharded_folder_with_a_crafted_meta_pt(sharded_run,
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["index", "item"])
 def test_consolidate_refuses_a_crafted_index_or_item(sharded_run, tmp_path, where):
-    """torch reads `.metadata` with plain pickle and non-tensor items with weights_only=False."""
+    """torch reads `.metadata` with plain pickle and non-tensor items with weights_only=False. The crafted item
+    is in the optimizer state, which consolidate reads only with --with-optimizer."""
     marker = tmp_path / "PWNED"
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, where)
-    result = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path))
+    with_optimizer = ["--with-optimizer"] if where == "item" else []
+    result = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), *with_optimizer)
     _assert_refused(result, folder, marker, exit_code=2)
     assert not (tmp_path / "merged.ckpt").exists()
 
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
         verify(folder)
     assert not marker.exists()
-    trusted = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--trust-checkpoint")
+    trusted = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), *with_optimizer, "--trust-checkpoint")
     assert trusted.returncode == 0, trusted.stderr
     assert marker.exists() and (tmp_path / "merged.ckpt").is_file()
 

@@ -52,6 +52,7 @@ def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path, single):
     assert checkpoint["hyper_parameters"]["model_config"]["attention"] == "diffv2"
     weight = checkpoint["state_dict"]["model.layers.0.self_attn.q_proj.weight"]
     assert weight.shape == (2 * 2 * 32, 64)  # full (unsharded) DIFF V2 q_proj: 2h heads of d=32
+    assert "optimizer_states" not in checkpoint  # kept only with --with-optimizer
 
 
 @pytest.mark.slow
