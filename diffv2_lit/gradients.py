@@ -57,8 +57,10 @@ def clip_by_total_norm_(parameters, max_norm: float, total_norm: Tensor) -> None
         torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, total_norm.to(with_grads[0].grad.device))
 
 
-def clip_by_value_(parameters, clip_value: float) -> None:
-    """Clamp every gradient element to [-clip_value, clip_value] (elementwise, so shards need nothing global)."""
-    for p in parameters:
-        if p.grad is not None:
-            p.grad.clamp_(-clip_value, clip_value)
+def unscale_fused_(scaler, optimizer) -> None:
+    """fp16 (`16-mixed`): unscale the gradients of an optimizer that unscales inside `step()` (fused AdamW),
+    which Lightning leaves scaled. Call it once per step, before reading the gradients: the norm, the
+    clipping and any skip then see true gradients, and GradScaler has recorded its inf check (its
+    `update()` fails without one, even when the gradients are dropped afterwards). No-op without a scaler."""
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)

@@ -31,7 +31,7 @@ class RemoveEmptyRunFolder(L.Callback):
 def holds_nothing(folder: Path) -> bool:
     """No checkpoint, no spike record, no logged value in its TensorBoard event files."""
     for path in folder.rglob("*"):
-        if path.suffix == ".ckpt" or path.name == "spikes.jsonl" or (path.is_dir() and path.name.endswith(".ckpt")):
+        if path.suffix == ".ckpt" or path.name == "spikes.jsonl":  # a .ckpt file, or a sharded .ckpt folder
             return False
         if path.name.startswith("events.out.tfevents") and _has_values(path):
             return False

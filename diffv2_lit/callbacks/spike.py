@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from diffv2_lit.gradients import global_grad_norm, is_dtensor
+from diffv2_lit.gradients import global_grad_norm, is_dtensor, unscale_fused_
 
 ACTIONS = ("log", "skip", "stop")
 METHODS = ("ema", "median")
@@ -245,7 +245,6 @@ class GradientSpikeDetector(L.Callback):
             return
         self._record(trainer, pl_module, optimizer, spike, grad_norm, loss)
         if self.action in ("skip", "stop"):
-            _unscale_before_dropping(trainer, pl_module, optimizer)
             _drop_gradients(optimizer)
         if self.action == "stop":
             self._request_stop(trainer, "spike")
@@ -312,9 +311,8 @@ class GradientSpikeDetector(L.Callback):
         if hasattr(pl_module, "gradient_norm"):  # DecoderLM: computed once per step (and unscaled), shared
             norm = pl_module.gradient_norm()
         else:
+            unscale_fused_(scaler, optimizer)  # before the norm, and before a skip drops the gradients
             norm = global_grad_norm(p for group in optimizer.param_groups for p in group["params"])
-            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-                norm = norm / scaler.get_scale()  # fused optimizers unscale inside step(): grads are still scaled
         loss = self._loss_sum if self._loss_sum is not None else torch.tensor(0.0)
         if scaler is not None:
             loss = loss / scaler.get_scale()
@@ -463,16 +461,6 @@ def _validate_persistent(max_consecutive, on_persistent) -> None:
 def _scaler(trainer: L.Trainer):
     """fp16's GradScaler when the precision plugin has one (None for fp32 / bf16)."""
     return getattr(trainer.precision_plugin, "scaler", None)
-
-
-def _unscale_before_dropping(trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-    """fp16 with a fused optimizer: GradScaler records its inf check only when it unscales, and its
-    `update()` fails if none was recorded ("No inf checks were recorded prior to update"). DecoderLM
-    unscales such an optimizer when it computes the norm; other modules' gradients are unscaled here."""
-    scaler = _scaler(trainer)
-    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) \
-            and not hasattr(pl_module, "gradient_norm"):
-        scaler.unscale_(optimizer)
 
 
 def _drop_gradients(optimizer) -> None:

@@ -28,7 +28,7 @@ from diffv2_lit.errors import UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
-from diffv2_lit.gradients import clip_by_total_norm_, clip_by_value_, global_grad_norm
+from diffv2_lit.gradients import clip_by_total_norm_, global_grad_norm, unscale_fused_
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.optim import ScheduleName, check_optimization, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
@@ -272,9 +272,6 @@ class DecoderLM(L.LightningModule):
         norm = self.gradient_norm()
         if bool(torch.isfinite(norm)) or not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
             return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
         raise DivergedError(self.global_step, float(norm), _last_good_checkpoint(self.trainer))
 
     def gradient_norm(self) -> Tensor:
@@ -284,20 +281,11 @@ class DecoderLM(L.LightningModule):
         asks first and may then drop the gradients (skip mode); the logged norm is still the real one.
         """
         if self._grad_norm_step != self.global_step:
-            self._unscale_fused_gradients()
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            unscale_fused_(getattr(self.trainer.precision_plugin, "scaler", None), optimizer)
             self._grad_norm = global_grad_norm(self.parameters(), plain_grads_sharded=self._grads_sharded())
             self._grad_norm_step = self.global_step
         return self._grad_norm
-
-    def _unscale_fused_gradients(self) -> None:
-        """fp16 (`16-mixed`): Lightning unscales the gradients before this point, except for an optimizer
-        that unscales inside `step()` (fused AdamW). Unscale those here, once, so the norm, the clipping
-        and the spike detector all see true gradients; GradScaler then steps without unscaling again,
-        and has recorded its inf check even if the spike detector drops the gradients afterwards."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scaler.unscale_(optimizer)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -306,7 +294,7 @@ class DecoderLM(L.LightningModule):
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm == "value":
-            clip_by_value_(self.parameters(), gradient_clip_val)
+            torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)  # elementwise: shards need nothing global
         else:
             clip_by_total_norm_(self.parameters(), gradient_clip_val, self.gradient_norm())
 

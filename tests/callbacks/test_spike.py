@@ -116,16 +116,24 @@ def test_non_finite_loss_is_a_spike_even_during_warmup(tmp_path):
     assert detector.nonfinite == 1 and all(torch.isfinite(p).all() for p in module.parameters())
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_spike_and_unscaled_loss(tmp_path, precision):
+@pytest.mark.parametrize("precision, fused, action", [
+    ("bf16-mixed", False, "log"),
+    ("16-mixed", False, "log"),
+    # A fused optimizer unscales inside step(): the detector unscales first (true norm, GradScaler's inf
+    # check recorded), then drops the spike's gradients; GradScaler's update must not fail after that.
+    ("16-mixed", True, "skip"),
+])
+def test_mixed_precision_spike_and_unscaled_loss(tmp_path, precision, fused, action):
     # fp16 AMP on CPU needs an explicit CPU GradScaler; the loss seen in on_before_backward is scaled by it.
     kwargs = ({"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]} if precision == "16-mixed"
               else {"precision": precision})
-    detector = GradientSpikeDetector(warmup=10, log_dir=str(tmp_path))
+    detector = GradientSpikeDetector(action=action, warmup=10, log_dir=str(tmp_path))
     trainer = fast_trainer(tmp_path, [detector], max_steps=24, **kwargs)
-    trainer.fit(TinyLM(lr=1e-3, grad_scale_at={20: 100.0}), token_loader())
+    trainer.fit(TinyLM(lr=1e-3, grad_scale_at={20: 100.0}, optimizer_kwargs={"fused": fused}), token_loader())
     assert [r["step"] for r in read_spikes(tmp_path)] == [20]
     assert 1.0 < detector.loss_stats.level() < 5.0  # ~ln(32) = 3.47 early on, not 65536x that
+    assert 0.01 < detector.grad_stats.level() < 100  # the true norm, not 65536x that
+    assert trainer.global_step == 24
 
 
 def test_stop_saves_a_checkpoint_that_resumes(tmp_path):
