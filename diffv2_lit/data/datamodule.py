@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from diffv2_lit.data.corpus import builtin_name, is_builtin
 from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
-from diffv2_lit.data.remote import allow_plain_http_endpoints, check_url, clean_cache, is_url, open_remote_folder
+from diffv2_lit.data.remote import check_url, clean_cache, is_url, open_remote_folder
 from diffv2_lit.data.tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -246,7 +246,6 @@ class TokenDataModule(L.LightningDataModule):
 
     def _open(self, source: str) -> DataFolder:
         if is_url(source):
-            allow_plain_http_endpoints()  # before LitData builds any store (workers inherit it)
             return open_remote_folder(source, self.storage_options)
         # Builtins are normally prepared by prepare_data; doing it here too keeps direct use simple.
         return open_folder(ensure_builtin(source, self.tokenizer) if is_builtin(source) else Path(source).expanduser())
@@ -277,20 +276,20 @@ class TokenDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ loaders
 
-    def _streaming(self, split_dir: Path | str, shuffle: bool, eos_id: int | None):
+    def _streaming(self, folder: DataFolder, split_dir: Path | str, shuffle: bool):
         remote = {}
-        if is_url(str(split_dir)):
+        if folder.is_remote:
             remote = dict(cache_dir=str(self.remote_cache_dir), storage_options=dict(self.storage_options))
         return StreamingDataset(
             str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=shuffle,
-            seed=self.seed, transform=ShiftTokens(eos_id, self.pack), **remote,
+            seed=self.seed, transform=ShiftTokens(self._eos(folder), self.pack), **remote,
         )
 
     def train_dataloader(self):
         self._require_setup()
         # Sources of weight 0 are never sampled: leave them out.
         used = [(f, w) for f, w in zip(self.folders, self.weights) if w > 0]
-        datasets = [self._streaming(f.train, self.shuffle, self._eos(f)) for f, _ in used]
+        datasets = [self._streaming(f, f.train, self.shuffle) for f, _ in used]
         kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                       drop_last=True)  # every step a full batch, every rank the same number of steps
         if len(datasets) == 1:
@@ -337,7 +336,7 @@ class TokenDataModule(L.LightningDataModule):
                 rank_zero_warn(f"{folder.val} holds {available * self.seq_len} validation tokens at "
                                f"seq_len={self.seq_len}, fewer than its share of val_tokens; using them all")
             if min(wanted, available) > 0:
-                dataset = self._streaming(folder.val, shuffle=False, eos_id=self._eos(folder))
+                dataset = self._streaming(folder, folder.val, shuffle=False)
                 parts.append(Subset(dataset, range(min(wanted, available))))
         return parts
 

@@ -46,58 +46,85 @@ def open_folder(path: str | Path) -> DataFolder:
         raise DataError(f"data folder {root} is a file, not a folder; " + PREPARE_HINT.format(path=root))
     if not any(root.iterdir()):
         raise DataError(f"data folder {root} is empty; " + PREPARE_HINT.format(path=root))
-    if (root / METADATA_FILE).is_file():
-        meta = json.loads((root / METADATA_FILE).read_text())
-        train, val = root / "train", root / "val"
-        train_index = check_split(train)
-        if not (val / "index.json").is_file():
-            return DataFolder(root, train, None, meta, train_index, None)
-        return DataFolder(root, train, val, meta, train_index, json.loads((val / "index.json").read_text()))
-    if (root / "index.json").is_file():
-        return DataFolder(root, root, None, None, check_split(root), None)
-    raise DataError(
-        f"{root} is not a LitData output (no {METADATA_FILE} and no index.json); " + PREPARE_HINT.format(path=root)
-    )
+    place = LocalFolder(root)
+    folder = open_prepared(place, place.list(), redo=f"re-run `diffv2-lit prepare --output {root} --overwrite`")
+    if folder is None:
+        raise DataError(f"{root} is not a LitData output (no {METADATA_FILE} and no index.json); "
+                        + PREPARE_HINT.format(path=root))
+    return folder
 
 
-def check_split(split_dir: Path) -> dict:
-    """Read index.json and check every chunk file exists with the size the index records."""
-    index_file = split_dir / "index.json"
-    if not index_file.is_file():
-        raise DataError(f"{split_dir} has no index.json: an interrupted or foreign folder; re-run `diffv2-lit prepare --overwrite`")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{index_file} is corrupt ({err}); re-run `diffv2-lit prepare --overwrite`") from None
-    chunks = check_index(index, index_file, split_dir, split_dir.parent)
-    for chunk in chunks:
-        _check_chunk_file(split_dir / chunk["filename"], chunk["chunk_bytes"])
+class LocalFolder:
+    """A local folder with the reading interface of `remote.S3Prefix` (url, child, list, read_json), so that
+    one `open_prepared` checks local folders and s3:// prefixes alike."""
+
+    kind, where = "folder", "on disk"
+
+    def __init__(self, root: Path) -> None:
+        self.url = root
+
+    def child(self, *names: str) -> Path:
+        return self.url.joinpath(*names)
+
+    def list(self) -> dict[str, int]:
+        """{path relative to the folder: size} of every file under it."""
+        return {p.relative_to(self.url).as_posix(): p.stat().st_size for p in self.url.rglob("*") if p.is_file()}
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.url / name).read_text())
+
+
+def open_prepared(place, objects: dict[str, int], redo: str) -> DataFolder | None:
+    """The DataFolder of a `prepare` output or a bare LitData token folder at `place` (a LocalFolder or an
+    S3Prefix) whose files are `objects` ({relative path: size}); None when it is neither. Every chunk an
+    index names must be there with the size the index records; `redo` says how to make the data again."""
+    if METADATA_FILE in objects:
+        meta = _read_json(place, METADATA_FILE, redo)
+        train_index = check_split(place, "train", objects, redo)
+        val_index = check_split(place, "val", objects, redo) if "val/index.json" in objects else None
+        return DataFolder(place.url, place.child("train"), place.child("val") if val_index else None, meta,
+                          train_index, val_index)
+    if "index.json" in objects:
+        return DataFolder(place.url, place.url, None, None, check_split(place, "", objects, redo), None)
+    return None
+
+
+def check_split(place, split: str, objects: dict[str, int], redo: str) -> dict:
+    """Read a split's index.json (`split` "" for a bare folder) and check every chunk it names."""
+    split_dir = place.child(split) if split else place.url
+    key = f"{split}/" if split else ""
+    if f"{key}index.json" not in objects:
+        raise DataError(f"{split_dir} has no index.json: an interrupted or foreign {place.kind}; {redo}")
+    index = _read_json(place, f"{key}index.json", redo)
+    for chunk in check_index(index, f"{split_dir}/index.json", split_dir, place.url, redo):
+        path, expected, actual = f"{split_dir}/{chunk['filename']}", chunk["chunk_bytes"], objects.get(key + chunk["filename"])
+        if actual is None:
+            raise DataError(f"chunk file {path} is missing (listed in index.json); {redo}")
+        if actual != expected:
+            raise DataError(f"chunk file {path} is corrupt or truncated: {actual} bytes {place.where}, index.json "
+                            f"says {expected}; {redo} (or copy the data again)")
     return index
 
 
-def check_index(index: dict, index_file, split_dir, root) -> list[dict]:
+def _read_json(place, name: str, redo: str) -> dict:
+    try:
+        return place.read_json(name)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{place.child(name)} is corrupt ({err}); {redo}") from None
+
+
+def check_index(index: dict, index_file, split_dir, root, redo: str) -> list[dict]:
     """The chunks of a LitData index.json that holds token chunks; DataError otherwise."""
     try:
         chunks, loader = index["chunks"], index["config"].get("item_loader")
     except (KeyError, TypeError, AttributeError) as err:
-        raise DataError(f"{index_file} is corrupt ({err!r}); re-run `diffv2-lit prepare --overwrite`") from None
+        raise DataError(f"{index_file} is corrupt ({err!r}); {redo}") from None
     if loader != "TokensLoader":
         raise DataError(f"{split_dir} holds LitData items written with {loader}, not token chunks "
                         "(optimize(..., item_loader=TokensLoader())); prepare it with `diffv2-lit prepare`")
     if not chunks:
         raise DataError(f"{split_dir} has no chunks; " + PREPARE_HINT.format(path=root))
     return chunks
-
-
-def _check_chunk_file(path: Path, expected: int) -> None:
-    if not path.is_file():
-        raise DataError(f"chunk file {path} is missing (listed in index.json); re-run `diffv2-lit prepare --overwrite`")
-    actual = path.stat().st_size
-    if actual != expected:
-        raise DataError(
-            f"chunk file {path} is corrupt or truncated: {actual} bytes on disk, index.json says {expected}; "
-            "re-run `diffv2-lit prepare --overwrite` (or copy the folder again)"
-        )
 
 
 def count_blocks(index: dict, block_size: int) -> tuple[int, int, int]:

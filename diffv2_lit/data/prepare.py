@@ -134,7 +134,7 @@ def prepare(
         for split in SPLITS:
             _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
                          chunk_bytes, chunk_size, num_workers, verbose, storage_options)
-        indexes = {split: target.split_index(split) for split in SPLITS}
+        indexes = target.split_indexes()
         meta = _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
         target.publish(meta, overwrite)
         published = True
@@ -170,9 +170,10 @@ class _LocalOutput:
     def split_dir(self, split: str) -> str:
         return str(self.tmp / split)
 
-    def split_index(self, split: str) -> dict | None:
-        index_file = self.tmp / split / "index.json"
-        return json.loads(index_file.read_text()) if index_file.is_file() else None
+    def split_indexes(self) -> dict[str, dict | None]:
+        """{split: its index.json, or None for a split with nothing in it}."""
+        files = {split: self.tmp / split / "index.json" for split in SPLITS}
+        return {split: json.loads(f.read_text()) if f.is_file() else None for split, f in files.items()}
 
     def publish(self, meta: dict, overwrite: bool) -> None:
         _write_json(self.tmp / METADATA_FILE, meta)
@@ -204,23 +205,21 @@ class _S3Output:
             raise PrepareError(f"output {self.place.url} {what}; pass --overwrite to replace it")
 
     def begin(self, overwrite: bool) -> Path:
-        from diffv2_lit.data.remote import allow_plain_http_endpoints
-
-        allow_plain_http_endpoints()  # before optimize() forks its workers
         if METADATA_FILE in self.existing:  # --overwrite: unmark first, so readers see "no prepared data" from now on
             self.place.delete(METADATA_FILE)
         if self.existing:
-            self.place.delete_all()
+            self.place.delete_all(len(self.existing))
         self.scratch = Path(tempfile.mkdtemp(prefix="diffv2-prepare-"))
         return self.scratch
 
     def split_dir(self, split: str) -> str:
         return self.place.child(split)
 
-    def split_index(self, split: str) -> dict | None:
-        if f"{split}/index.json" not in self.place.list():
-            return None
-        return self.place.read_json(f"{split}/index.json")
+    def split_indexes(self) -> dict[str, dict | None]:
+        """{split: its index.json, or None for a split with nothing in it}; one listing of the prefix."""
+        present = self.place.list()
+        return {split: self.place.read_json(f"{split}/index.json") if f"{split}/index.json" in present else None
+                for split in SPLITS}
 
     def publish(self, meta: dict, overwrite: bool) -> None:
         self.place.write_json(METADATA_FILE, meta)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from diffv2_lit.data.folder import DataError, DataFolder, check_index
+from diffv2_lit.data.folder import DataError, DataFolder, open_prepared
 from diffv2_lit.data.prepare import METADATA_FILE
 
 S3_SCHEME = "s3://"
@@ -74,7 +74,10 @@ class S3Prefix:
     - LitData's `S3FsProvider`, for the small files around the chunks (metadata, index.json).
     """
 
+    kind, where = "prefix", "in the bucket"  # for folder.open_prepared's messages
+
     def __init__(self, url: str, storage_options: dict | None = None):
+        allow_plain_http_endpoints()  # every S3 path builds its S3Prefix before LitData builds a store
         self.url = check_url(url)
         self.bucket, self.key = split_url(self.url)
         self.storage_options = dict(storage_options or {})
@@ -96,7 +99,6 @@ class S3Prefix:
     def _fs(self):
         from litdata.streaming.fs_provider import S3FsProvider
 
-        allow_plain_http_endpoints()
         return S3FsProvider(storage_options=dict(self.storage_options))
 
     def list(self) -> dict[str, int]:
@@ -154,10 +156,12 @@ class S3Prefix:
     def delete(self, name: str) -> None:
         self._fs.delete_file_or_directory(self.child(name))
 
-    def delete_all(self) -> None:
+    def delete_all(self, n_objects: int | None = None) -> None:
         """Delete every object under the prefix (pass the slash: LitData lists by raw prefix, so `data`
-        would also take `data-v2/...`)."""
-        for _ in range(1 + len(self.list()) // 1000):  # LitData deletes one listing page per call
+        would also take `data-v2/...`); `n_objects`: how many there are, if a listing already said."""
+        if n_objects is None:
+            n_objects = len(self.list())
+        for _ in range(1 + n_objects // 1000):  # LitData deletes one listing page per call
             self._fs.delete_file_or_directory(self.child(""))
         left = self.list()
         if left:
@@ -168,46 +172,18 @@ class S3Prefix:
 # ---------------------------------------------------------------- opening a prepared prefix
 
 def open_remote_folder(url: str, storage_options: dict | None = None) -> DataFolder:
-    """Like `folder.open_folder` for `s3://bucket/prefix`: a prefix without the metadata file (written
-    last by `prepare`) holds no prepared data, whatever else it holds."""
+    """`folder.open_folder` for `s3://bucket/prefix`: a prefix without the metadata file (written last by
+    `prepare`) or an index.json holds no prepared data, whatever else it holds."""
     place = S3Prefix(url, storage_options)
     objects = place.list()
-    if METADATA_FILE in objects:
-        try:
-            meta = place.read_json(METADATA_FILE)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{place.child(METADATA_FILE)} is corrupt ({err}); re-run "
-                            f"`diffv2-lit prepare --output {place.url} --overwrite`") from None
-        train_index = _check_remote_split(place, "train", objects)
-        val_index = _check_remote_split(place, "val", objects) if "val/index.json" in objects else None
-        return DataFolder(place.url, place.child("train"), place.child("val") if val_index else None, meta,
-                          train_index, val_index)
-    if "index.json" in objects:  # a bare LitData token folder written by other tools
-        return DataFolder(place.url, place.url, None, None, _check_remote_split(place, "", objects), None)
+    folder = open_prepared(place, objects, redo=f"re-run `diffv2-lit prepare --output {place.url} --overwrite`")
+    if folder is not None:
+        return folder
     what = (f"{len(objects)} object(s) but no {METADATA_FILE}: a prepare that did not finish, or other data"
             if objects else "nothing")
     overwrite = " --overwrite" if objects else ""
     raise DataError(f"{place.url} holds no prepared data ({what}); create it with "
                     f"`diffv2-lit prepare --input YOUR_TEXT --output {place.url}{overwrite}`")
-
-
-def _check_remote_split(place: S3Prefix, split: str, objects: dict[str, int]) -> dict:
-    """Read a split's index.json and check every chunk it names is in the bucket with the size it records."""
-    split_url = place.child(split) if split else place.url
-    key = f"{split}/" if split else ""
-    redo = f"re-run `diffv2-lit prepare --output {place.url} --overwrite`"
-    if f"{key}index.json" not in objects:
-        raise DataError(f"{split_url} has no index.json: an interrupted or foreign prefix; {redo}")
-    try:
-        index = place.read_json(f"{key}index.json")
-    except json.JSONDecodeError as err:
-        raise DataError(f"{split_url}/index.json is corrupt ({err}); {redo}") from None
-    for chunk in check_index(index, f"{split_url}/index.json", split_url, place.url):
-        size = objects.get(key + chunk["filename"])
-        if size != chunk["chunk_bytes"]:
-            state = "is missing" if size is None else f"has {size} bytes, index.json says {chunk['chunk_bytes']}"
-            raise DataError(f"chunk {split_url}/{chunk['filename']} {state}; {redo}")
-    return index
 
 
 def allow_plain_http_endpoints() -> None:

@@ -53,6 +53,15 @@ def test_truncated_chunk_is_named(corpus_dir):
         _setup(data_dir=str(corpus_dir))
 
 
+def test_truncated_val_chunk_is_named_too(corpus_dir):
+    """The validation split is checked like the training split (it once was read unchecked)."""
+    chunk = sorted((corpus_dir / "val").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(DataError, match=rf"chunk file {chunk} is corrupt or truncated: 10 bytes on disk, "
+                                        rf"index.json says \d+; re-run `diffv2-lit prepare --output {corpus_dir} "):
+        _setup(data_dir=str(corpus_dir))
+
+
 def test_missing_chunk_is_named(corpus_dir):
     chunk = sorted((corpus_dir / "train").glob("chunk-*.bin"))[0]
     chunk.unlink()

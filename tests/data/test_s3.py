@@ -233,7 +233,7 @@ def test_prefix_without_prepared_data(s3, shared):
 def test_missing_chunk_is_named(s3, shared):
     s3.copy_from(shared)
     s3.delete("train/chunk-0-1.bin")
-    with pytest.raises(DataError, match=rf"chunk {s3.url}/train/chunk-0-1.bin is missing; re-run "
+    with pytest.raises(DataError, match=rf"chunk file {s3.url}/train/chunk-0-1.bin is missing \(listed in index.json\); re-run "
                                         rf"`diffv2-lit prepare --output {s3.url} --overwrite`"):
         _setup(data_dir=s3.url)
 
