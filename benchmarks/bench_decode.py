@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from diffv2_lit.model import DecodeStep, KVCache, ModelConfig, Transformer
+from diffv2_lit.model import KVCache, ModelConfig, Transformer
 from diffv2_lit.model.generation import new_decode_cache
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
@@ -106,12 +106,6 @@ def decode_seconds(model: Transformer, step, cache, prompt_len: int, new_tokens:
     return time.perf_counter() - start
 
 
-def decode_step(model: Transformer, decode: str):
-    if decode in ("eager", "static"):
-        return lambda tokens, cache: model(tokens, cache)[:, -1]
-    return DecodeStep(model, decode)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,7 +117,7 @@ def bench_case(shape: str, batch: int, args, new_tokens: int) -> list[dict]:
     decodes = args.decodes.split(",")
     models = {v: build(shape, v, context, device, dtype) for v in VARIANTS}
     cases = [(v, d) for v in VARIANTS for d in decodes]
-    steps = {(v, d): decode_step(models[v], d) for v, d in cases}
+    steps = {(v, d): models[v].decode_step(d) for v, d in cases}
     caches = {(v, d): filled_cache(models[v], d, batch, args.prompt_len, new_tokens + 1) for v, d in cases}
     times = {case: [] for case in cases}
     for _ in range(args.reps):

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
+from tests.training.cpu_strategies import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 
@@ -219,20 +220,6 @@ def _flash_available() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def single_device_fragment(fragment: str, accelerator: str, out: Path) -> Path:
-    """A hardware fragment on one device of one node; FSDP2's data-parallel size follows."""
-    config = yaml.safe_load((ROOT / "configs" / "hardware" / f"{fragment}.yaml").read_text())
-    trainer = config["trainer"]
-    trainer.update(accelerator=accelerator, devices=1, num_nodes=1)
-    strategy = trainer.get("strategy")
-    if isinstance(strategy, dict) and "data_parallel_size" in strategy.get("init_args", {}):
-        strategy["init_args"]["data_parallel_size"] = 1
-    if accelerator == "cpu" and isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):
-        strategy["class_path"] = "tests.training.cpu_strategies.CPUFSDPStrategy"  # Lightning refuses FSDP on CPU
-    out.write_text(yaml.safe_dump(config))
-    return out
-
-
 def measured_recipe(run: TrainingRun, out: Path) -> Path:
     """The recipe with ThroughputMFU's window set (a list entry, which a command-line flag cannot reach)."""
     recipe = yaml.safe_load((ROOT / "recipes" / f"{run.recipe}.yaml").read_text())
@@ -249,7 +236,8 @@ def training_row(run: TrainingRun, workdir: Path, accelerator: str, timeout: flo
     run_dir.mkdir(parents=True, exist_ok=True)
     args = ["fit", "--config", str(measured_recipe(run, run_dir / "recipe.yaml"))]
     if run.fragment:
-        args += ["--config", str(single_device_fragment(run.fragment, accelerator, run_dir / "hardware.yaml"))]
+        fragment = ROOT / "configs" / "hardware" / f"{run.fragment}.yaml"
+        args += ["--config", str(single_device_fragment(fragment, accelerator, run_dir / "hardware.yaml"))]
     args += ["--trainer.max_steps", str(run.steps), "--trainer.log_every_n_steps", "1",
              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
              "--data.init_args.data_dir", "builtin:shakespeare", "--data.init_args.tokenizer", "byte",
@@ -269,21 +257,18 @@ def training_row(run: TrainingRun, workdir: Path, accelerator: str, timeout: flo
 
 
 def _read_metrics(runs: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from diffv2_lit.compare import find_run_dirs, load_run
 
-    version = sorted(runs.glob("*/version_*"))[-1]
-    events = EventAccumulator(str(version), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
+    run = load_run(find_run_dirs([runs])[-1])  # the newest version folder
 
     def steady(tag):  # median of the windows after the first (which holds compilation and warm-up)
-        values = [e.value for e in events.Scalars(tag)] if tag in tags else []
-        return statistics.median(values[1:] or values) if values else float("nan")
+        values = [value for _, value in run.series((tag,))]
+        return statistics.median(values[1:] or values) if values else math.nan
 
-    loss = [e.value for e in events.Scalars("train/loss")] if "train/loss" in tags else [float("nan")]
-    peak = [e.value for e in events.Scalars("perf/peak_memory_gb")] if "perf/peak_memory_gb" in tags else [math.nan]
+    peak = [value for _, value in run.series(("perf/peak_memory_gb",))] or [math.nan]
+    last_loss = run.last(("train/loss",))
     return {"tokens_per_s": steady("perf/tokens_per_sec"), "mfu": steady("perf/mfu"), "peak_gb": max(peak),
-            "last_loss": loss[-1]}
+            "last_loss": math.nan if last_loss is None else last_loss}
 
 
 def _last_error_line(text: str) -> str:

@@ -173,7 +173,7 @@ class Transformer(nn.Module):
                 f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
             )
         cache = new_decode_cache(self.config, decode, input_ids.shape[0], total, self.embed_tokens.weight.device)
-        step_logits = self._decode_step(decode, forward)
+        step_logits = self.decode_step(decode, forward)
         logits = forward(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
         for step in range(max_new_tokens):
             token = sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -181,7 +181,11 @@ class Transformer(nn.Module):
             if step + 1 < max_new_tokens:
                 logits = step_logits(token[:, None], cache)
 
-    def _decode_step(self, decode: str, forward: Callable) -> Callable[[Tensor, KVCache | StaticKVCache], Tensor]:
+    def decode_step(self, decode: str, forward: Callable | None = None
+                    ) -> Callable[[Tensor, KVCache | StaticKVCache], Tensor]:
+        """`step(tokens [B, 1], cache) -> logits [B, V]` for a decode mode (see `stream`); compiled steps are
+        kept per mode and forward, so later calls replay them."""
+        forward = forward or self
         if decode in ("eager", "static"):
             return lambda tokens, cache: forward(tokens, cache)[:, -1]
         key = (decode, id(forward))

@@ -9,7 +9,10 @@ sharded state dicts, FSDPPrecision) run here as they do on GPUs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 
@@ -24,3 +27,19 @@ class CPUFSDPStrategy(FSDPStrategy):
                                          **self.kwargs)
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model
+
+
+def single_device_fragment(fragment: Path, accelerator: str, out: Path) -> Path:
+    """A configs/hardware fragment on one device of one node (FSDP2's data-parallel size follows), written to
+    `out`; on the CPU, FSDP1's strategy becomes CPUFSDPStrategy (same settings). Everything else stays as the
+    fragment has it. The CPU matrix test and benchmarks/gpu_suite.py (on CUDA) run the same twins."""
+    config = yaml.safe_load(Path(fragment).read_text())
+    trainer = config["trainer"]
+    trainer.update(accelerator=accelerator, devices=1, num_nodes=1)
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict) and "data_parallel_size" in strategy.get("init_args", {}):
+        strategy["init_args"]["data_parallel_size"] = 1
+    if accelerator == "cpu" and isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy"):
+        strategy["class_path"] = f"{__name__}.CPUFSDPStrategy"  # Lightning refuses FSDPStrategy on the CPU
+    out.write_text(yaml.safe_dump(config))
+    return out

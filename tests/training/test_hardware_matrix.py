@@ -15,28 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.training.cpu_strategies import single_device_fragment  # the same twins the GPU suite runs on CUDA
 
 ROOT = Path(__file__).parents[2]
 FRAGMENTS = sorted((ROOT / "configs" / "hardware").glob("*.yaml"))
-CPU_FSDP1 = "tests.training.cpu_strategies.CPUFSDPStrategy"
-
-
-def cpu_twin(fragment: Path, out: Path) -> Path:
-    config = yaml.safe_load(fragment.read_text())
-    trainer = config["trainer"]
-    trainer.update(accelerator="cpu", devices=1, num_nodes=1)
-    strategy = trainer.get("strategy")
-    if isinstance(strategy, dict):
-        if strategy["class_path"].endswith("FSDPStrategy"):
-            strategy["class_path"] = CPU_FSDP1
-        if "data_parallel_size" in strategy.get("init_args", {}):
-            strategy["init_args"]["data_parallel_size"] = 1
-    out.write_text(yaml.safe_dump(config))
-    return out
-
-
 def test_every_fragment_is_in_the_matrix():
     names = {f.stem for f in FRAGMENTS}
     assert {"cpu", "1gpu", "8gpu-ddp", "8gpu-fsdp1", "8gpu-fsdp2", "multinode"} <= names
@@ -45,7 +29,7 @@ def test_every_fragment_is_in_the_matrix():
 @pytest.mark.slow
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.stem for f in FRAGMENTS])
 def test_fragment_trains_the_quickstart_with_clipping(tmp_path, fragment):
-    twin = cpu_twin(fragment, tmp_path / f"{fragment.stem}-cpu.yaml")
+    twin = single_device_fragment(fragment, "cpu", tmp_path / f"{fragment.stem}-cpu.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
            "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
     args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--config", str(twin),
