@@ -37,6 +37,7 @@ import math
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -475,14 +476,50 @@ def _mark_spikes(ax, label: str, runs: list[Run], kinds: tuple[str, ...], colour
 
 # ---- table ----------------------------------------------------------------------------------
 
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "final val loss": ("val/loss",),
-    "spikes / 1k steps": ("spike/per_1k_steps",),
-    "largest spike ratio": ("spike/max_ratio",),
-    "tokens/s": CHARTS["tokens/s"].tags,
-    "MFU": ("perf/mfu",),
-    "peak memory GB": ("perf/peak_memory_gb",),
+# Throughput is summarised over the end of the run, not taken from its last logged window: one window that
+# held a validation, a checkpoint or a text sample (or a busy machine) reads a fraction of the typical rate.
+WINDOW_FRACTION = 0.1  # the last 10% of the run's steps
+WINDOW_MIN_VALUES = 5  # and at least this many logged values
+
+
+def final(points: list[tuple[int, float]]) -> float:
+    return points[-1][1]
+
+
+def largest(points: list[tuple[int, float]]) -> float:
+    return max(value for _, value in points)
+
+
+def recent_median(points: list[tuple[int, float]]) -> float:
+    """The median of the values logged at steps >= (1 - WINDOW_FRACTION) x the last logged step, or of the last
+    WINDOW_MIN_VALUES values where that window holds fewer."""
+    window = [value for step, value in points if step >= (1 - WINDOW_FRACTION) * points[-1][0]]
+    if len(window) < WINDOW_MIN_VALUES:
+        window = [value for _, value in points[-WINDOW_MIN_VALUES:]]
+    return statistics.median(window)
+
+
+@dataclass(frozen=True)
+class Column:
+    tags: tuple[str, ...]
+    summary: Callable[[list[tuple[int, float]]], float]  # one run's logged points -> its figure
+
+
+TABLE_COLUMNS: dict[str, Column] = {
+    "final val loss": Column(("val/loss",), final),
+    "spikes / 1k steps": Column(("spike/per_1k_steps",), final),  # the detector's own running figures
+    "largest spike ratio": Column(("spike/max_ratio",), largest),
+    "tokens/s": Column(CHARTS["tokens/s"].tags, recent_median),
+    "MFU": Column(("perf/mfu",), recent_median),
+    "peak memory GB": Column(("perf/peak_memory_gb",), largest),  # each piece of a resumed run starts from 0
 }
+TABLE_NOTE = (
+    "Each cell is one run's figure, or the mean ± std over a group's seeds. *final val loss*: the last validation "
+    "loss logged. *spikes / 1k steps*, *largest spike ratio*: over the whole run (GradientSpikeDetector's running "
+    "figures). *tokens/s*, *MFU*: the median of the values logged over the last {percent:.0f}% of the run's steps "
+    "(steps ≥ {fraction:g} × its last logged step; at least its last {minimum} values), so one slow logging window "
+    "(a validation, a checkpoint, a text sample) does not decide the figure. *peak memory GB*: the largest "
+    "logged.")
 
 
 def _summary(values: list[float]) -> str:
@@ -494,13 +531,19 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
+def run_figure(run: Run, column: Column) -> float | None:
+    points = run.series(column.tags)
+    return column.summary(points) if points else None
+
+
 def summary_table(groups: dict[str, list[Run]]) -> str:
     header = "| run | seeds | " + " | ".join(TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for label, runs in groups.items():
-        cells = [_summary([run.last(tags) for run in runs]) for tags in TABLE_COLUMNS.values()]
+        cells = [_summary([run_figure(run, column) for run in runs]) for column in TABLE_COLUMNS.values()]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = TABLE_NOTE.format(percent=100 * WINDOW_FRACTION, fraction=1 - WINDOW_FRACTION, minimum=WINDOW_MIN_VALUES)
+    return "\n".join(lines + ["", note])
 
 
 def write_report(groups: dict[str, list[Run]], output: Path) -> Path:

@@ -89,6 +89,55 @@ def test_twins_in_one_logger_folder_are_two_groups(quickstart_twin_runs, tmp_pat
     assert "skipping" in warnings[0] and "version_3" in warnings[0] and "version_4" in warnings[1]
 
 
+def _number(cell: str) -> float:
+    """A table cell as a number: `7,512`, `16.6k`, `1.2M`, `12.3%`, `2.722`."""
+    cell = cell.replace(",", "")
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9, "%": 1e-2}.get(cell[-1], 1.0)
+    return float(cell.rstrip("kMG%")) * scale
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def test_table_summarises_each_column_over_the_stated_window(quickstart_twin_runs, tmp_path):
+    """tokens/s: the median over the last 10% of the steps, at least the last 5 values, read here from the event
+    files (the DIFF V2 run joined from its two pieces: version_2 restarted at step 3); the window is stated."""
+    assert main([str(quickstart_twin_runs), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    rows, header = _table_rows(page), page[page.index("| run |"):].splitlines()[0]
+    column = [c.strip() for c in header.strip("|").split("|")][1:].index
+    first, restart = (_scalars(quickstart_twin_runs / v, "perf/tokens_per_sec") for v in ("version_0", "version_2"))
+    baseline = _scalars(quickstart_twin_runs / "version_1", "perf/tokens_per_sec")
+    for label, points in (("quickstart-diffv2", [p for p in first if p[0] < restart[0][0]] + restart),
+                          ("quickstart-baseline", baseline)):
+        assert [step for step, _ in points] == list(range(6))  # 6 steps: the last 10% is step 5 alone
+        expected = _median([value for _, value in points[-5:]])
+        assert _number(rows[label][column("tokens/s")]) == pytest.approx(expected, rel=5e-3)
+    assert "median of the values logged over the last 10% of the run's steps" in page
+    assert "at least its last 5 values" in page
+    val = _scalars(quickstart_twin_runs / "version_1", "val/loss")
+    assert _number(rows["quickstart-baseline"][column("final val loss")]) == pytest.approx(val[-1][1], rel=5e-4)
+    memory = _scalars(quickstart_twin_runs / "version_1", "perf/peak_memory_gb")
+    assert _number(rows["quickstart-baseline"][column("peak memory GB")]) == pytest.approx(
+        max(value for _, value in memory), rel=5e-3)
+
+
+def test_one_slow_last_window_does_not_set_the_tokens_per_second(tmp_path):
+    """The issue's run: about 7.5k tokens/s throughout, 865 in the last window (it held a text sample)."""
+    writer = SummaryWriter(str(tmp_path / "runs" / "slow-end" / "version_0"))
+    rates = [7400, 7600, 7500, 7450, 7550, 7480, 7520, 865]
+    for index, rate in enumerate(rates):
+        writer.add_scalar("perf/tokens_per_sec", rate, 10 * index + 9)
+        writer.add_scalar("train/loss", 2.0, 10 * index + 9)
+    writer.close()
+    assert main([str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
+    row = _table_rows((tmp_path / "report" / "report.md").read_text())["slow-end"]
+    assert _number(row[4]) == pytest.approx(_median([7550, 7480, 7520, 865, 7450]), rel=5e-3)  # the last 5 values
+
+
 def test_diff_charts_cover_the_whole_run_per_variant(quickstart_twin_runs):
     groups = compare.group_runs(compare.load_runs(compare.find_run_dirs([quickstart_twin_runs])))
     lam = compare.chart_series(compare.CHARTS["sigmoid(lambda) mean (DIFF)"].tags, groups)
