@@ -23,6 +23,10 @@ that reaches further wins.
 Spikes are marked at the step and the value GradientSpikeDetector's spikes.jsonl records for each run, in the
 colour of the run's line (the logged gradient norm holds every log_every_n_steps-th step only).
 
+The table summarises each column over a stated window, not by its last logged value: tokens/s and MFU are the
+median over the last 10% of each run's steps (at least its last 5 values), the validation loss the final one;
+the page states each column's window under the table.
+
 Charts plot against tokens seen (perf/tokens_seen) when it was logged, else optimizer steps. A group's
 mean stops where its shortest seed stops; the page says so under the chart. Event files are read with
 tensorboard's own EventAccumulator.
@@ -44,23 +48,42 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Chart:
     tags: tuple[str, ...]  # the tags it may draw, first match wins, so the report tolerates older runs
+    y_label: str  # what is plotted, with its unit (short: it must fit beside the axis)
+    about: str = ""  # a line under the chart in the report, where the label cannot say it all
+    log_y: bool = False
     spike_kinds: tuple[str, ...] = ()  # the spikes marked on it, each at its own value (see read_spikes)
 
 
+LOSS = "cross-entropy (nats/token)"
+PROBE = "DiffMonitor's numbers, on its fixed probe batch (docs/monitoring.md, \"DiffMonitor\"): "
 CHARTS: dict[str, Chart] = {
-    "train loss": Chart(("train/loss",), spike_kinds=("loss", "non_finite_loss")),
-    "validation loss": Chart(("val/loss",)),
-    "gradient norm (before clipping)": Chart(("train/grad_norm",),
-                                             spike_kinds=("grad_norm", "non_finite_grad_norm", "event")),
-    "learning rate": Chart(("lr", "train/lr", "lr-AdamW")),
-    "sigmoid(lambda) mean (DIFF)": Chart(("diff/lambda_mean",)),
-    "context RMS, mean": Chart(("diff/context_rms_mean",)),
-    "context RMS, 5th percentile": Chart(("diff/context_rms_p05",)),
-    "attention sink mass": Chart(("diff/sink_mass",)),
-    "max |hidden state|": Chart(("diff/max_hidden_peak", "diff/max_hidden")),
-    "max attention logit": Chart(("diff/max_logit_peak", "diff/max_logit")),
-    "tokens/s": Chart(("perf/tokens_per_sec",)),
+    "train loss": Chart(("train/loss",), LOSS, "Loss spikes (`watch_loss: true`) are marked where they happened.",
+                        spike_kinds=("loss", "non_finite_loss")),
+    "validation loss": Chart(("val/loss",), LOSS),
+    # A spike is many times the level: on a linear axis it flattens the rest of the curve into the floor.
+    "gradient norm (before clipping)": Chart(
+        ("train/grad_norm",), "global L2 norm (log scale)",
+        "The line is the norm logged every `log_every_n_steps`; the crosses are the spikes GradientSpikeDetector "
+        "flagged, at their own step and value (spikes.jsonl).",
+        log_y=True, spike_kinds=("grad_norm", "non_finite_grad_norm", "event")),
+    "learning rate": Chart(("lr", "train/lr", "lr-AdamW"), "learning rate"),
+    "sigmoid(lambda) mean (DIFF)": Chart(("diff/lambda_mean",), "sigmoid(λ) (V1: λ)",
+                                         PROBE + "mean over probe tokens, heads and layers."),
+    "context RMS, mean": Chart(("diff/context_rms_mean",), "head-output RMS",
+                               PROBE + "RMS over the head dimension of each head's output, mean over layers."),
+    "context RMS, 5th percentile": Chart(("diff/context_rms_p05",), "head-output RMS, 5th pct.",
+                                         PROBE + "5th percentile over (token, head), mean over layers."),
+    "attention sink mass": Chart(("diff/sink_mass",), "attention on the first key",
+                                 PROBE + "DIFF: of the effective map a1 − sigmoid(λ)·a2, which can go below 0; "
+                                         "mean over layers."),
+    "max |hidden state|": Chart(("diff/max_hidden_peak", "diff/max_hidden"), "max |hidden state|",
+                                PROBE + "the largest layer's."),
+    "max attention logit": Chart(("diff/max_logit_peak", "diff/max_logit"), "max q·k/√d",
+                                 PROBE + "the largest layer's."),
+    "tokens/s": Chart(("perf/tokens_per_sec",), "tokens/s (all devices)",
+                      "Logged by ThroughputMFU over each window of `log_every_n_steps` steps, validation excluded."),
 }
+X_LABELS = {"tokens": "tokens seen", "step": "optimizer step"}
 TOKENS_TAG = "perf/tokens_seen"
 SEED_SUFFIX = re.compile(r"[-_.]?seed[-_]?\d+$")
 VERSION_DIR = re.compile(r"version_(\d+)")
@@ -416,6 +439,7 @@ def draw_chart(title: str, chart: Chart, lines: dict[str, Series], groups: dict[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4))
     notes = []
@@ -427,11 +451,38 @@ def draw_chart(title: str, chart: Chart, lines: dict[str, Series], groups: dict[
             ax.fill_between(line.x, line.low, line.high, color=drawn.get_color(), alpha=0.2)
         if chart.spike_kinds:
             notes += _mark_spikes(ax, label, runs, chart.spike_kinds, drawn.get_color())
-    ax.set(title=title, xlabel=next(iter(lines.values())).x_label)
+    ax.set(title=title, xlabel=X_LABELS[next(iter(lines.values())).x_label], ylabel=chart.y_label)
+    if chart.log_y:  # plain numbers (0.1, 1, 10) rather than powers of ten, and 2 and 5 between them
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: human(value)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: _minor_log_tick(ax, value)))
+    else:
+        ax.yaxis.set_major_formatter(_tick_formatter())
+    ax.xaxis.set_major_formatter(_tick_formatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig, notes
+
+
+def _minor_log_tick(ax, value: float) -> str:
+    """Label 2 and 5 of each decade while the axis spans at most 3 decades (more would crowd it)."""
+    low, high = ax.get_ylim()
+    mantissa = round(value / 10 ** math.floor(math.log10(value)))
+    return human(value) if mantissa in (2, 5) and math.log10(high / low) <= 3 else ""
+
+
+def _tick_formatter():
+    """matplotlib's plain ticks (same decimals on every tick, no offset) below 1,000; 7,500 and 300k above."""
+    import matplotlib.ticker
+
+    class Ticks(matplotlib.ticker.ScalarFormatter):
+        def __call__(self, value, pos=None):
+            return human(value) if abs(value) >= 1e3 else super().__call__(value, pos)
+
+    formatter = Ticks(useOffset=False)
+    formatter.set_scientific(False)
+    return formatter
 
 
 def plot_chart(title: str, chart: Chart, groups: dict[str, list[Run]], path: Path) -> list[str] | None:
@@ -499,10 +550,26 @@ def recent_median(points: list[tuple[int, float]]) -> float:
     return statistics.median(window)
 
 
+def human(value: float, digits: int = 4) -> str:
+    """16.6k, 1.2M from 10,000 up; 7,512 from 1,000; below, `digits` significant digits (0.3967, 2.722)."""
+    rounded = float(f"{value:.3g}")
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(rounded) >= max(scale, 1e4):
+            return f"{rounded / scale:.3g}{suffix}"
+    if abs(value) >= 1e3 or abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def percent(value: float, digits: int = 3) -> str:
+    return f"{100 * value:.{min(digits, 3)}g}%"
+
+
 @dataclass(frozen=True)
 class Column:
     tags: tuple[str, ...]
     summary: Callable[[list[tuple[int, float]]], float]  # one run's logged points -> its figure
+    shown: Callable[[float, int], str] = human  # (value, significant digits) -> the cell's text
 
 
 TABLE_COLUMNS: dict[str, Column] = {
@@ -510,25 +577,31 @@ TABLE_COLUMNS: dict[str, Column] = {
     "spikes / 1k steps": Column(("spike/per_1k_steps",), final),  # the detector's own running figures
     "largest spike ratio": Column(("spike/max_ratio",), largest),
     "tokens/s": Column(CHARTS["tokens/s"].tags, recent_median),
-    "MFU": Column(("perf/mfu",), recent_median),
+    "MFU": Column(("perf/mfu",), recent_median, percent),
     "peak memory GB": Column(("perf/peak_memory_gb",), largest),  # each piece of a resumed run starts from 0
 }
 TABLE_NOTE = (
     "Each cell is one run's figure, or the mean ± std over a group's seeds. *final val loss*: the last validation "
-    "loss logged. *spikes / 1k steps*, *largest spike ratio*: over the whole run (GradientSpikeDetector's running "
-    "figures). *tokens/s*, *MFU*: the median of the values logged over the last {percent:.0f}% of the run's steps "
-    "(steps ≥ {fraction:g} × its last logged step; at least its last {minimum} values), so one slow logging window "
-    "(a validation, a checkpoint, a text sample) does not decide the figure. *peak memory GB*: the largest "
-    "logged.")
+    "loss logged (nats/token). *spikes / 1k steps*, *largest spike ratio* (gradient norm / its running level): "
+    "over the whole run (GradientSpikeDetector's running figures). *tokens/s* (all devices), *MFU*: the median of "
+    "the values logged over the last {percent:.0f}% of the run's steps (steps ≥ {fraction:g} × its last logged "
+    "step; at least its last {minimum} values), so one slow logging window (a validation, a checkpoint, a text "
+    "sample) does not decide the figure. *peak memory GB*: the largest logged (GPU: memory allocated by tensors; "
+    "CPU: the process's peak resident set).")
+MISSING_NOTE = "–: the run logged no such value."
+MFU_NOTE = (
+    "MFU –: no dense peak FLOP rate is known for the device. ThroughputMFU looks CUDA GPUs up in `PEAK_FLOPS_BF16` "
+    "(diffv2_lit/callbacks/throughput.py); on a CPU or another device, give the peak per device in FLOP/s as "
+    "`peak_flops` in the recipe's ThroughputMFU `init_args`, e.g. `{log_every_n_steps: 10, peak_flops: 1.0e12}`.")
 
 
-def _summary(values: list[float]) -> str:
+def _summary(values: list[float | None], shown: Callable[[float, int], str]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+        return shown(values[0], 4)
+    return f"{shown(statistics.fmean(values), 4)} ± {shown(statistics.stdev(values), 2)}"
 
 
 def run_figure(run: Run, column: Column) -> float | None:
@@ -537,13 +610,19 @@ def run_figure(run: Run, column: Column) -> float | None:
 
 
 def summary_table(groups: dict[str, list[Run]]) -> str:
+    """The Markdown table, the window of each column, and what a `–` means where one shows."""
     header = "| run | seeds | " + " | ".join(TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
+    missing = set()
     for label, runs in groups.items():
-        cells = [_summary([run_figure(run, column) for run in runs]) for column in TABLE_COLUMNS.values()]
-        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
-    note = TABLE_NOTE.format(percent=100 * WINDOW_FRACTION, fraction=1 - WINDOW_FRACTION, minimum=WINDOW_MIN_VALUES)
-    return "\n".join(lines + ["", note])
+        cells = {name: _summary([run_figure(run, column) for run in runs], column.shown)
+                 for name, column in TABLE_COLUMNS.items()}
+        missing |= {name for name, cell in cells.items() if cell == "–"}
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells.values()) + " |")
+    notes = [TABLE_NOTE.format(percent=100 * WINDOW_FRACTION, fraction=1 - WINDOW_FRACTION, minimum=WINDOW_MIN_VALUES)]
+    notes += [MISSING_NOTE] if missing - {"MFU"} else []
+    notes += [MFU_NOTE] if "MFU" in missing else []
+    return "\n".join(lines + [""] + [f"{note}\n" for note in notes]).rstrip("\n")
 
 
 def write_report(groups: dict[str, list[Run]], output: Path) -> Path:
@@ -553,7 +632,7 @@ def write_report(groups: dict[str, list[Run]], output: Path) -> Path:
         file_name = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_") + ".png"
         notes = plot_chart(title, chart, groups, output / file_name)
         if notes is not None:
-            lines += [f"## {title}", "", f"![{title}]({file_name})", ""]
+            lines += [f"## {title}", "", f"![{title}]({file_name})", ""] + ([chart.about, ""] if chart.about else [])
             lines += [f"Note: {note}" for note in notes] + ([""] if notes else [])
     lines += ["## Runs", ""] + [_run_line(run) for runs in groups.values() for run in runs]
     page = output / "report.md"

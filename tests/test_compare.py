@@ -120,6 +120,8 @@ def test_table_summarises_each_column_over_the_stated_window(quickstart_twin_run
     assert "at least its last 5 values" in page
     val = _scalars(quickstart_twin_runs / "version_1", "val/loss")
     assert _number(rows["quickstart-baseline"][column("final val loss")]) == pytest.approx(val[-1][1], rel=5e-4)
+    assert rows["quickstart-baseline"][column("MFU")] == "–"  # a CPU run: explained, with the fix
+    assert "MFU –: no dense peak FLOP rate is known for the device" in page and "peak_flops" in page
     memory = _scalars(quickstart_twin_runs / "version_1", "perf/peak_memory_gb")
     assert _number(rows["quickstart-baseline"][column("peak memory GB")]) == pytest.approx(
         max(value for _, value in memory), rel=5e-3)
@@ -136,6 +138,39 @@ def test_one_slow_last_window_does_not_set_the_tokens_per_second(tmp_path):
     assert main([str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
     row = _table_rows((tmp_path / "report" / "report.md").read_text())["slow-end"]
     assert _number(row[4]) == pytest.approx(_median([7550, 7480, 7520, 865, 7450]), rel=5e-3)  # the last 5 values
+
+
+def test_numbers_read_as_people_write_them(tmp_path):
+    """16.6k rather than 1.659e+04; MFU in percent; no MFU footnote where every run has an MFU."""
+    for name, rate in (("fast", 16590.0), ("slow", 7512.3)):
+        writer = SummaryWriter(str(tmp_path / "runs" / name / "version_0"))
+        writer.add_scalar("perf/tokens_per_sec", rate, 9)
+        writer.add_scalar("perf/mfu", 0.1234, 9)
+        writer.add_scalar("val/loss", 2.72234, 9)
+        writer.close()
+    assert main([str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "report.md").read_text()
+    rows = _table_rows(page)
+    assert rows["fast"][1] == "2.722" and rows["fast"][4] == "16.6k" and rows["slow"][4] == "7,512"
+    assert rows["fast"][5] == "12.3%"
+    assert "MFU –" not in page and "e+0" not in page
+
+
+def test_charts_label_their_axes_with_units(quickstart_twin_runs):
+    groups = compare.group_runs(compare.load_runs(compare.find_run_dirs([quickstart_twin_runs])))
+    import matplotlib.pyplot as plt
+
+    for title, chart in compare.CHARTS.items():
+        lines = compare.chart_series(chart.tags, groups)
+        if not lines:
+            continue
+        fig, _ = compare.draw_chart(title, chart, lines, groups)
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        assert ax.get_xlabel() == "tokens seen" and ax.get_ylabel(), title
+        assert not any("e+" in t.get_text() or "e-" in t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()), title
+        plt.close(fig)
+    assert compare.CHARTS["train loss"].y_label == "cross-entropy (nats/token)"
 
 
 def test_diff_charts_cover_the_whole_run_per_variant(quickstart_twin_runs):
