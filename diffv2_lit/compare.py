@@ -562,6 +562,7 @@ def human(value: float, digits: int = 4) -> str:
 
 
 def percent(value: float, digits: int = 3) -> str:
+    """A fraction as a percentage, at most 3 significant digits (MFU 0.1234 -> 12.3%)."""
     return f"{100 * value:.{min(digits, 3)}g}%"
 
 
@@ -605,7 +606,8 @@ def _summary(values: list[float | None], shown: Callable[[float, int], str]) -> 
 
 
 def run_figure(run: Run, column: Column) -> float | None:
-    points = run.series(column.tags)
+    """One run's figure for the column, from its finite logged values (None where it logged none)."""
+    points = [(step, value) for step, value in run.series(column.tags) if math.isfinite(value)]
     return column.summary(points) if points else None
 
 
