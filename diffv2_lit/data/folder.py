@@ -43,15 +43,29 @@ def open_folder(path: str | Path) -> DataFolder:
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; " + PREPARE_HINT.format(path=root))
     if not root.is_dir():
-        raise DataError(f"data folder {root} is a file, not a folder; " + PREPARE_HINT.format(path=root))
+        raise DataError(f"data folder {root} is a file, not a folder; {_prepare_into_new_folder(root)}")
     if not any(root.iterdir()):
         raise DataError(f"data folder {root} is empty; " + PREPARE_HINT.format(path=root))
     place = LocalFolder(root)
     folder = open_prepared(place, place.list(), redo=f"re-run `diffv2-lit prepare --output {root} --overwrite`")
     if folder is None:
         raise DataError(f"{root} is not a LitData output (no {METADATA_FILE} and no index.json); "
-                        + PREPARE_HINT.format(path=root))
+                        + _prepare_into_new_folder(root))
     return folder
+
+
+def _prepare_into_new_folder(root: Path) -> str:
+    """How to prepare what `root` holds, never writing into it: `prepare --output` of a folder of text (or of a
+    text file) would be refused, and --overwrite there once deleted the text (issue 24.1)."""
+    from diffv2_lit.data.sources import SUFFIXES
+
+    texts = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.name.lower().endswith(SUFFIXES))
+    target = root.with_name(root.name.split(".")[0] + "-prepared")
+    if texts:
+        return (f"it holds text ({texts[0]}), not prepared data: prepare it into a new folder with `diffv2-lit "
+                f"prepare --input {root} --output {target}` and set data.data_dir to {target}")
+    return (f"prepare your text into a new folder with `diffv2-lit prepare --input YOUR_TEXT --output {target}` "
+            f"and set data.data_dir to {target}")
 
 
 class LocalFolder:

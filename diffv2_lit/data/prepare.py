@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -45,6 +46,17 @@ METADATA_FILE = "diffv2_data.json"
 FORMAT_NAME = "diffv2-lit-data"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# Written first into every output a run is making (a local run's hidden folder, an s3:// prefix) and
+# removed when it is complete: with METADATA_FILE it is what marks a place as prepare's own, which is
+# all that --overwrite may delete (issue 24.1).
+PROGRESS_FILE = ".diffv2_prepare.json"
+# Every file a prepare run writes, relative to its output: the metadata, the in-progress marker, and
+# each split's LitData index (merged, and per worker while it runs) and chunks.
+_PREPARE_WRITES = re.compile(
+    rf"({re.escape(METADATA_FILE)}|{re.escape(PROGRESS_FILE)}|(train|val)/(index\.json|\d+[.-]index\.json|chunk-\d+-\d+\.bin))")
+
+
+PROG = "diffv2-lit prepare"
 
 
 class PrepareError(RuntimeError):
@@ -55,7 +67,7 @@ class PrepareError(RuntimeError):
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="diffv2-lit prepare",
+        prog=PROG,
         description="Tokenize text into LitData streaming chunks with a train/validation split.",
     )
     p.add_argument("--input", action="append", required=True,
@@ -92,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             command=shlex.join(["diffv2-lit", "prepare", *argv]),
         )
     except (PrepareError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
-        print(f"error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
+        print(f"{PROG}: error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
         return 1
     return 0
 
@@ -119,16 +131,17 @@ def prepare(
 
     `output` is a local folder or an `s3://bucket/prefix` URL (`storage_options`: keyword arguments of
     `boto3.client("s3", ...)` for LitData, e.g. `endpoint_url`; by default the AWS environment variables).
+    `overwrite` replaces an earlier prepare's output, and only that: anything else there is refused.
     """
     start = time.perf_counter()
     target = _output_target(output, storage_options)
-    target.check(overwrite)
+    sources = resolve_inputs(list(inputs))
+    target.check(overwrite, sources)
     _check_split_args(val_fraction, val_tokens)
     tok = load_tokenizer(tokenizer)
-    sources = resolve_inputs(list(inputs))
     val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose)
 
-    scratch = target.begin(overwrite)
+    scratch = target.begin(command)
     published = False
     try:
         for split in SPLITS:
@@ -152,19 +165,100 @@ def _output_target(output: str | Path, storage_options: dict | None):
     return _LocalOutput(output)
 
 
+# ---------------------------------------------------------------- what --overwrite may replace
+
+def replaceable_files(where: str, files: dict[str, int], marked: bool, overwrite: bool) -> list[str]:
+    """The files of an existing output that `--overwrite` may delete: all of them, when they are exactly
+    what an earlier prepare wrote (`marked`: its metadata or in-progress marker is there). Raises
+    PrepareError otherwise, naming one file that would have been lost; never suggests --overwrite then.
+
+    `files`: {path relative to the output: size}; sub-folders prepare never makes are entries ending in "/".
+    """
+    if not files:
+        return []
+    foreign = [name for name in files if not _PREPARE_WRITES.fullmatch(name)]
+    if not marked:
+        foreign = foreign or sorted(files)
+    if foreign:
+        example = f"{where}/{foreign[0]}"
+        why = "" if marked else f" (it has no {METADATA_FILE}: `diffv2-lit prepare` did not write it)"
+        if overwrite:
+            raise PrepareError(f"--overwrite refused: it would delete {example}, which `diffv2-lit prepare` did not "
+                               f"write{why}; --overwrite replaces only an earlier prepare's output: choose a new --output")
+        raise PrepareError(f"output {where} already exists and holds files `diffv2-lit prepare` did not write "
+                           f"(e.g. {example}){why}; choose a new --output")
+    if not overwrite:
+        what = "data prepared earlier" if METADATA_FILE in files else "an interrupted prepare's files"
+        raise PrepareError(f"output {where} holds {what}; pass --overwrite to replace it (it deletes only what "
+                           "prepare wrote there)")
+    return sorted(files)
+
+
+def _refuse_overlap(out: Path, sources: list[Source]) -> None:
+    """The output may be neither an input nor a folder holding one, nor the current folder: replacing it
+    would delete the user's text (or pull the folder from under the shell)."""
+    for source in sources:
+        path = Path(source.path)
+        if out == path or out in path.parents:
+            what = "is the input" if out == path else f"contains the input {path}"
+            raise PrepareError(f"output {out} {what}; write the prepared data to a new folder outside the input, "
+                               f"e.g. --output {out.parent / (out.name + '-prepared')}")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise PrepareError(f"output {out} is the current folder or holds it; name a new folder, e.g. --output prepared")
+
+
+def _local_files(root: Path) -> dict[str, int]:
+    """{relative path: size} of everything under `root`; folders other than the splits count as entries
+    ("name/"), and symbolic links are entries, never followed."""
+    files: dict[str, int] = {}
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder).relative_to(root)
+        for name in dirs:
+            rel = (base / name).as_posix()
+            if rel not in SPLITS or (Path(folder) / name).is_symlink():
+                files[rel + "/"] = 0
+        dirs[:] = [d for d in dirs if (base / d).as_posix() in SPLITS and not (Path(folder) / d).is_symlink()]
+        for name in names:
+            path = Path(folder) / name
+            files[(base / name).as_posix()] = path.lstat().st_size
+    return files
+
+
+def _is_prepare_metadata(read) -> bool:
+    """True when the metadata file (read by `read()`) is one prepare wrote."""
+    try:
+        return read().get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- local folders and s3:// prefixes
+
 class _LocalOutput:
     """A local folder, written as a hidden sibling and renamed into place at the end."""
 
     def __init__(self, output: str | Path):
         self.out = Path(output).expanduser().resolve()
         self.name = str(self.out)
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    def check(self, overwrite: bool) -> None:
-        _check_output(self.out, overwrite)
+    def check(self, overwrite: bool, sources: list[Source]) -> None:
+        _refuse_overlap(self.out, sources)
+        self._replaceable(overwrite)
 
-    def begin(self, overwrite: bool) -> Path:
+    def _replaceable(self, overwrite: bool) -> list[str]:
+        if not self.out.exists() and not self.out.is_symlink():
+            return []
+        if not self.out.is_dir():
+            raise PrepareError(f"output {self.out} exists and is not a folder; choose a new --output")
+        files = _local_files(self.out)
+        marked = PROGRESS_FILE in files or _is_prepare_metadata(lambda: json.loads((self.out / METADATA_FILE).read_text()))
+        return replaceable_files(self.name, files, marked, overwrite)
+
+    def begin(self, command: str | None) -> Path:
         self.tmp.mkdir(parents=True)
+        _write_json(self.tmp / PROGRESS_FILE, _progress_marker(command))
         return self.tmp
 
     def split_dir(self, split: str) -> str:
@@ -176,39 +270,70 @@ class _LocalOutput:
         return {split: json.loads(f.read_text()) if f.is_file() else None for split, f in files.items()}
 
     def publish(self, meta: dict, overwrite: bool) -> None:
+        """Swap the finished folder into place. What it replaces is checked again now (another run may have
+        finished first, or files been added meanwhile), and only those files are deleted, after the swap."""
         _write_json(self.tmp / METADATA_FILE, meta)
-        _publish(self.tmp, self.out, overwrite)
+        (self.tmp / PROGRESS_FILE).unlink()
+        replaced = self._replaceable(overwrite)
+        old = None
+        if self.out.is_dir() and not replaced:
+            self.out.rmdir()  # an empty folder: nothing to keep
+        elif replaced:
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            _remove_files(old, replaced)
 
     def cleanup(self, published: bool) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)  # only left when something failed
 
 
+def _remove_files(folder: Path, names: list[str]) -> None:
+    """Delete `names` under `folder`, then the folders they leave empty; anything else stays (and is named)."""
+    for name in names:
+        if not name.endswith("/"):
+            (folder / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            (folder / split).rmdir()
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"[prepare] kept {folder}: files appeared in the old output while replacing it", file=sys.stderr)
+
+
+def _progress_marker(command: str | None) -> dict:
+    return {"format": FORMAT_NAME, "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 class _S3Output:
-    """An s3://bucket/prefix: chunks go straight to the prefix, the metadata file last (the completion marker)."""
+    """An s3://bucket/prefix: the in-progress marker first, then the chunks straight to the prefix, the metadata
+    file last (the completion marker)."""
 
     def __init__(self, url: str, storage_options: dict | None):
         from diffv2_lit.data.remote import S3Prefix
 
         self.place = S3Prefix(url, storage_options)
         self.name = self.place.url
-        self.existing: dict[str, int] = {}
+        self.replaced: list[str] = []
         self.scratch: Path | None = None
         if not self.place.key:
             raise PrepareError(f"output {url} is a whole bucket; write into a prefix: s3://BUCKET/NAME")
 
-    def check(self, overwrite: bool) -> None:
-        self.existing = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
-        if self.existing and not overwrite:
-            what = ("holds prepared data" if METADATA_FILE in self.existing else
-                    f"is not empty ({len(self.existing)} object(s), no {METADATA_FILE}: an interrupted prepare "
-                    "or other data)")
-            raise PrepareError(f"output {self.place.url} {what}; pass --overwrite to replace it")
+    def check(self, overwrite: bool, sources: list[Source]) -> None:
+        files = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
+        marked = PROGRESS_FILE in files or (
+            METADATA_FILE in files and _is_prepare_metadata(lambda: self.place.read_json(METADATA_FILE)))
+        self.replaced = replaceable_files(self.name, files, marked, overwrite)
 
-    def begin(self, overwrite: bool) -> Path:
-        if METADATA_FILE in self.existing:  # --overwrite: unmark first, so readers see "no prepared data" from now on
-            self.place.delete(METADATA_FILE)
-        if self.existing:
-            self.place.delete_all(len(self.existing))
+    def begin(self, command: str | None) -> Path:
+        # The marker first, so a killed run's leftovers are recognised as prepare's; then unmark the old data
+        # (readers see "no prepared data" from now on) and delete exactly the files check() accepted.
+        self.place.write_json(PROGRESS_FILE, _progress_marker(command))
+        old = [name for name in self.replaced if name != PROGRESS_FILE]
+        self.place.delete_keys(sorted(old, key=lambda name: name != METADATA_FILE))
         self.scratch = Path(tempfile.mkdtemp(prefix="diffv2-prepare-"))
         return self.scratch
 
@@ -223,6 +348,7 @@ class _S3Output:
 
     def publish(self, meta: dict, overwrite: bool) -> None:
         self.place.write_json(METADATA_FILE, meta)
+        self.place.delete_keys([PROGRESS_FILE])
 
     def cleanup(self, published: bool) -> None:
         if self.scratch is None:  # failed before writing anything
@@ -230,14 +356,8 @@ class _S3Output:
         shutil.rmtree(self.scratch, ignore_errors=True)
         if not published:  # chunks of a failed run: unmarked, so no data; do not leave them to be paid for
             with contextlib.suppress(Exception):
-                self.place.delete_all()
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise PrepareError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"output {out} exists and is not a folder")
+                ours = [name for name in self.place.list() if _PREPARE_WRITES.fullmatch(name)]
+                self.place.delete_keys(sorted(ours, key=lambda name: name == PROGRESS_FILE))
 
 
 def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
@@ -245,19 +365,6 @@ def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
         raise PrepareError(f"--val-tokens must be >= 0, got {val_tokens}")
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Swap the finished folder into place; the old one (with --overwrite) is removed only after."""
-    old = None
-    if out.exists() and not overwrite:  # another run finished first while this one worked
-        raise PrepareError(f"output {out} appeared while preparing; pass --overwrite to replace it")
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the train/validation split

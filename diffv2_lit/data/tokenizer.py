@@ -164,13 +164,13 @@ def train_main(argv: list[str] | None = None) -> int:
     if output.is_dir() or args.output.endswith("/"):
         output = output / "tokenizer.json"
     if output.exists() and not args.overwrite:
-        print(f"error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        print(f"diffv2-lit train-tokenizer: error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
         sources = resolve_inputs(args.input)
         tok = train_bpe(iter_all_documents(sources, args.text_key), args.vocab_size, args.min_frequency)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"diffv2-lit train-tokenizer: error: {err}", file=sys.stderr)
         return 2
     output.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(output))

@@ -71,6 +71,16 @@ class S3Place:
         bucket, prefix = _bucket_and_prefix(self.url)
         return json.loads(self.server.client().get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read())
 
+    def put(self, key: str, body: bytes) -> None:
+        bucket, prefix = _bucket_and_prefix(self.url)
+        self.server.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=body)
+
+    def contents(self) -> dict[str, bytes]:
+        """{key under the prefix: its bytes}: what a test compares byte for byte."""
+        bucket, prefix = _bucket_and_prefix(self.url)
+        client = self.server.client()
+        return {key: client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read() for key in self.keys()}
+
     def delete(self, key: str) -> None:
         bucket, prefix = _bucket_and_prefix(self.url)
         self.server.client().delete_object(Bucket=bucket, Key=f"{prefix}/{key}")

@@ -33,7 +33,7 @@ def test_refuses_existing_output_unless_overwrite(tmp_path, capsys):
     assert main(args) == 0
     first = (out / "diffv2_data.json").read_text()
     assert main(args) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "holds data prepared earlier; pass --overwrite" in capsys.readouterr().err
     assert (out / "diffv2_data.json").read_text() == first
     assert main(args + ["--overwrite", "--seed", "7"]) == 0
     assert json.loads((out / "diffv2_data.json").read_text())["split"]["seed"] == 7
