@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffv2_lit.data.sources import Source, count_documents, iter_documents, resolve_inputs
+from diffv2_lit.data.sources import Source, iter_documents, resolve_inputs
 from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
 
 METADATA_FILE = "diffv2_data.json"
@@ -148,6 +148,8 @@ def prepare(
             _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
                          chunk_bytes, chunk_size, num_workers, verbose, storage_options)
         indexes = target.split_indexes()
+        if indexes["train"] is None:  # every document empty, and nothing counted them before (no split asked)
+            _require_documents(0, sources)
         meta = _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
         target.publish(meta, overwrite)
         published = True
@@ -380,22 +382,31 @@ def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, ve
     if val_tokens is not None:
         chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose)
     else:
-        chosen = _select_by_fraction(sources, seed, val_fraction, verbose)
+        chosen = _select_by_fraction(sources, text_key, seed, val_fraction, verbose)
     val_keys: dict[str, set[int]] = {}
     for source_id, index in chosen:
         val_keys.setdefault(source_id, set()).add(index)
     return val_keys
 
 
-def _select_by_fraction(sources, seed, fraction, verbose) -> list[tuple[str, int]]:
-    counts = {s.source_id: count_documents(s) for s in _progress(sources, "count documents", verbose)}
-    total = sum(counts.values())
-    if fraction <= 0 or total < 2:
+def _select_by_fraction(sources, text_key, seed, fraction, verbose) -> list[tuple[str, int]]:
+    """The `fraction` of the documents that hold text first in the seeded order. Only those are counted and
+    drawn: an empty file drawn for one side would leave it with nothing (issue 24.10). Reading every document
+    here also finds a bad file (not UTF-8, a truncated gzip, a non-string value) before any worker starts."""
+    keys = [(document_priority(seed, s.source_id, i), s.source_id, i)
+            for s in _progress(sources, "read documents", verbose) for i, _ in iter_documents(s, text_key)]
+    _require_documents(len(keys), sources)
+    if fraction <= 0 or len(keys) < 2:
         return []
     # At least one validation document and at least one training document.
-    k = min(max(round(fraction * total), 1), total - 1)
-    keys = ((document_priority(seed, sid, i), sid, i) for sid, n in counts.items() for i in range(n))
+    k = min(max(round(fraction * len(keys)), 1), len(keys) - 1)
     return [(sid, i) for _, sid, i in heapq.nsmallest(k, keys)]
+
+
+def _require_documents(n_documents: int, sources) -> None:
+    if n_documents == 0:
+        raise PrepareError(f"the input holds no document with text: {len(sources)} file(s), all empty or whitespace "
+                           f"only (e.g. {sources[0].path}); pass files that hold text")
 
 
 def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tuple[str, int]]:
@@ -418,6 +429,7 @@ def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tup
             total += n_tokens
             while total - heap[0][3] >= budget:
                 total -= heapq.heappop(heap)[3]
+    _require_documents(seen, sources)
     if len(heap) >= seen:
         raise PrepareError(
             f"--val-tokens {budget} would take all {seen} documents ({total} tokens) for validation; "

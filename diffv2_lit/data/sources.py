@@ -1,9 +1,11 @@
-"""Input files for `prepare` and `train-tokenizer`: find them, count and read their documents.
+"""Input files for `prepare` and `train-tokenizer`: find them and read their documents.
 
 A document is: a whole `.txt` / `.txt.gz` file, one line of a `.jsonl` / `.jsonl.gz` file (the
-`--text-key` field), or one row of a `.parquet` file (the `--text-key` column). Each document has a
-stable key `(source_id, index)` (index = line or row number) so the train/validation split can be
-decided by a seeded hash of the key, independent of worker count or file order.
+`--text-key` field, a string), or one row of a `.parquet` file (the `--text-key` column, strings). Each
+document has a stable key `(source_id, index)` (index = line or row number) so the train/validation split
+can be decided by a seeded hash of the key, independent of worker count or file order. A document with
+no text (empty, whitespace only, JSON null, a parquet null) is skipped everywhere; a value of another
+type (a number, a list, ...) is refused, never turned into its Python repr.
 """
 
 from __future__ import annotations
@@ -67,18 +69,28 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
+def has_text(text: str) -> bool:
+    """An empty document (nothing but whitespace) is no document: it is skipped, and never counted (issue 24.10)."""
+    return not text.isspace() and bool(text)
+
+
 def iter_documents(source: Source, text_key: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield `(index, text)`; empty documents are skipped (their index is simply not yielded)."""
+    """Yield `(index, text)` of the documents that hold text; empty ones are skipped (their index is simply
+    not yielded). A value that is not text is refused, naming the file, the line (row) and its type."""
     kind = source.kind
     if kind == "txt":
         with _open_text(source.path) as f:
             text = f.read()
-        if text.strip():
+        if has_text(text):
             yield 0, text
     elif kind == "jsonl":
         yield from _iter_jsonl(source.path, text_key)
     else:
         yield from _iter_parquet(source.path, text_key)
+
+
+# JSON's own names of the types json.loads returns (bool before int: True is an int in Python).
+_JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (list, "array"), (dict, "object"))
 
 
 def _iter_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
@@ -92,36 +104,41 @@ def _iter_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}, line {index + 1}: not valid JSON ({err})") from None
             if not isinstance(record, dict) or text_key not in record:
                 raise ValueError(f"{path}, line {index + 1}: no {text_key!r} field (set --text-key)")
-            if record[text_key]:
-                yield index, str(record[text_key])
+            text = record[text_key]
+            if text is None:  # a missing value: an empty document
+                continue
+            if not isinstance(text, str):  # str() would train on its Python repr (issue 24.8)
+                kind = next(name for type_, name in _JSON_TYPES if isinstance(text, type_))
+                raise ValueError(f"{path}, line {index + 1}: {text_key!r} is a JSON {kind} ({_clip(line)}), not a "
+                                 f"string; write the text as a string, or set --text-key to the field holding it")
+            if has_text(text):
+                yield index, text
+
+
+def _clip(line: str, width: int = 40) -> str:
+    line = line.strip()
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    if text_key not in file.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_key!r} (columns: {file.schema_arrow.names}; set --text-key)")
+    schema = file.schema_arrow
+    if text_key not in schema.names:
+        raise ValueError(f"{path}: no column {text_key!r} (columns: {schema.names}; set --text-key)")
+    column_type = schema.field(text_key).type
+    value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+    if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        raise ValueError(f"{path}: column {text_key!r} holds {column_type} values, not strings; write the text as a "
+                         "string column, or set --text-key to the column holding it")
     index = 0
     for batch in file.iter_batches(columns=[text_key], batch_size=4096):
         for text in batch.column(0).to_pylist():
-            if text:
-                yield index, str(text)
+            if text is not None and has_text(text):  # null: a missing value, an empty document
+                yield index, text
             index += 1
-
-
-def count_documents(source: Source) -> int:
-    """Upper bound on the document indices of a file, cheaply (no JSON parsing, no text decoding)."""
-    kind = source.kind
-    if kind == "txt":
-        return 1
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(source.path).metadata.num_rows
-    opener = gzip.open if source.path.lower().endswith(".gz") else open
-    with opener(source.path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def iter_all_documents(sources: list[Source], text_key: str = "text") -> Iterator[str]:

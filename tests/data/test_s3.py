@@ -90,7 +90,7 @@ def test_prepare_command_uploads_with_the_marker_last_and_refuses_to_clobber(s3,
 def test_failed_prepare_leaves_no_data_in_the_bucket(s3, tmp_path, capsys):
     src = tmp_path / "a.jsonl"
     src.write_text('{"text": "fine"}\n{"text": "also fine"}\nnot json\n')
-    assert main(["--input", str(src), "--output", s3.url, "--num-workers", "1", "--quiet", "--val-fraction", "0"]) == 2
+    assert main(["--input", str(src), "--output", s3.url, "--num-workers", "1", "--quiet", "--val-tokens", "0"]) == 2
     assert "tokenizing failed, nothing was written: ValueError: " in capsys.readouterr().err
     assert s3.keys() == {}
 
