@@ -37,7 +37,7 @@ from diffv2_lit.data.corpus import builtin_name, is_builtin
 from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
 from diffv2_lit.data.remote import check_url, clean_cache, is_url, open_remote_folder
-from diffv2_lit.data.tokenizer import load_tokenizer
+from diffv2_lit.data.tokenizer import TokenizerError, load_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -58,9 +58,11 @@ def ensure_builtin(spec: str, tokenizer: str = "byte") -> Path:
     target = cache_root() / "data" / f"{builtin_name(spec)}-{ident['name']}-{ident['hash'][:12]}"
     if (target / METADATA_FILE).is_file():
         return target
+    # The first fit waits for this (seconds): say why, once.
+    print(f"[data] first use of {spec}: preparing it with tokenizer {ident['name']!r} into {target} (once)", flush=True)
     try:
         # Small chunks (~0.5M tokens) so several DataLoader workers and ranks each get chunks.
-        prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False,
+        prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False, summary=False,
                 command=f"TokenDataModule builtin {spec} tokenizer={tokenizer}")
     except PrepareError:
         if not (target / METADATA_FILE).is_file():  # not "another process finished first"
@@ -188,12 +190,16 @@ class TokenDataModule(L.LightningDataModule):
         for source in self.sources:
             if is_url(source):
                 check_url(source)  # refuse gs://... now, not as a missing local folder later
-        tok = load_tokenizer(tokenizer)
+        try:
+            tok = load_tokenizer(tokenizer)
+        except TokenizerError as err:
+            raise DataError(f"data.tokenizer: {err}") from None
         self.vocab_size: int = tok.vocab_size  # the data's vocabulary: setup() checks the data matches it
         self.tokenizer_identity: dict = tok.identity()
         self.eos_id: int = tok.eos_id
         self.folders: list[DataFolder] = []
         self._train_loader = None
+        self._short_val_warned: set[str] = set()
 
     # ------------------------------------------------------------ argument checks
 
@@ -201,8 +207,9 @@ class TokenDataModule(L.LightningDataModule):
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.val_tokens < 0:
-            raise DataError("data.num_workers and data.val_tokens must be >= 0")
+        for name in ("num_workers", "val_tokens"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
     @staticmethod
     def _parse_mix(data_dir: str, mix: list[dict[str, Any]] | None) -> tuple[list[str], list[float]]:
@@ -332,9 +339,12 @@ class TokenDataModule(L.LightningDataModule):
         for folder, weight in with_val:
             wanted = math.ceil(self.val_tokens * weight / total_weight / self.seq_len)
             available, _, _ = count_blocks(folder.val_index, self.seq_len + 1)
-            if available < wanted:
-                rank_zero_warn(f"{folder.val} holds {available * self.seq_len} validation tokens at "
-                               f"seq_len={self.seq_len}, fewer than its share of val_tokens; using them all")
+            if available < wanted and str(folder.val) not in self._short_val_warned:
+                self._short_val_warned.add(str(folder.val))  # once per run, not at every validation
+                rank_zero_warn(f"data.val_tokens={self.val_tokens:,} is more than the validation split gives: "
+                               f"{folder.val} holds {available * self.seq_len:,} target tokens at seq_len={self.seq_len} "
+                               f"(its share: {wanted * self.seq_len:,}); validating on all of them. Lower "
+                               "data.val_tokens, or prepare with a larger --val-fraction / --val-tokens")
             if min(wanted, available) > 0:
                 dataset = self._streaming(folder, folder.val, shuffle=False)
                 parts.append(Subset(dataset, range(min(wanted, available))))

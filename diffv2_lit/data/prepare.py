@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,7 +89,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     chunk.add_argument("--chunk-size", type=int, default=None, help="instead: target tokens per chunk")
     p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder or prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (the summary stays)")
     return p.parse_args(argv)
 
 
@@ -125,13 +126,14 @@ def prepare(
     val_fraction: float = 0.05, val_tokens: int | None = None, seed: int = 42,
     chunk_bytes: str | int | None = None, chunk_size: int | None = None, num_workers: int = 1,
     overwrite: bool = False, verbose: bool = True, command: str | None = None,
-    storage_options: dict | None = None,
+    storage_options: dict | None = None, summary: bool = True,
 ) -> dict:
     """Run the whole preparation; returns the metadata written to `diffv2_data.json`.
 
     `output` is a local folder or an `s3://bucket/prefix` URL (`storage_options`: keyword arguments of
     `boto3.client("s3", ...)` for LitData, e.g. `endpoint_url`; by default the AWS environment variables).
     `overwrite` replaces an earlier prepare's output, and only that: anything else there is refused.
+    `verbose`: progress lines and bars (`--quiet` turns them off); `summary`: the closing summary.
     """
     start = time.perf_counter()
     target = _output_target(output, storage_options)
@@ -155,7 +157,8 @@ def prepare(
         published = True
     finally:
         target.cleanup(published)
-    _print_summary(target.name, meta, time.perf_counter() - start, verbose)
+    if summary:
+        _print_summary(target.name, meta, time.perf_counter() - start)
     return meta
 
 
@@ -509,7 +512,10 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
     # LitData's own messages (worker start/stop, an account advert, a progress bar updated only when a
     # worker ends: ~40 lines) stay hidden; our own lines say what happens. DIFFV2_LIT_DEBUG=1 shows them.
     litdata_verbose = verbose and bool(os.environ.get("DIFFV2_LIT_DEBUG"))
-    with _environ(scratch), _quiet_stdout(not litdata_verbose):
+    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings():
+        # One warning per document bigger than a chunk (it only makes that chunk bigger); forked workers
+        # inherit the filter.
+        warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
         optimize(
             fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, chunk_size=chunk_size,
             num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
@@ -582,9 +588,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _print_summary(out: str, meta: dict, seconds: float, verbose: bool) -> None:
-    if not verbose:
-        return
+def _print_summary(out: str, meta: dict, seconds: float) -> None:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     tokens = train["tokens"] + val["tokens"]
     size = sum(s["bytes"] for s in meta["splits"].values())

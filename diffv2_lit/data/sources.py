@@ -10,9 +10,11 @@ type (a number, a list, ...) is refused, never turned into its Python repr.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,17 +78,68 @@ def has_text(text: str) -> bool:
 
 def iter_documents(source: Source, text_key: str = "text") -> Iterator[tuple[int, str]]:
     """Yield `(index, text)` of the documents that hold text; empty ones are skipped (their index is simply
-    not yielded). A value that is not text is refused, naming the file, the line (row) and its type."""
+    not yielded). A value that is not text is refused, naming the file, the line (row) and its type; a file
+    that cannot be read (not UTF-8, a damaged gzip or parquet) is refused naming the file and the fix."""
     kind = source.kind
-    if kind == "txt":
-        with _open_text(source.path) as f:
-            text = f.read()
-        if has_text(text):
-            yield 0, text
-    elif kind == "jsonl":
-        yield from _iter_jsonl(source.path, text_key)
-    else:
-        yield from _iter_parquet(source.path, text_key)
+    with _reading(source.path):
+        if kind == "txt":
+            with _open_text(source.path) as f:
+                text = f.read()
+            if has_text(text):
+                yield 0, text
+        elif kind == "jsonl":
+            yield from _iter_jsonl(source.path, text_key)
+        else:
+            yield from _iter_parquet(source.path, text_key)
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Errors of the file readers (which name no file) -> one line naming the file and what to do."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({_encoding_guess(path)}{err.reason} at byte {err.start}); convert "
+                         f"it to UTF-8, e.g. `iconv -f {_iconv_source(path)} -t UTF-8 FILE > FILE.utf8`") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # truncated, not gzip at all, damaged
+        what = "is truncated" if isinstance(err, EOFError) else "is not a valid gzip file"
+        raise ValueError(f"{path} {what} ({err}); copy or compress it again (`gzip -t FILE` checks one)") from None
+    except Exception as err:
+        if _is_arrow_error(err):
+            raise ValueError(f"{path} is not a readable parquet file ({_first_line(err)}); write it again, or "
+                             "convert it to .jsonl") from None
+        raise
+
+
+def _is_arrow_error(err: Exception) -> bool:
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - pyarrow comes with litdata
+        return False
+    return isinstance(err, (pa.ArrowException, OSError)) and not isinstance(err, FileNotFoundError) and \
+        type(err).__module__.startswith("pyarrow")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _encoding_guess(path: str) -> str:
+    return "it looks like UTF-16, " if _iconv_source(path) == "UTF-16" else ""
+
+
+def _iconv_source(path: str) -> str:
+    """The `iconv -f` to suggest: UTF-16 when the file starts with its byte order mark, else a common guess."""
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            return _BOMS.get(f.read(2), "LATIN1")
+    except (OSError, EOFError):
+        return "LATIN1"
 
 
 # JSON's own names of the types json.loads returns (bool before int: True is an int in Python).
