@@ -25,6 +25,7 @@ import hashlib
 import heapq
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -512,7 +513,7 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
     # LitData's own messages (worker start/stop, an account advert, a progress bar updated only when a
     # worker ends: ~40 lines) stay hidden; our own lines say what happens. DIFFV2_LIT_DEBUG=1 shows them.
     litdata_verbose = verbose and bool(os.environ.get("DIFFV2_LIT_DEBUG"))
-    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings():
+    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings(), rng_untouched():
         # One warning per document bigger than a chunk (it only makes that chunk bigger); forked workers
         # inherit the filter.
         warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
@@ -525,6 +526,31 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
             verbose=litdata_verbose, storage_options=dict(storage_options or {}),
         )
     shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Leave the global random generators as they were: LitData's optimize seeds Python's, NumPy's and torch's
+    (CPU and CUDA) with 42, so preparing the built-in corpus on first use between a run's seed and its model
+    initialisation gave one seed two models, depending on whether the cache existed (issue 19.14)."""
+    import torch
+
+    python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    # Before CUDA starts, torch.manual_seed only queues the CUDA seeding, and a later seed replaces the queued
+    # one: keep the run's own (torch has no public API for this queue).
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = dict(vars(tracker)) if tracker is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        elif queued is not None and not torch.cuda.is_initialized():
+            vars(tracker).update(queued)
 
 
 @contextlib.contextmanager
