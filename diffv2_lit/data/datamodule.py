@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from diffv2_lit.data.corpus import builtin_name, is_builtin
 from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
@@ -89,6 +89,29 @@ class ShiftTokens:
             if len(eos_at):
                 targets[int(eos_at[0]):] = IGNORE_INDEX
         return inputs, targets
+
+
+class PadToRanks(Dataset):
+    """Validation blocks padded to a multiple of the rank count with blocks that count nothing.
+
+    Lightning's DistributedSampler evens out the ranks by repeating the first blocks, so `val/loss`
+    counted up to `ranks - 1` blocks twice and changed with the GPU count (issue 19.9). Here every rank
+    still gets as many batches (the steps of validation stay in lockstep, as DDP and FSDP need), but the
+    padding blocks' targets are all IGNORE_INDEX: the token-weighted loss sees each real block once.
+    """
+
+    def __init__(self, dataset, ranks: int):
+        self.dataset = dataset
+        self.length = math.ceil(len(dataset) / ranks) * ranks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if index < len(self.dataset):
+            return self.dataset[index]
+        inputs, targets = self.dataset[0]
+        return inputs, torch.full_like(targets, IGNORE_INDEX)
 
 
 class TrainLoader(StreamingDataLoader):
@@ -323,9 +346,14 @@ class TokenDataModule(L.LightningDataModule):
         parts = self._val_parts()
         if not parts:
             return []
-        # Map-style and sequential: the same blocks, in the same order, every time. Under DDP
-        # Lightning adds a DistributedSampler that splits them across ranks.
-        return DataLoader(ConcatDataset(parts), batch_size=self.batch_size, shuffle=False,
+        # Map-style and sequential: the same blocks, in the same order, every time, split across the
+        # data-parallel ranks without counting any block twice.
+        dataset, sampler = ConcatDataset(parts), None
+        ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if ranks and ranks["num_replicas"] > 1:
+            dataset = PadToRanks(dataset, ranks["num_replicas"])
+            sampler = DistributedSampler(dataset, shuffle=False, **ranks)  # Lightning keeps a sampler of this type
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def _val_parts(self) -> list[Subset]:
