@@ -180,7 +180,7 @@ def open_remote_folder(url: str, storage_options: dict | None = None) -> DataFol
     `prepare`) or an index.json holds no prepared data, whatever else it holds."""
     place = S3Prefix(url, storage_options)
     objects = place.list()
-    folder = open_prepared(place, objects, redo=f"re-run `diffv2-lit prepare --output {place.url} --overwrite`")
+    folder = open_prepared(place, objects, redo=f"re-run `diffv2-lit prepare --output {place.url} --overwrite` (or copy the data again)")
     if folder is not None:
         return folder
     if PROGRESS_FILE in objects:  # prepare's own leftovers: --overwrite replaces exactly those
