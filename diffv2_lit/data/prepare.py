@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import hashlib
 import heapq
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -43,6 +43,7 @@ import numpy as np
 
 from diffv2_lit.data.sources import Source, iter_documents, resolve_inputs
 from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
+from diffv2_lit.data.writer import NoSpaceError, run_in_group
 
 METADATA_FILE = "diffv2_data.json"
 FORMAT_NAME = "diffv2-lit-data"
@@ -105,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers, overwrite=args.overwrite, verbose=not args.quiet,
             command=shlex.join(["diffv2-lit", "prepare", *argv]),
         )
+    except NoSpaceError as err:  # a runtime fault, not a mistake in the command
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     except (PrepareError, FileNotFoundError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
-        print(f"{PROG}: error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
+        print(f"{PROG}: error: a tokenizer worker failed: {_root_cause(str(err))}; nothing was written", file=sys.stderr)
         return 1
     return 0
 
@@ -142,17 +146,24 @@ def prepare(
     target.check(overwrite, sources)
     _check_split_args(val_fraction, val_tokens)
     tok = load_tokenizer(tokenizer)
-    val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose)
+    size = InputSize(tok)
+    val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose, size)
+    target.check_space(size)
 
     scratch = target.begin(command)
     published = False
     try:
         for split in SPLITS:
-            _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
-                         chunk_bytes, chunk_size, num_workers, verbose, storage_options)
+            try:
+                _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
+                             chunk_bytes, chunk_size, num_workers, verbose, storage_options)
+            except NoSpaceError as err:
+                raise NoSpaceError(f"{err} while writing {target.name}{size.needs()}; the writer was stopped and "
+                                   "nothing was written: free space there or choose another --output") from None
         indexes = target.split_indexes()
         if indexes["train"] is None:  # every document empty, and nothing counted them before (no split asked)
             _require_documents(0, sources)
+        _check_nothing_lost(indexes, size, sum(len(v) for v in val_keys.values()))
         meta = _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
         target.publish(meta, overwrite)
         published = True
@@ -252,6 +263,15 @@ class _LocalOutput:
     def check(self, overwrite: bool, sources: list[Source]) -> None:
         _refuse_overlap(self.out, sources)
         self._replaceable(overwrite)
+        _remove_dead_runs(self.out)
+
+    def check_space(self, size: InputSize) -> None:
+        """Refuse before writing when the estimate of the output does not fit (LitData would hang, see writer.py)."""
+        existing = next(p for p in self.out.parents if p.exists())  # the folders above may not exist yet
+        free = shutil.disk_usage(existing).free
+        if size.output_bytes() > free:
+            raise NoSpaceError(f"not enough space for {self.out}{size.needs()}; its file system has "
+                               f"{free / 2**20:.1f} MiB free: free space there or choose another --output")
 
     def _replaceable(self, overwrite: bool) -> list[str]:
         if not self.out.exists() and not self.out.is_symlink():
@@ -295,6 +315,29 @@ class _LocalOutput:
         shutil.rmtree(self.tmp, ignore_errors=True)  # only left when something failed
 
 
+def _remove_dead_runs(out: Path) -> None:
+    """Remove what prepare runs that were killed left beside `out`: their hidden `.NAME.partial-<pid>-*` folders
+    (marked by their PROGRESS_FILE, naming the run's pid and host) and `.NAME.old-<pid>-*` folders (the output a
+    run was replacing). Folders of live runs, of other hosts, or holding anything else are left alone."""
+    from diffv2_lit.data.remote import process_alive
+
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*-*")):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}", folder.name)
+        if not match or not folder.is_dir() or process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "partial":
+            marker = folder / PROGRESS_FILE
+            with contextlib.suppress(OSError, ValueError):
+                started = json.loads(marker.read_text())
+                if started.get("pid") == int(match.group(2)) and started.get("host") == socket.gethostname():
+                    shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(PrepareError):
+                _remove_files(folder, replaceable_files(str(folder), _local_files(folder), True, overwrite=True))
+        if not folder.exists():
+            print(f"[prepare] removed {folder}: left by a prepare run that was killed (pid {match.group(2)})")
+
+
 def _remove_files(folder: Path, names: list[str]) -> None:
     """Delete `names` under `folder`, then the folders they leave empty; anything else stays (and is named)."""
     for name in names:
@@ -327,6 +370,9 @@ class _S3Output:
         self.scratch: Path | None = None
         if not self.place.key:
             raise PrepareError(f"output {url} is a whole bucket; write into a prefix: s3://BUCKET/NAME")
+
+    def check_space(self, size: InputSize) -> None:
+        """Object storage has no free space to check."""
 
     def check(self, overwrite: bool, sources: list[Source]) -> None:
         files = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
@@ -381,24 +427,61 @@ def document_priority(seed: int, source_id: str, index: int) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose) -> dict[str, set[int]]:
-    """Return {source_id: {document index, ...}} of the validation documents."""
+class InputSize:
+    """What the split's pass over the input read (bytes of text, documents) and, from a sample, tokens per byte:
+    about what the output will take, checked against the free space before writing (issue 24.2)."""
+
+    SAMPLE_BYTES = 1 << 20
+
+    def __init__(self, tok) -> None:
+        self.tok, self.itemsize = tok, np.dtype(token_dtype(tok.vocab_size)).itemsize
+        self.text_bytes = self.documents = self.sample_bytes = self.sample_tokens = 0
+
+    def add(self, text: str) -> None:
+        n_bytes = len(text.encode("utf-8"))
+        self.text_bytes, self.documents = self.text_bytes + n_bytes, self.documents + 1
+        if self.sample_bytes < self.SAMPLE_BYTES:
+            self.sample_bytes += n_bytes
+            self.sample_tokens += n_bytes if self.tok.name == "byte" else len(self.tok.encode_array(text))
+
+    @property
+    def tokens(self) -> int:
+        """Estimated tokens with one EOS per document (exact for the byte tokenizer); 0 when nothing was read."""
+        per_byte = self.sample_tokens / self.sample_bytes if self.sample_bytes else 0.0
+        return round(self.text_bytes * per_byte) + self.documents
+
+    def output_bytes(self) -> int:
+        return self.tokens * self.itemsize
+
+    def needs(self) -> str:
+        if not self.documents:
+            return ""
+        return f" (the output needs about {self.output_bytes() / 2**20:.1f} MiB: {self.tokens:,} tokens x {self.itemsize} bytes)"
+
+
+def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose,
+                      size: "InputSize | None" = None) -> dict[str, set[int]]:
+    """Return {source_id: {document index, ...}} of the validation documents; `size` counts what was read."""
+    size = size if size is not None else InputSize(tok)
     if val_tokens is not None:
-        chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose)
+        chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose, size)
     else:
-        chosen = _select_by_fraction(sources, text_key, seed, val_fraction, verbose)
+        chosen = _select_by_fraction(sources, text_key, seed, val_fraction, verbose, size)
     val_keys: dict[str, set[int]] = {}
     for source_id, index in chosen:
         val_keys.setdefault(source_id, set()).add(index)
     return val_keys
 
 
-def _select_by_fraction(sources, text_key, seed, fraction, verbose) -> list[tuple[str, int]]:
+def _select_by_fraction(sources, text_key, seed, fraction, verbose, size) -> list[tuple[str, int]]:
     """The `fraction` of the documents that hold text first in the seeded order. Only those are counted and
     drawn: an empty file drawn for one side would leave it with nothing (issue 24.10). Reading every document
     here also finds a bad file (not UTF-8, a truncated gzip, a non-string value) before any worker starts."""
-    keys = [(document_priority(seed, s.source_id, i), s.source_id, i)
-            for s in _progress(sources, "read documents", verbose) for i, _ in iter_documents(s, text_key)]
+    keys = []
+    for source in _progress(sources, "read documents", verbose):
+        for index, text in iter_documents(source, text_key):
+            keys.append((document_priority(seed, source.source_id, index), source.source_id, index))
+            size.add(text)
     _require_documents(len(keys), sources)
     if fraction <= 0 or len(keys) < 2:
         return []
@@ -407,13 +490,26 @@ def _select_by_fraction(sources, text_key, seed, fraction, verbose) -> list[tupl
     return [(sid, i) for _, sid, i in heapq.nsmallest(k, keys)]
 
 
+def _check_nothing_lost(indexes: dict, size: InputSize, n_val: int) -> None:
+    """Every document read before must be in the chunks: a LitData worker that dies (killed, out of memory)
+    counts as finished, and the run would end with part of the data, exit 0."""
+    if not size.documents:  # no pass over the input (--val-tokens 0): nothing to compare with
+        return
+    written = {split: split_stats(indexes[split])["documents"] for split in SPLITS}
+    expected = {"train": size.documents - n_val, "val": n_val}
+    if written != expected:
+        raise RuntimeError(f"documents were lost while tokenizing ({written['train']:,} train and {written['val']:,} "
+                           f"val written, {expected['train']:,} and {expected['val']:,} read): a tokenizer process "
+                           "died (killed, or out of memory?); run it again")
+
+
 def _require_documents(n_documents: int, sources) -> None:
     if n_documents == 0:
         raise PrepareError(f"the input holds no document with text: {len(sources)} file(s), all empty or whitespace "
                            f"only (e.g. {sources[0].path}); pass files that hold text")
 
 
-def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tuple[str, int]]:
+def _select_by_tokens(sources, tok, text_key, seed, budget, verbose, size) -> list[tuple[str, int]]:
     """The fewest lowest-priority documents that hold >= budget tokens, in one pass over the text.
 
     A max-heap keeps the current choice; only documents that would enter it are tokenized.
@@ -425,6 +521,7 @@ def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tup
     for source in _progress(sources, "choose validation documents", verbose):
         for index, text in iter_documents(source, text_key):
             seen += 1
+            size.add(text)
             priority = document_priority(seed, source.source_id, index)
             if total >= budget and priority > -heap[0][0]:
                 continue
@@ -513,44 +610,21 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
     # LitData's own messages (worker start/stop, an account advert, a progress bar updated only when a
     # worker ends: ~40 lines) stay hidden; our own lines say what happens. DIFFV2_LIT_DEBUG=1 shows them.
     litdata_verbose = verbose and bool(os.environ.get("DIFFV2_LIT_DEBUG"))
-    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings(), rng_untouched():
+    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings():
         # One warning per document bigger than a chunk (it only makes that chunk bigger); forked workers
         # inherit the filter.
         warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
-        optimize(
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # In a process group of its own under a watchdog: LitData's writer hangs on a full disk (writer.py).
+        run_in_group(optimize, dict(
             fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, chunk_size=chunk_size,
             num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
             # fork starts workers in milliseconds; spawn re-imports torch in each (seconds). Workers
             # only read files and tokenize, which is fork-safe. Elsewhere fork is unsafe or absent.
             start_method="fork" if sys.platform == "linux" else "spawn",
             verbose=litdata_verbose, storage_options=dict(storage_options or {}),
-        )
+        ), watch_dir=work_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def rng_untouched():
-    """Leave the global random generators as they were: LitData's optimize seeds Python's, NumPy's and torch's
-    (CPU and CUDA) with 42, so preparing the built-in corpus on first use between a run's seed and its model
-    initialisation gave one seed two models, depending on whether the cache existed (issue 19.14)."""
-    import torch
-
-    python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    # Before CUDA starts, torch.manual_seed only queues the CUDA seeding, and a later seed replaces the queued
-    # one: keep the run's own (torch has no public API for this queue).
-    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
-    queued = dict(vars(tracker)) if tracker is not None else None
-    try:
-        yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        elif queued is not None and not torch.cuda.is_initialized():
-            vars(tracker).update(queued)
 
 
 @contextlib.contextmanager

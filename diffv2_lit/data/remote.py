@@ -244,10 +244,10 @@ def clean_cache(cache_dir: str | Path) -> list[Path]:
 
 def _is_orphan_partial(path: Path) -> bool:
     match = _PARTIAL_DOWNLOAD.search(path.name)
-    return bool(match) and not _process_alive(int(match.group(1)))
+    return bool(match) and not process_alive(int(match.group(1)))
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
