@@ -509,7 +509,8 @@ class TokenDataModule(L.LightningDataModule):
         # data it is a position in (each folder's fingerprint), to refuse resuming on other data.
         return {"sources": self.sources, "weights": self.weights, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
-                "tokenizer_hash": self.tokenizer_identity["hash"],
+                "tokenizer_hash": self.tokenizer_identity["hash"], "num_workers": self.num_workers,
+                "world_size": self.trainer.world_size if self.trainer is not None else 1,
                 "data": {source: {"fingerprint": folder.fingerprint(), "description": folder.describe()}
                          for source, folder in zip(self.sources, self.folders)}}
 
@@ -519,8 +520,15 @@ class TokenDataModule(L.LightningDataModule):
         if data is not None and self.trainer is not None and self.trainer.state.fn == "fit":
             self._refuse_other_data(data)  # validate/test may evaluate a checkpoint on any data
         current = self.state_dict()
+        restriped = {k: (v, current.get(k)) for k, v in state_dict.items() if k in _RESTRIPED and current.get(k) != v}
+        if restriped and len(self.sources) > 1:
+            key, (then, now) = next(iter(restriped.items()))
+            raise DataError(f"{_DATA_KEYS[key]} is {now!r} but the checkpoint's was {then!r}: LitData resumes a weighted "
+                            f"mix (data.mix) only with the checkpoint's data.batch_size, data.num_workers and device "
+                            f"count; set it back to {then!r} to resume")
+        # One source: LitData restripes its position by samples, so these continue exactly (issue 19.15).
         changed = [f"{_DATA_KEYS.get(k, k)}: checkpoint {v!r}, now {current.get(k)!r}"
-                   for k, v in state_dict.items() if current.get(k) != v]
+                   for k, v in state_dict.items() if current.get(k) != v and k not in _RESTRIPED]
         if changed:
             rank_zero_warn(f"resuming with different data settings ({'; '.join(changed)}): the data stream "
                            "will not continue exactly where the checkpoint left it")
@@ -542,4 +550,8 @@ class TokenDataModule(L.LightningDataModule):
 # How each recorded setting is called in the YAML (tokenizer_hash: the tokenizer's sha256).
 _DATA_KEYS = {"sources": "data.data_dir / data.mix", "weights": "data.mix weights", "seq_len": "data.seq_len",
               "batch_size": "data.batch_size", "seed": "data.seed", "shuffle": "data.shuffle",
-              "tokenizer_hash": "data.tokenizer (sha256)"}
+              "tokenizer_hash": "data.tokenizer (sha256)", "num_workers": "data.num_workers",
+              "world_size": "the device count (trainer.devices x trainer.num_nodes)"}
+# Settings a single source's loader position survives exactly: LitData 0.2.76 counts the samples seen over all
+# ranks and workers and cuts the rest of the epoch anew (a weighted mix it refuses to restripe).
+_RESTRIPED = ("batch_size", "num_workers", "world_size")
