@@ -39,6 +39,9 @@ class NoSpaceError(RuntimeError):
 def run_in_group(fn, kwargs: dict, watch_dir: Path | None) -> None:
     """`fn(**kwargs)` in a child process leading its own process group; returns when it succeeded, raises
     RuntimeError with its error otherwise (NoSpaceError for a full `watch_dir` file system)."""
+    if not hasattr(os, "killpg"):  # no process groups (Windows): no watchdog either
+        fn(**kwargs)
+        return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child, args=(fn, kwargs, send, os.getpid()), name="diffv2-prepare-writer")
