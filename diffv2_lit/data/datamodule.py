@@ -30,14 +30,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset, TokensLoader
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+import litdata
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from diffv2_lit.data.corpus import builtin_name, is_builtin
-from diffv2_lit.data.folder import DataError, DataFolder, count_blocks, open_folder
+from diffv2_lit.data.folder import DataError, DataFolder, LocalFolder, check_chunks, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
 from diffv2_lit.data.remote import check_url, clean_cache, is_url, open_remote_folder
-from diffv2_lit.data.tokenizer import load_tokenizer
+from diffv2_lit.data.tokenizer import TokenizerError, load_tokenizer
 
 IGNORE_INDEX = -100
 
@@ -58,9 +59,11 @@ def ensure_builtin(spec: str, tokenizer: str = "byte") -> Path:
     target = cache_root() / "data" / f"{builtin_name(spec)}-{ident['name']}-{ident['hash'][:12]}"
     if (target / METADATA_FILE).is_file():
         return target
+    # The first fit waits for this (seconds): say why, once.
+    print(f"[data] first use of {spec}: preparing it with tokenizer {ident['name']!r} into {target} (once)", flush=True)
     try:
         # Small chunks (~0.5M tokens) so several DataLoader workers and ranks each get chunks.
-        prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False,
+        prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False, summary=False,
                 command=f"TokenDataModule builtin {spec} tokenizer={tokenizer}")
     except PrepareError:
         if not (target / METADATA_FILE).is_file():  # not "another process finished first"
@@ -89,7 +92,127 @@ class ShiftTokens:
         return inputs, targets
 
 
-class TrainLoader(StreamingDataLoader):
+class TokensLoader(litdata.TokensLoader):
+    """LitData's TokensLoader, checking a local chunk file against its index.json before every read.
+
+    LitData memory-maps chunks: one truncated in place kills the reading process with SIGBUS (exit 135, no
+    message), and one deleted makes it wait and end in a ChunkWaitTimeoutError whose hint says "not a missing
+    object" (issue 24.12). One `stat` per block is cheap next to the block's copy. LitData accepts an item
+    loader only under the class name its index.json records, hence the name.
+    """
+
+    def load_item_from_chunk(self, index, chunk_index, chunk_filepath, begin, filesize_bytes):
+        expected = self._chunks[int(chunk_index)]["chunk_bytes"]
+        try:
+            size = os.stat(chunk_filepath).st_size
+        except FileNotFoundError:
+            raise DataError(f"chunk file {chunk_filepath} is missing (listed in index.json)") from None
+        if size != expected:
+            raise DataError(f"chunk file {chunk_filepath} is corrupt or truncated: {size} bytes on disk, index.json "
+                            f"says {expected}")
+        return super().load_item_from_chunk(index, chunk_index, chunk_filepath, begin, filesize_bytes)
+
+
+class _Watched:
+    """A loader whose batches are checked against the data the run started with (`watch`, a DataWatch): the
+    data folder prepared again, a chunk deleted or truncated under the run, each stops it with one line."""
+
+    watch: "DataWatch | None" = None
+
+    def _watched(self, batches):
+        try:
+            for batch in batches:
+                if self.watch is not None:
+                    self.watch.unchanged()
+                yield batch
+        except Exception:
+            if self.watch is not None:
+                self.watch.diagnose()  # raises a DataError naming what changed, if anything did
+            raise
+
+
+class DataWatch:
+    """What the run's local data folders were when it started, to notice them changing under it (issue 24.7).
+
+    Checked before every batch is used: a `stat` of each folder's train/index.json and metadata file (prepare
+    publishes a new folder by rename, so a re-prepared folder has new files). After a loader failure,
+    `diagnose` also checks every chunk against its index.
+    """
+
+    def __init__(self, folders: list[DataFolder], trainer) -> None:
+        self.folders, self.trainer = [f for f in folders if not f.is_remote], trainer
+        self.stamps = {path: _stamp(path) for folder in self.folders for path in folder.watched_files()}
+
+    def unchanged(self) -> None:
+        for path, stamp in self.stamps.items():
+            if _stamp(path) != stamp:
+                folder = next(f for f in self.folders if path in f.watched_files())
+                raise DataError(f"data folder {folder.root} was prepared again (or changed) while this run read it: "
+                                f"{path} is not the one the run started with; stopped at step {self._step()} before "
+                                f"training on other data. {self._advice(new_data=True)}")
+
+    def diagnose(self) -> None:
+        self.unchanged()
+        redo = f"the data changed while this run read it (step {self._step()}). {self._advice(new_data=False)}"
+        for folder in self.folders:
+            place = LocalFolder(Path(folder.root))
+            objects = place.list()
+            for split, index in (("train", folder.train_index), ("val", folder.val_index)):
+                if index is not None:
+                    check_chunks(place, split, index, objects, redo)
+
+    def _step(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
+
+    def _advice(self, new_data: bool) -> str:
+        last = last_checkpoint(self.trainer)
+        if last is None:
+            return "No checkpoint was written before it: restore the data and start the run again."
+        advice = f"Restore the data and resume with --ckpt_path {last} (the last good checkpoint)"
+        return advice + (f", or train on the new data from its weights with --model.init_from {last}." if new_data
+                         else ".")
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def last_checkpoint(trainer) -> str | None:
+    """The newest checkpoint the run's ModelCheckpoint wrote (`training.module` has the same three lines; the data
+    layer may not import it)."""
+    callback = getattr(trainer, "checkpoint_callback", None)
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return path or None
+
+
+class PadToRanks(Dataset):
+    """Validation blocks padded to a multiple of the rank count with blocks that count nothing.
+
+    Lightning's DistributedSampler evens out the ranks by repeating the first blocks, so `val/loss`
+    counted up to `ranks - 1` blocks twice and changed with the GPU count (issue 19.9). Here every rank
+    still gets as many batches (the steps of validation stay in lockstep, as DDP and FSDP need), but the
+    padding blocks' targets are all IGNORE_INDEX: the token-weighted loss sees each real block once.
+    """
+
+    def __init__(self, dataset, ranks: int):
+        self.dataset = dataset
+        self.length = math.ceil(len(dataset) / ranks) * ranks
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if index < len(self.dataset):
+            return self.dataset[index]
+        inputs, targets = self.dataset[0]
+        return inputs, torch.full_like(targets, IGNORE_INDEX)
+
+
+class TrainLoader(_Watched, StreamingDataLoader):
     """The StreamingDataLoader for training, with two fixes for exact resume under Lightning.
 
     1. `num_batches` gives a weighted mix (`iterate_over_all=False`, which has no length) a fixed
@@ -110,12 +233,19 @@ class TrainLoader(StreamingDataLoader):
         return self.num_batches if self.num_batches is not None else super().__len__()
 
     def __iter__(self):
-        for batch in super().__iter__():
+        for batch in self._watched(super().__iter__()):
             self.restore = False
             yield batch
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         super().load_state_dict(_follow_cache_dir(obj, self.dataset))
+
+
+class ValLoader(_Watched, DataLoader):
+    """The validation DataLoader, its batches checked like the training ones."""
+
+    def __iter__(self):
+        yield from self._watched(super().__iter__())
 
 
 def _follow_cache_dir(obj: dict[str, Any], dataset) -> dict[str, Any]:
@@ -188,12 +318,17 @@ class TokenDataModule(L.LightningDataModule):
         for source in self.sources:
             if is_url(source):
                 check_url(source)  # refuse gs://... now, not as a missing local folder later
-        tok = load_tokenizer(tokenizer)
+        try:
+            tok = load_tokenizer(tokenizer)
+        except TokenizerError as err:
+            raise DataError(f"data.tokenizer: {err}") from None
         self.vocab_size: int = tok.vocab_size  # the data's vocabulary: setup() checks the data matches it
         self.tokenizer_identity: dict = tok.identity()
         self.eos_id: int = tok.eos_id
         self.folders: list[DataFolder] = []
         self._train_loader = None
+        self._short_val_warned: set[str] = set()
+        self._data_watch: DataWatch | None = None
 
     # ------------------------------------------------------------ argument checks
 
@@ -201,8 +336,9 @@ class TokenDataModule(L.LightningDataModule):
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.val_tokens < 0:
-            raise DataError("data.num_workers and data.val_tokens must be >= 0")
+        for name in ("num_workers", "val_tokens"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
     @staticmethod
     def _parse_mix(data_dir: str, mix: list[dict[str, Any]] | None) -> tuple[list[str], list[float]]:
@@ -281,7 +417,9 @@ class TokenDataModule(L.LightningDataModule):
         if folder.is_remote:
             remote = dict(cache_dir=str(self.remote_cache_dir), storage_options=dict(self.storage_options))
         return StreamingDataset(
-            str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=shuffle,
+            # Remote chunks arrive in (and leave) the cache as LitData streams them: nothing to check there.
+            str(split_dir), item_loader=(litdata.TokensLoader if folder.is_remote else TokensLoader)(
+                block_size=self.seq_len + 1), shuffle=shuffle,
             seed=self.seed, transform=ShiftTokens(self._eos(folder), self.pack), **remote,
         )
 
@@ -303,7 +441,13 @@ class TokenDataModule(L.LightningDataModule):
                     "resume (token blocks are memory-mapped, so loading in the main process is cheap)")
             mixed = CombinedStreamingDataset(datasets, seed=self.seed, weights=weights, iterate_over_all=False)
             self._train_loader = TrainLoader(mixed, num_batches=self._mix_epoch_batches(datasets, weights), **kwargs)
+        self._train_loader.watch = self._watch()
         return self._train_loader
+
+    def _watch(self) -> DataWatch:
+        if self._data_watch is None:  # one record of the data, taken when the first loader is made
+            self._data_watch = DataWatch(self.folders, self.trainer)
+        return self._data_watch
 
     def _mix_epoch_batches(self, datasets, weights) -> int:
         # A mix ends its epoch when the first source runs out, after about min(len_i / w_i)
@@ -316,10 +460,17 @@ class TokenDataModule(L.LightningDataModule):
         parts = self._val_parts()
         if not parts:
             return []
-        # Map-style and sequential: the same blocks, in the same order, every time. Under DDP
-        # Lightning adds a DistributedSampler that splits them across ranks.
-        return DataLoader(ConcatDataset(parts), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        # Map-style and sequential: the same blocks, in the same order, every time, split across the
+        # data-parallel ranks without counting any block twice.
+        dataset, sampler = ConcatDataset(parts), None
+        ranks = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if ranks and ranks["num_replicas"] > 1:
+            dataset = PadToRanks(dataset, ranks["num_replicas"])
+            sampler = DistributedSampler(dataset, shuffle=False, **ranks)  # Lightning keeps a sampler of this type
+        loader = ValLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        loader.watch = self._watch()
+        return loader
 
     def _val_parts(self) -> list[Subset]:
         with_val = [(f, w) for f, w in zip(self.folders, self.weights) if f.val is not None and w > 0]
@@ -332,9 +483,12 @@ class TokenDataModule(L.LightningDataModule):
         for folder, weight in with_val:
             wanted = math.ceil(self.val_tokens * weight / total_weight / self.seq_len)
             available, _, _ = count_blocks(folder.val_index, self.seq_len + 1)
-            if available < wanted:
-                rank_zero_warn(f"{folder.val} holds {available * self.seq_len} validation tokens at "
-                               f"seq_len={self.seq_len}, fewer than its share of val_tokens; using them all")
+            if available < wanted and str(folder.val) not in self._short_val_warned:
+                self._short_val_warned.add(str(folder.val))  # once per run, not at every validation
+                rank_zero_warn(f"data.val_tokens={self.val_tokens:,} is more than the validation split gives: "
+                               f"{folder.val} holds {available * self.seq_len:,} target tokens at seq_len={self.seq_len} "
+                               f"(its share: {wanted * self.seq_len:,}); validating on all of them. Lower "
+                               "data.val_tokens, or prepare with a larger --val-fraction / --val-tokens")
             if min(wanted, available) > 0:
                 dataset = self._streaming(folder, folder.val, shuffle=False)
                 parts.append(Subset(dataset, range(min(wanted, available))))
@@ -351,21 +505,53 @@ class TokenDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         # The loader position itself is saved by Lightning's fit loop (the StreamingDataLoader is
-        # stateful). This records what the position means, to warn when a resume changes it.
+        # stateful). This records what the position means, to warn when a resume changes it, and which
+        # data it is a position in (each folder's fingerprint), to refuse resuming on other data.
         return {"sources": self.sources, "weights": self.weights, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
-                "tokenizer_hash": self.tokenizer_identity["hash"]}
+                "tokenizer_hash": self.tokenizer_identity["hash"], "num_workers": self.num_workers,
+                "world_size": self.trainer.world_size if self.trainer is not None else 1,
+                "data": {source: {"fingerprint": folder.fingerprint(), "description": folder.describe()}
+                         for source, folder in zip(self.sources, self.folders)}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        data = state_dict.pop("data", None)
+        if data is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+            self._refuse_other_data(data)  # validate/test may evaluate a checkpoint on any data
         current = self.state_dict()
+        restriped = {k: (v, current.get(k)) for k, v in state_dict.items() if k in _RESTRIPED and current.get(k) != v}
+        if restriped and len(self.sources) > 1:
+            key, (then, now) = next(iter(restriped.items()))
+            raise DataError(f"{_DATA_KEYS[key]} is {now!r} but the checkpoint's was {then!r}: LitData resumes a weighted "
+                            f"mix (data.mix) only with the checkpoint's data.batch_size, data.num_workers and device "
+                            f"count; set it back to {then!r} to resume")
+        # One source: LitData restripes its position by samples, so these continue exactly (issue 19.15).
         changed = [f"{_DATA_KEYS.get(k, k)}: checkpoint {v!r}, now {current.get(k)!r}"
-                   for k, v in state_dict.items() if current.get(k) != v]
+                   for k, v in state_dict.items() if current.get(k) != v and k not in _RESTRIPED]
         if changed:
             rank_zero_warn(f"resuming with different data settings ({'; '.join(changed)}): the data stream "
                            "will not continue exactly where the checkpoint left it")
+
+    def _refuse_other_data(self, recorded: dict[str, dict]) -> None:
+        """The checkpoint's loader position is a position in the data it was trained on: on other data (prepared
+        again, or replaced) it would silently mean other sequences, or fail in LitData (issue 24.7)."""
+        key = "data.data_dir" if len(self.sources) == 1 else "data.mix source"
+        checkpoint = getattr(self.trainer, "ckpt_path", None) or "CHECKPOINT"
+        for source, folder in zip(self.sources, self.folders):
+            then = recorded.get(source)
+            if then is not None and then["fingerprint"] != folder.fingerprint():
+                raise DataError(
+                    f"{key} {source} is not the data {checkpoint} was trained on (prepared again or replaced since: "
+                    f"then {then['description']}, now {folder.describe()}); resume on the data it was trained on, "
+                    f"or train on this data from its weights in a new run with --model.init_from {checkpoint}")
 
 
 # How each recorded setting is called in the YAML (tokenizer_hash: the tokenizer's sha256).
 _DATA_KEYS = {"sources": "data.data_dir / data.mix", "weights": "data.mix weights", "seq_len": "data.seq_len",
               "batch_size": "data.batch_size", "seed": "data.seed", "shuffle": "data.shuffle",
-              "tokenizer_hash": "data.tokenizer (sha256)"}
+              "tokenizer_hash": "data.tokenizer (sha256)", "num_workers": "data.num_workers",
+              "world_size": "the device count (trainer.devices x trainer.num_nodes)"}
+# Settings a single source's loader position survives exactly: LitData 0.2.76 counts the samples seen over all
+# ranks and workers and cuts the rest of the epoch anew (a weighted mix it refuses to restripe).
+_RESTRIPED = ("batch_size", "num_workers", "world_size")

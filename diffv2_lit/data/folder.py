@@ -6,6 +6,7 @@ instead of surfacing later as a hang or a cryptic error inside a DataLoader work
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,26 @@ class DataFolder:
     def is_remote(self) -> bool:
         return isinstance(self.root, str)
 
+    def fingerprint(self) -> str:
+        """What the data is: a hash of its metadata and split indexes without the parts that say when or how
+        it was made (an identical re-prepare keeps it; a different one, even of the same size, does not)."""
+        meta = {k: v for k, v in (self.meta or {}).items() if k not in ("created", "command", "litdata_version")}
+        indexes = [{k: v for k, v in (index or {}).items() if k != "updated_at"}
+                   for index in (self.train_index, self.val_index)]
+        return hashlib.sha256(json.dumps([meta, indexes], sort_keys=True).encode()).hexdigest()
+
+    def describe(self) -> str:
+        """e.g. '73,186 training tokens in 39 chunks'."""
+        _, tokens, _ = count_blocks(self.train_index, 1)
+        return f"{tokens:,} training tokens in {len(self.train_index['chunks'])} chunks"
+
+    def watched_files(self) -> list[Path]:
+        """The files whose replacement means the folder was prepared again (local folders only)."""
+        if self.is_remote:
+            return []
+        files = [Path(self.train) / "index.json"]
+        return files + ([Path(self.root) / METADATA_FILE] if self.meta is not None else [])
+
 
 def open_folder(path: str | Path) -> DataFolder:
     """A `diffv2-lit prepare` output (train/ + val/ + metadata) or a bare LitData token folder."""
@@ -43,15 +64,29 @@ def open_folder(path: str | Path) -> DataFolder:
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; " + PREPARE_HINT.format(path=root))
     if not root.is_dir():
-        raise DataError(f"data folder {root} is a file, not a folder; " + PREPARE_HINT.format(path=root))
+        raise DataError(f"data folder {root} is a file, not a folder; {_prepare_into_new_folder(root)}")
     if not any(root.iterdir()):
         raise DataError(f"data folder {root} is empty; " + PREPARE_HINT.format(path=root))
     place = LocalFolder(root)
-    folder = open_prepared(place, place.list(), redo=f"re-run `diffv2-lit prepare --output {root} --overwrite`")
+    folder = open_prepared(place, place.list(), redo=f"re-run `diffv2-lit prepare --output {root} --overwrite` (or copy the data again)")
     if folder is None:
         raise DataError(f"{root} is not a LitData output (no {METADATA_FILE} and no index.json); "
-                        + PREPARE_HINT.format(path=root))
+                        + _prepare_into_new_folder(root))
     return folder
+
+
+def _prepare_into_new_folder(root: Path) -> str:
+    """How to prepare what `root` holds, never writing into it: `prepare --output` of a folder of text (or of a
+    text file) would be refused, and --overwrite there once deleted the text (issue 24.1)."""
+    from diffv2_lit.data.sources import SUFFIXES
+
+    texts = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.name.lower().endswith(SUFFIXES))
+    target = root.with_name(root.name.split(".")[0] + "-prepared")
+    if texts:
+        return (f"it holds text ({texts[0]}), not prepared data: prepare it into a new folder with `diffv2-lit "
+                f"prepare --input {root} --output {target}` and set data.data_dir to {target}")
+    return (f"prepare your text into a new folder with `diffv2-lit prepare --input YOUR_TEXT --output {target}` "
+            f"and set data.data_dir to {target}")
 
 
 class LocalFolder:
@@ -96,14 +131,21 @@ def check_split(place, split: str, objects: dict[str, int], redo: str) -> dict:
     if f"{key}index.json" not in objects:
         raise DataError(f"{split_dir} has no index.json: an interrupted or foreign {place.kind}; {redo}")
     index = _read_json(place, f"{key}index.json", redo)
+    check_chunks(place, split, index, objects, redo)
+    return index
+
+
+def check_chunks(place, split: str, index: dict, objects: dict[str, int], redo: str) -> None:
+    """Every chunk `index` names is in `objects` ({relative path: size}) with the size the index records."""
+    split_dir = place.child(split) if split else place.url
+    key = f"{split}/" if split else ""
     for chunk in check_index(index, f"{split_dir}/index.json", split_dir, place.url, redo):
         path, expected, actual = f"{split_dir}/{chunk['filename']}", chunk["chunk_bytes"], objects.get(key + chunk["filename"])
         if actual is None:
             raise DataError(f"chunk file {path} is missing (listed in index.json); {redo}")
         if actual != expected:
             raise DataError(f"chunk file {path} is corrupt or truncated: {actual} bytes {place.where}, index.json "
-                            f"says {expected}; {redo} (or copy the data again)")
-    return index
+                            f"says {expected}; {redo}")
 
 
 def _read_json(place, name: str, redo: str) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import hashlib
 import heapq
 import json
@@ -28,23 +29,37 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from diffv2_lit.data.sources import Source, count_documents, iter_documents, resolve_inputs
+from diffv2_lit.data.sources import Source, iter_documents, resolve_inputs
 from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
+from diffv2_lit.data.writer import NoSpaceError, run_in_group
 
 METADATA_FILE = "diffv2_data.json"
 FORMAT_NAME = "diffv2-lit-data"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# Written first into every output a run is making (a local run's hidden folder, an s3:// prefix) and
+# removed when it is complete: with METADATA_FILE it is what marks a place as prepare's own, which is
+# all that --overwrite may delete (issue 24.1).
+PROGRESS_FILE = ".diffv2_prepare.json"
+# Every file a prepare run writes, relative to its output: the metadata, the in-progress marker, and
+# each split's LitData index (merged, and per worker while it runs) and chunks.
+_PREPARE_WRITES = re.compile(
+    rf"({re.escape(METADATA_FILE)}|{re.escape(PROGRESS_FILE)}|(train|val)/(index\.json|\d+[.-]index\.json|chunk-\d+-\d+\.bin))")
+
+
+PROG = "diffv2-lit prepare"
 
 
 class PrepareError(RuntimeError):
@@ -55,7 +70,7 @@ class PrepareError(RuntimeError):
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="diffv2-lit prepare",
+        prog=PROG,
         description="Tokenize text into LitData streaming chunks with a train/validation split.",
     )
     p.add_argument("--input", action="append", required=True,
@@ -76,7 +91,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     chunk.add_argument("--chunk-size", type=int, default=None, help="instead: target tokens per chunk")
     p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder or prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (the summary stays)")
     return p.parse_args(argv)
 
 
@@ -91,11 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers, overwrite=args.overwrite, verbose=not args.quiet,
             command=shlex.join(["diffv2-lit", "prepare", *argv]),
         )
+    except NoSpaceError as err:  # a runtime fault, not a mistake in the command
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
     except (PrepareError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
-        print(f"error: a tokenizer worker failed: {_root_cause(str(err))}\n(nothing was written)", file=sys.stderr)
+        print(f"{PROG}: error: a tokenizer worker failed: {_root_cause(str(err))}; nothing was written", file=sys.stderr)
         return 1
     return 0
 
@@ -113,34 +131,46 @@ def prepare(
     val_fraction: float = 0.05, val_tokens: int | None = None, seed: int = 42,
     chunk_bytes: str | int | None = None, chunk_size: int | None = None, num_workers: int = 1,
     overwrite: bool = False, verbose: bool = True, command: str | None = None,
-    storage_options: dict | None = None,
+    storage_options: dict | None = None, summary: bool = True,
 ) -> dict:
     """Run the whole preparation; returns the metadata written to `diffv2_data.json`.
 
     `output` is a local folder or an `s3://bucket/prefix` URL (`storage_options`: keyword arguments of
     `boto3.client("s3", ...)` for LitData, e.g. `endpoint_url`; by default the AWS environment variables).
+    `overwrite` replaces an earlier prepare's output, and only that: anything else there is refused.
+    `verbose`: progress lines and bars (`--quiet` turns them off); `summary`: the closing summary.
     """
     start = time.perf_counter()
     target = _output_target(output, storage_options)
-    target.check(overwrite)
+    sources = resolve_inputs(list(inputs))
+    target.check(overwrite, sources)
     _check_split_args(val_fraction, val_tokens)
     tok = load_tokenizer(tokenizer)
-    sources = resolve_inputs(list(inputs))
-    val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose)
+    size = InputSize(tok)
+    val_keys = select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose, size)
+    target.check_space(size)
 
-    scratch = target.begin(overwrite)
+    scratch = target.begin(command)
     published = False
     try:
         for split in SPLITS:
-            _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
-                         chunk_bytes, chunk_size, num_workers, verbose, storage_options)
+            try:
+                _write_split(split, sources, val_keys, target.split_dir(split), scratch, tokenizer, text_key,
+                             chunk_bytes, chunk_size, num_workers, verbose, storage_options)
+            except NoSpaceError as err:
+                raise NoSpaceError(f"{err} while writing {target.name}{size.needs()}; the writer was stopped and "
+                                   "nothing was written: free space there or choose another --output") from None
         indexes = target.split_indexes()
+        if indexes["train"] is None:  # every document empty, and nothing counted them before (no split asked)
+            _require_documents(0, sources)
+        _check_nothing_lost(indexes, size, sum(len(v) for v in val_keys.values()))
         meta = _metadata(indexes, tok, sources, val_keys, seed, val_fraction, val_tokens, command)
         target.publish(meta, overwrite)
         published = True
     finally:
         target.cleanup(published)
-    _print_summary(target.name, meta, time.perf_counter() - start, verbose)
+    if summary:
+        _print_summary(target.name, meta, time.perf_counter() - start)
     return meta
 
 
@@ -152,19 +182,109 @@ def _output_target(output: str | Path, storage_options: dict | None):
     return _LocalOutput(output)
 
 
+# ---------------------------------------------------------------- what --overwrite may replace
+
+def replaceable_files(where: str, files: dict[str, int], marked: bool, overwrite: bool) -> list[str]:
+    """The files of an existing output that `--overwrite` may delete: all of them, when they are exactly
+    what an earlier prepare wrote (`marked`: its metadata or in-progress marker is there). Raises
+    PrepareError otherwise, naming one file that would have been lost; never suggests --overwrite then.
+
+    `files`: {path relative to the output: size}; sub-folders prepare never makes are entries ending in "/".
+    """
+    if not files:
+        return []
+    foreign = [name for name in files if not _PREPARE_WRITES.fullmatch(name)]
+    if not marked:
+        foreign = foreign or sorted(files)
+    if foreign:
+        example = f"{where}/{foreign[0]}"
+        why = "" if marked else f" (it has no {METADATA_FILE}: `diffv2-lit prepare` did not write it)"
+        if overwrite:
+            raise PrepareError(f"--overwrite refused: it would delete {example}, which `diffv2-lit prepare` did not "
+                               f"write{why}; --overwrite replaces only an earlier prepare's output: choose a new --output")
+        raise PrepareError(f"output {where} already exists and holds files `diffv2-lit prepare` did not write "
+                           f"(e.g. {example}){why}; choose a new --output")
+    if not overwrite:
+        what = "data prepared earlier" if METADATA_FILE in files else "an interrupted prepare's files"
+        raise PrepareError(f"output {where} holds {what}; pass --overwrite to replace it (it deletes only what "
+                           "prepare wrote there)")
+    return sorted(files)
+
+
+def _refuse_overlap(out: Path, sources: list[Source]) -> None:
+    """The output may be neither an input nor a folder holding one, nor the current folder: replacing it
+    would delete the user's text (or pull the folder from under the shell)."""
+    for source in sources:
+        path = Path(source.path)
+        if out == path or out in path.parents:
+            what = "is the input" if out == path else f"contains the input {path}"
+            raise PrepareError(f"output {out} {what}; write the prepared data to a new folder outside the input, "
+                               f"e.g. --output {out.parent / (out.name + '-prepared')}")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise PrepareError(f"output {out} is the current folder or holds it; name a new folder, e.g. --output prepared")
+
+
+def _local_files(root: Path) -> dict[str, int]:
+    """{relative path: size} of everything under `root`; folders other than the splits count as entries
+    ("name/"), and symbolic links are entries, never followed."""
+    files: dict[str, int] = {}
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder).relative_to(root)
+        for name in dirs:
+            rel = (base / name).as_posix()
+            if rel not in SPLITS or (Path(folder) / name).is_symlink():
+                files[rel + "/"] = 0
+        dirs[:] = [d for d in dirs if (base / d).as_posix() in SPLITS and not (Path(folder) / d).is_symlink()]
+        for name in names:
+            path = Path(folder) / name
+            files[(base / name).as_posix()] = path.lstat().st_size
+    return files
+
+
+def _is_prepare_metadata(read) -> bool:
+    """True when the metadata file (read by `read()`) is one prepare wrote."""
+    try:
+        return read().get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- local folders and s3:// prefixes
+
 class _LocalOutput:
     """A local folder, written as a hidden sibling and renamed into place at the end."""
 
     def __init__(self, output: str | Path):
         self.out = Path(output).expanduser().resolve()
         self.name = str(self.out)
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    def check(self, overwrite: bool) -> None:
-        _check_output(self.out, overwrite)
+    def check(self, overwrite: bool, sources: list[Source]) -> None:
+        _refuse_overlap(self.out, sources)
+        self._replaceable(overwrite)
+        _remove_dead_runs(self.out)
 
-    def begin(self, overwrite: bool) -> Path:
+    def check_space(self, size: InputSize) -> None:
+        """Refuse before writing when the estimate of the output does not fit (LitData would hang, see writer.py)."""
+        existing = next(p for p in self.out.parents if p.exists())  # the folders above may not exist yet
+        free = shutil.disk_usage(existing).free
+        if size.output_bytes() > free:
+            raise NoSpaceError(f"not enough space for {self.out}{size.needs()}; its file system has "
+                               f"{free / 2**20:.1f} MiB free: free space there or choose another --output")
+
+    def _replaceable(self, overwrite: bool) -> list[str]:
+        if not self.out.exists() and not self.out.is_symlink():
+            return []
+        if not self.out.is_dir():
+            raise PrepareError(f"output {self.out} exists and is not a folder; choose a new --output")
+        files = _local_files(self.out)
+        marked = PROGRESS_FILE in files or _is_prepare_metadata(lambda: json.loads((self.out / METADATA_FILE).read_text()))
+        return replaceable_files(self.name, files, marked, overwrite)
+
+    def begin(self, command: str | None) -> Path:
         self.tmp.mkdir(parents=True)
+        _write_json(self.tmp / PROGRESS_FILE, _progress_marker(command))
         return self.tmp
 
     def split_dir(self, split: str) -> str:
@@ -176,39 +296,96 @@ class _LocalOutput:
         return {split: json.loads(f.read_text()) if f.is_file() else None for split, f in files.items()}
 
     def publish(self, meta: dict, overwrite: bool) -> None:
+        """Swap the finished folder into place. What it replaces is checked again now (another run may have
+        finished first, or files been added meanwhile), and only those files are deleted, after the swap."""
         _write_json(self.tmp / METADATA_FILE, meta)
-        _publish(self.tmp, self.out, overwrite)
+        (self.tmp / PROGRESS_FILE).unlink()
+        replaced = self._replaceable(overwrite)
+        old = None
+        if self.out.is_dir() and not replaced:
+            self.out.rmdir()  # an empty folder: nothing to keep
+        elif replaced:
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            _remove_files(old, replaced)
 
     def cleanup(self, published: bool) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)  # only left when something failed
 
 
+def _remove_dead_runs(out: Path) -> None:
+    """Remove what prepare runs that were killed left beside `out`: their hidden `.NAME.partial-<pid>-*` folders
+    (marked by their PROGRESS_FILE, naming the run's pid and host) and `.NAME.old-<pid>-*` folders (the output a
+    run was replacing). Folders of live runs, of other hosts, or holding anything else are left alone."""
+    from diffv2_lit.data.remote import process_alive
+
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*-*")):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}", folder.name)
+        if not match or not folder.is_dir() or process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "partial":
+            marker = folder / PROGRESS_FILE
+            with contextlib.suppress(OSError, ValueError):
+                started = json.loads(marker.read_text())
+                if started.get("pid") == int(match.group(2)) and started.get("host") == socket.gethostname():
+                    shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(PrepareError):
+                _remove_files(folder, replaceable_files(str(folder), _local_files(folder), True, overwrite=True))
+        if not folder.exists():
+            print(f"[prepare] removed {folder}: left by a prepare run that was killed (pid {match.group(2)})")
+
+
+def _remove_files(folder: Path, names: list[str]) -> None:
+    """Delete `names` under `folder`, then the folders they leave empty; anything else stays (and is named)."""
+    for name in names:
+        if not name.endswith("/"):
+            (folder / name).unlink(missing_ok=True)
+    for split in SPLITS:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            (folder / split).rmdir()
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"[prepare] kept {folder}: files appeared in the old output while replacing it", file=sys.stderr)
+
+
+def _progress_marker(command: str | None) -> dict:
+    return {"format": FORMAT_NAME, "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 class _S3Output:
-    """An s3://bucket/prefix: chunks go straight to the prefix, the metadata file last (the completion marker)."""
+    """An s3://bucket/prefix: the in-progress marker first, then the chunks straight to the prefix, the metadata
+    file last (the completion marker)."""
 
     def __init__(self, url: str, storage_options: dict | None):
         from diffv2_lit.data.remote import S3Prefix
 
         self.place = S3Prefix(url, storage_options)
         self.name = self.place.url
-        self.existing: dict[str, int] = {}
+        self.replaced: list[str] = []
         self.scratch: Path | None = None
         if not self.place.key:
             raise PrepareError(f"output {url} is a whole bucket; write into a prefix: s3://BUCKET/NAME")
 
-    def check(self, overwrite: bool) -> None:
-        self.existing = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
-        if self.existing and not overwrite:
-            what = ("holds prepared data" if METADATA_FILE in self.existing else
-                    f"is not empty ({len(self.existing)} object(s), no {METADATA_FILE}: an interrupted prepare "
-                    "or other data)")
-            raise PrepareError(f"output {self.place.url} {what}; pass --overwrite to replace it")
+    def check_space(self, size: InputSize) -> None:
+        """Object storage has no free space to check."""
 
-    def begin(self, overwrite: bool) -> Path:
-        if METADATA_FILE in self.existing:  # --overwrite: unmark first, so readers see "no prepared data" from now on
-            self.place.delete(METADATA_FILE)
-        if self.existing:
-            self.place.delete_all(len(self.existing))
+    def check(self, overwrite: bool, sources: list[Source]) -> None:
+        files = self.place.list()  # also the pre-flight: endpoint, credentials, bucket
+        marked = PROGRESS_FILE in files or (
+            METADATA_FILE in files and _is_prepare_metadata(lambda: self.place.read_json(METADATA_FILE)))
+        self.replaced = replaceable_files(self.name, files, marked, overwrite)
+
+    def begin(self, command: str | None) -> Path:
+        # The marker first, so a killed run's leftovers are recognised as prepare's; then unmark the old data
+        # (readers see "no prepared data" from now on) and delete exactly the files check() accepted.
+        self.place.write_json(PROGRESS_FILE, _progress_marker(command))
+        old = [name for name in self.replaced if name != PROGRESS_FILE]
+        self.place.delete_keys(sorted(old, key=lambda name: name != METADATA_FILE))
         self.scratch = Path(tempfile.mkdtemp(prefix="diffv2-prepare-"))
         return self.scratch
 
@@ -223,6 +400,7 @@ class _S3Output:
 
     def publish(self, meta: dict, overwrite: bool) -> None:
         self.place.write_json(METADATA_FILE, meta)
+        self.place.delete_keys([PROGRESS_FILE])
 
     def cleanup(self, published: bool) -> None:
         if self.scratch is None:  # failed before writing anything
@@ -230,14 +408,8 @@ class _S3Output:
         shutil.rmtree(self.scratch, ignore_errors=True)
         if not published:  # chunks of a failed run: unmarked, so no data; do not leave them to be paid for
             with contextlib.suppress(Exception):
-                self.place.delete_all()
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise PrepareError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"output {out} exists and is not a folder")
+                ours = [name for name in self.place.list() if _PREPARE_WRITES.fullmatch(name)]
+                self.place.delete_keys(sorted(ours, key=lambda name: name == PROGRESS_FILE))
 
 
 def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
@@ -245,19 +417,6 @@ def _check_split_args(val_fraction: float, val_tokens: int | None) -> None:
         raise PrepareError(f"--val-tokens must be >= 0, got {val_tokens}")
     if not 0.0 <= val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Swap the finished folder into place; the old one (with --overwrite) is removed only after."""
-    old = None
-    if out.exists() and not overwrite:  # another run finished first while this one worked
-        raise PrepareError(f"output {out} appeared while preparing; pass --overwrite to replace it")
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the train/validation split
@@ -268,30 +427,89 @@ def document_priority(seed: int, source_id: str, index: int) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose) -> dict[str, set[int]]:
-    """Return {source_id: {document index, ...}} of the validation documents."""
+class InputSize:
+    """What the split's pass over the input read (bytes of text, documents) and, from a sample, tokens per byte:
+    about what the output will take, checked against the free space before writing (issue 24.2)."""
+
+    SAMPLE_BYTES = 1 << 20
+
+    def __init__(self, tok) -> None:
+        self.tok, self.itemsize = tok, np.dtype(token_dtype(tok.vocab_size)).itemsize
+        self.text_bytes = self.documents = self.sample_bytes = self.sample_tokens = 0
+
+    def add(self, text: str) -> None:
+        n_bytes = len(text.encode("utf-8"))
+        self.text_bytes, self.documents = self.text_bytes + n_bytes, self.documents + 1
+        if self.sample_bytes < self.SAMPLE_BYTES:
+            self.sample_bytes += n_bytes
+            self.sample_tokens += n_bytes if self.tok.name == "byte" else len(self.tok.encode_array(text))
+
+    @property
+    def tokens(self) -> int:
+        """Estimated tokens with one EOS per document (exact for the byte tokenizer); 0 when nothing was read."""
+        per_byte = self.sample_tokens / self.sample_bytes if self.sample_bytes else 0.0
+        return round(self.text_bytes * per_byte) + self.documents
+
+    def output_bytes(self) -> int:
+        return self.tokens * self.itemsize
+
+    def needs(self) -> str:
+        if not self.documents:
+            return ""
+        return f" (the output needs about {self.output_bytes() / 2**20:.1f} MiB: {self.tokens:,} tokens x {self.itemsize} bytes)"
+
+
+def select_validation(sources, tok, text_key, seed, val_fraction, val_tokens, verbose,
+                      size: "InputSize | None" = None) -> dict[str, set[int]]:
+    """Return {source_id: {document index, ...}} of the validation documents; `size` counts what was read."""
+    size = size if size is not None else InputSize(tok)
     if val_tokens is not None:
-        chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose)
+        chosen = _select_by_tokens(sources, tok, text_key, seed, val_tokens, verbose, size)
     else:
-        chosen = _select_by_fraction(sources, seed, val_fraction, verbose)
+        chosen = _select_by_fraction(sources, text_key, seed, val_fraction, verbose, size)
     val_keys: dict[str, set[int]] = {}
     for source_id, index in chosen:
         val_keys.setdefault(source_id, set()).add(index)
     return val_keys
 
 
-def _select_by_fraction(sources, seed, fraction, verbose) -> list[tuple[str, int]]:
-    counts = {s.source_id: count_documents(s) for s in _progress(sources, "count documents", verbose)}
-    total = sum(counts.values())
-    if fraction <= 0 or total < 2:
+def _select_by_fraction(sources, text_key, seed, fraction, verbose, size) -> list[tuple[str, int]]:
+    """The `fraction` of the documents that hold text first in the seeded order. Only those are counted and
+    drawn: an empty file drawn for one side would leave it with nothing (issue 24.10). Reading every document
+    here also finds a bad file (not UTF-8, a truncated gzip, a non-string value) before any worker starts."""
+    keys = []
+    for source in _progress(sources, "read documents", verbose):
+        for index, text in iter_documents(source, text_key):
+            keys.append((document_priority(seed, source.source_id, index), source.source_id, index))
+            size.add(text)
+    _require_documents(len(keys), sources)
+    if fraction <= 0 or len(keys) < 2:
         return []
     # At least one validation document and at least one training document.
-    k = min(max(round(fraction * total), 1), total - 1)
-    keys = ((document_priority(seed, sid, i), sid, i) for sid, n in counts.items() for i in range(n))
+    k = min(max(round(fraction * len(keys)), 1), len(keys) - 1)
     return [(sid, i) for _, sid, i in heapq.nsmallest(k, keys)]
 
 
-def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tuple[str, int]]:
+def _check_nothing_lost(indexes: dict, size: InputSize, n_val: int) -> None:
+    """Every document read before must be in the chunks: a LitData worker that dies (killed, out of memory)
+    counts as finished, and the run would end with part of the data, exit 0."""
+    if not size.documents:  # no pass over the input (--val-tokens 0): nothing to compare with
+        return
+    written = {split: split_stats(indexes[split])["documents"] for split in SPLITS}
+    expected = {"train": size.documents - n_val, "val": n_val}
+    if written != expected:
+        raise RuntimeError(f"documents were lost while tokenizing ({written['train']:,} train and {written['val']:,} "
+                           f"val written, {expected['train']:,} and {expected['val']:,} read): a tokenizer process "
+                           "died (killed, or out of memory?); run it again")
+
+
+def _require_documents(n_documents: int, sources) -> None:
+    if n_documents == 0:
+        raise PrepareError(f"the input holds no document with text: {len(sources)} file(s), all empty or whitespace "
+                           f"only (e.g. {sources[0].path}); pass files that hold text")
+
+
+def _select_by_tokens(sources, tok, text_key, seed, budget, verbose, size) -> list[tuple[str, int]]:
     """The fewest lowest-priority documents that hold >= budget tokens, in one pass over the text.
 
     A max-heap keeps the current choice; only documents that would enter it are tokenized.
@@ -303,6 +521,7 @@ def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tup
     for source in _progress(sources, "choose validation documents", verbose):
         for index, text in iter_documents(source, text_key):
             seen += 1
+            size.add(text)
             priority = document_priority(seed, source.source_id, index)
             if total >= budget and priority > -heap[0][0]:
                 continue
@@ -311,6 +530,7 @@ def _select_by_tokens(sources, tok, text_key, seed, budget, verbose) -> list[tup
             total += n_tokens
             while total - heap[0][3] >= budget:
                 total -= heapq.heappop(heap)[3]
+    _require_documents(seen, sources)
     if len(heap) >= seen:
         raise PrepareError(
             f"--val-tokens {budget} would take all {seen} documents ({total} tokens) for validation; "
@@ -390,15 +610,20 @@ def _run_optimize(fn, items, output_dir: str, work_dir: Path, chunk_bytes, chunk
     # LitData's own messages (worker start/stop, an account advert, a progress bar updated only when a
     # worker ends: ~40 lines) stay hidden; our own lines say what happens. DIFFV2_LIT_DEBUG=1 shows them.
     litdata_verbose = verbose and bool(os.environ.get("DIFFV2_LIT_DEBUG"))
-    with _environ(scratch), _quiet_stdout(not litdata_verbose):
-        optimize(
+    with _environ(scratch), _quiet_stdout(not litdata_verbose), warnings.catch_warnings():
+        # One warning per document bigger than a chunk (it only makes that chunk bigger); forked workers
+        # inherit the filter.
+        warnings.filterwarnings("ignore", message="An item was larger than the target chunk size")
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # In a process group of its own under a watchdog: LitData's writer hangs on a full disk (writer.py).
+        run_in_group(optimize, dict(
             fn=fn, inputs=items, output_dir=output_dir, chunk_bytes=chunk_bytes, chunk_size=chunk_size,
             num_workers=num_workers, item_loader=TokensLoader(), keep_data_ordered=True,
             # fork starts workers in milliseconds; spawn re-imports torch in each (seconds). Workers
             # only read files and tokenize, which is fork-safe. Elsewhere fork is unsafe or absent.
             start_method="fork" if sys.platform == "linux" else "spawn",
             verbose=litdata_verbose, storage_options=dict(storage_options or {}),
-        )
+        ), watch_dir=work_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -463,9 +688,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _print_summary(out: str, meta: dict, seconds: float, verbose: bool) -> None:
-    if not verbose:
-        return
+def _print_summary(out: str, meta: dict, seconds: float) -> None:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     tokens = train["tokens"] + val["tokens"]
     size = sum(s["bytes"] for s in meta["splits"].values())

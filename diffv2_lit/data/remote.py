@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from diffv2_lit.data.folder import DataError, DataFolder, open_prepared
-from diffv2_lit.data.prepare import METADATA_FILE
+from diffv2_lit.data.prepare import METADATA_FILE, PROGRESS_FILE
 
 S3_SCHEME = "s3://"
 PREFLIGHT_TIMEOUT_S = 5
@@ -153,20 +153,24 @@ class S3Prefix:
             Path(local).write_text(json.dumps(data, indent=2) + "\n")
             self._fs.upload_file(local, self.child(name))
 
-    def delete(self, name: str) -> None:
-        self._fs.delete_file_or_directory(self.child(name))
+    def delete_keys(self, names: list[str]) -> None:
+        """Delete exactly these objects (relative to the prefix), in this order, 1000 per request.
 
-    def delete_all(self, n_objects: int | None = None) -> None:
-        """Delete every object under the prefix (pass the slash: LitData lists by raw prefix, so `data`
-        would also take `data-v2/...`); `n_objects`: how many there are, if a listing already said."""
-        if n_objects is None:
-            n_objects = len(self.list())
-        for _ in range(1 + n_objects // 1000):  # LitData deletes one listing page per call
-            self._fs.delete_file_or_directory(self.child(""))
-        left = self.list()
-        if left:
-            raise DataError(f"could not delete {len(left)} object(s) under {self.url}/ (e.g. {next(iter(left))}); "
-                            "check the credentials may s3:DeleteObject")
+        Not through LitData's `S3FsProvider`, which deletes by raw key prefix (`train/chunk-0-1.bin` would
+        also take `train/chunk-0-1.bin.bak`): only what `prepare` wrote may go (issue 24.1)."""
+        from botocore import exceptions as boto
+
+        keys = [f"{self.key}/{name}" for name in names]
+        for first in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[first:first + 1000]]
+            try:
+                answer = self._preflight_client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except boto.ClientError as err:
+                raise DataError(self._client_error_message(err)) from None
+            if answer.get("Errors"):
+                error = answer["Errors"][0]
+                raise DataError(f"could not delete {len(answer['Errors'])} object(s) under {self.url}/ (e.g. "
+                                f"{error.get('Key')}: {error.get('Code')}); check the credentials may s3:DeleteObject")
 
 
 # ---------------------------------------------------------------- opening a prepared prefix
@@ -176,14 +180,19 @@ def open_remote_folder(url: str, storage_options: dict | None = None) -> DataFol
     `prepare`) or an index.json holds no prepared data, whatever else it holds."""
     place = S3Prefix(url, storage_options)
     objects = place.list()
-    folder = open_prepared(place, objects, redo=f"re-run `diffv2-lit prepare --output {place.url} --overwrite`")
+    folder = open_prepared(place, objects, redo=f"re-run `diffv2-lit prepare --output {place.url} --overwrite` (or copy the data again)")
     if folder is not None:
         return folder
-    what = (f"{len(objects)} object(s) but no {METADATA_FILE}: a prepare that did not finish, or other data"
-            if objects else "nothing")
-    overwrite = " --overwrite" if objects else ""
-    raise DataError(f"{place.url} holds no prepared data ({what}); create it with "
-                    f"`diffv2-lit prepare --input YOUR_TEXT --output {place.url}{overwrite}`")
+    if PROGRESS_FILE in objects:  # prepare's own leftovers: --overwrite replaces exactly those
+        raise DataError(f"{place.url} holds no prepared data ({len(objects)} object(s) of a prepare that did not "
+                        f"finish, no {METADATA_FILE}); re-run `diffv2-lit prepare --input YOUR_TEXT --output "
+                        f"{place.url} --overwrite`")
+    if objects:
+        raise DataError(f"{place.url} holds no prepared data ({len(objects)} object(s), no {METADATA_FILE}: not "
+                        f"written by `diffv2-lit prepare`); prepare your text into a new prefix with `diffv2-lit "
+                        f"prepare --input YOUR_TEXT --output {place.url}-prepared` and set data.data_dir to it")
+    raise DataError(f"{place.url} holds no prepared data (nothing); create it with "
+                    f"`diffv2-lit prepare --input YOUR_TEXT --output {place.url}`")
 
 
 def allow_plain_http_endpoints() -> None:
@@ -235,10 +244,10 @@ def clean_cache(cache_dir: str | Path) -> list[Path]:
 
 def _is_orphan_partial(path: Path) -> bool:
     match = _PARTIAL_DOWNLOAD.search(path.name)
-    return bool(match) and not _process_alive(int(match.group(1)))
+    return bool(match) and not process_alive(int(match.group(1)))
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

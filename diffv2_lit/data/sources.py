@@ -1,16 +1,20 @@
-"""Input files for `prepare` and `train-tokenizer`: find them, count and read their documents.
+"""Input files for `prepare` and `train-tokenizer`: find them and read their documents.
 
 A document is: a whole `.txt` / `.txt.gz` file, one line of a `.jsonl` / `.jsonl.gz` file (the
-`--text-key` field), or one row of a `.parquet` file (the `--text-key` column). Each document has a
-stable key `(source_id, index)` (index = line or row number) so the train/validation split can be
-decided by a seeded hash of the key, independent of worker count or file order.
+`--text-key` field, a string), or one row of a `.parquet` file (the `--text-key` column, strings). Each
+document has a stable key `(source_id, index)` (index = line or row number) so the train/validation split
+can be decided by a seeded hash of the key, independent of worker count or file order. A document with
+no text (empty, whitespace only, JSON null, a parquet null) is skipped everywhere; a value of another
+type (a number, a list, ...) is refused, never turned into its Python repr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +71,79 @@ def _open_text(path: str):
     return open(path, encoding="utf-8")
 
 
+def has_text(text: str) -> bool:
+    """An empty document (nothing but whitespace) is no document: it is skipped, and never counted (issue 24.10)."""
+    return not text.isspace() and bool(text)
+
+
 def iter_documents(source: Source, text_key: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield `(index, text)`; empty documents are skipped (their index is simply not yielded)."""
+    """Yield `(index, text)` of the documents that hold text; empty ones are skipped (their index is simply
+    not yielded). A value that is not text is refused, naming the file, the line (row) and its type; a file
+    that cannot be read (not UTF-8, a damaged gzip or parquet) is refused naming the file and the fix."""
     kind = source.kind
-    if kind == "txt":
-        with _open_text(source.path) as f:
-            text = f.read()
-        if text.strip():
-            yield 0, text
-    elif kind == "jsonl":
-        yield from _iter_jsonl(source.path, text_key)
-    else:
-        yield from _iter_parquet(source.path, text_key)
+    with _reading(source.path):
+        if kind == "txt":
+            with _open_text(source.path) as f:
+                text = f.read()
+            if has_text(text):
+                yield 0, text
+        elif kind == "jsonl":
+            yield from _iter_jsonl(source.path, text_key)
+        else:
+            yield from _iter_parquet(source.path, text_key)
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Errors of the file readers (which name no file) -> one line naming the file and what to do."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({_encoding_guess(path)}{err.reason} at byte {err.start}); convert "
+                         f"it to UTF-8, e.g. `iconv -f {_iconv_source(path)} -t UTF-8 FILE > FILE.utf8`") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # truncated, not gzip at all, damaged
+        what = "is truncated" if isinstance(err, EOFError) else "is not a valid gzip file"
+        raise ValueError(f"{path} {what} ({err}); copy or compress it again (`gzip -t FILE` checks one)") from None
+    except Exception as err:
+        if _is_arrow_error(err):
+            raise ValueError(f"{path} is not a readable parquet file ({_first_line(err)}); write it again, or "
+                             "convert it to .jsonl") from None
+        raise
+
+
+def _is_arrow_error(err: Exception) -> bool:
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - pyarrow comes with litdata
+        return False
+    return isinstance(err, (pa.ArrowException, OSError)) and not isinstance(err, FileNotFoundError) and \
+        type(err).__module__.startswith("pyarrow")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _encoding_guess(path: str) -> str:
+    return "it looks like UTF-16, " if _iconv_source(path) == "UTF-16" else ""
+
+
+def _iconv_source(path: str) -> str:
+    """The `iconv -f` to suggest: UTF-16 when the file starts with its byte order mark, else a common guess."""
+    try:
+        opener = gzip.open if path.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            return _BOMS.get(f.read(2), "LATIN1")
+    except (OSError, EOFError):
+        return "LATIN1"
+
+
+# JSON's own names of the types json.loads returns (bool before int: True is an int in Python).
+_JSON_TYPES = ((bool, "boolean"), (int, "number"), (float, "number"), (list, "array"), (dict, "object"))
 
 
 def _iter_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
@@ -92,36 +157,41 @@ def _iter_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
                 raise ValueError(f"{path}, line {index + 1}: not valid JSON ({err})") from None
             if not isinstance(record, dict) or text_key not in record:
                 raise ValueError(f"{path}, line {index + 1}: no {text_key!r} field (set --text-key)")
-            if record[text_key]:
-                yield index, str(record[text_key])
+            text = record[text_key]
+            if text is None:  # a missing value: an empty document
+                continue
+            if not isinstance(text, str):  # str() would train on its Python repr (issue 24.8)
+                kind = next(name for type_, name in _JSON_TYPES if isinstance(text, type_))
+                raise ValueError(f"{path}, line {index + 1}: {text_key!r} is a JSON {kind} ({_clip(line)}), not a "
+                                 f"string; write the text as a string, or set --text-key to the field holding it")
+            if has_text(text):
+                yield index, text
+
+
+def _clip(line: str, width: int = 40) -> str:
+    line = line.strip()
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     file = pq.ParquetFile(path)
-    if text_key not in file.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_key!r} (columns: {file.schema_arrow.names}; set --text-key)")
+    schema = file.schema_arrow
+    if text_key not in schema.names:
+        raise ValueError(f"{path}: no column {text_key!r} (columns: {schema.names}; set --text-key)")
+    column_type = schema.field(text_key).type
+    value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+    if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        raise ValueError(f"{path}: column {text_key!r} holds {column_type} values, not strings; write the text as a "
+                         "string column, or set --text-key to the column holding it")
     index = 0
     for batch in file.iter_batches(columns=[text_key], batch_size=4096):
         for text in batch.column(0).to_pylist():
-            if text:
-                yield index, str(text)
+            if text is not None and has_text(text):  # null: a missing value, an empty document
+                yield index, text
             index += 1
-
-
-def count_documents(source: Source) -> int:
-    """Upper bound on the document indices of a file, cheaply (no JSON parsing, no text decoding)."""
-    kind = source.kind
-    if kind == "txt":
-        return 1
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(source.path).metadata.num_rows
-    opener = gzip.open if source.path.lower().endswith(".gz") else open
-    with opener(source.path, "rb") as f:
-        return sum(1 for _ in f)
 
 
 def iter_all_documents(sources: list[Source], text_key: str = "text") -> Iterator[str]:

@@ -24,6 +24,10 @@ PAD_TOKEN = "<|pad|>"
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded; the message names the file and what to pass instead."""
+
+
 class ByteTokenizer:
     """UTF-8 bytes (0..255) + <|endoftext|> (256, EOS) + <|bos|> (257) + <|pad|> (258)."""
 
@@ -67,7 +71,13 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(path)
-        self._tok = Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = Tokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises a bare Exception for a damaged or foreign file
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TokenizerError(f"tokenizer {self.path} is not a valid Hugging Face tokenizer.json ({reason}); pass "
+                                 "'byte' or an intact tokenizer.json (e.g. one written by `diffv2-lit "
+                                 "train-tokenizer`)") from None
         self.name = str(self.path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
@@ -79,7 +89,7 @@ class HFTokenizer:
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 return token_id
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer {self.path} defines no end-of-document token (looked for {', '.join(EOS_CANDIDATES)}); "
             f"add {EOS_TOKEN!r} as a special token or train one with `diffv2-lit train-tokenizer`"
         )
@@ -106,7 +116,7 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise TokenizerError(
             f"tokenizer {spec!r} not found: pass 'byte' or the path of a Hugging Face tokenizer.json "
             "(e.g. one written by `diffv2-lit train-tokenizer`)"
         )
@@ -164,13 +174,13 @@ def train_main(argv: list[str] | None = None) -> int:
     if output.is_dir() or args.output.endswith("/"):
         output = output / "tokenizer.json"
     if output.exists() and not args.overwrite:
-        print(f"error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        print(f"diffv2-lit train-tokenizer: error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     try:
         sources = resolve_inputs(args.input)
         tok = train_bpe(iter_all_documents(sources, args.text_key), args.vocab_size, args.min_frequency)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"diffv2-lit train-tokenizer: error: {err}", file=sys.stderr)
         return 2
     output.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(output))

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffv2_lit.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, ByteTokenizer
+from diffv2_lit.data.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, ByteTokenizer, TokenizerError
 from diffv2_lit.data.tokenizer import load_tokenizer as _load_project_tokenizer
 
 # The byte tokenizer's special tokens by id, as an exported tokenizer.json must lay them out.
 BYTE_SPECIAL_TOKENS = {EOS_TOKEN: ByteTokenizer.eos_id, BOS_TOKEN: ByteTokenizer.bos_id, PAD_TOKEN: ByteTokenizer.pad_id}
-
-
-class TokenizerError(ValueError):
-    """A tokenizer spec that names nothing loadable."""
 
 
 def load_tokenizer(spec: str):

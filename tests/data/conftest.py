@@ -4,8 +4,11 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,47 @@ def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) ->
 def write_jsonl(path, docs, key="text"):
     path.write_text("".join(json.dumps({key: d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
     return path
+
+
+ROOT = Path(__file__).parents[2]
+
+# A real `diffv2-lit fit` in seconds: a 1-layer model on a prepared folder `data` (next to run.yaml), TensorBoard
+# logs in runs/data/version_<n>, a checkpoint every 5 steps. Format with max_steps and val_tokens.
+TINY_RUN = """\
+seed_everything: 7
+trainer:
+  accelerator: cpu
+  precision: 32-true
+  max_steps: {max_steps}
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: runs, name: data}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 5, save_last: true}}
+model:
+  architecture: {{preset: quickstart, n_layers: 1, dim: 32, n_heads: 2, n_kv_heads: 1, head_dim: 16, ffn_hidden_dim: 64,
+                 max_seq_len: 64}}
+data:
+  class_path: diffv2_lit.data.datamodule.TokenDataModule
+  init_args: {{data_dir: data, seq_len: 32, batch_size: 2, num_workers: 0, val_tokens: {val_tokens}}}
+"""
+
+
+def write_run(tmp_path, max_steps: int = 2, val_tokens: int = 0) -> None:
+    (tmp_path / "run.yaml").write_text(TINY_RUN.format(max_steps=max_steps, val_tokens=val_tokens))
+
+
+def diffv2_lit(tmp_path, command: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`diffv2-lit COMMAND --config run.yaml OVERRIDES` as a real process in tmp_path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
+           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "diffv2_lit", command, "--config", "run.yaml", *overrides],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +114,16 @@ class S3Place:
     def read_json(self, key: str) -> dict:
         bucket, prefix = _bucket_and_prefix(self.url)
         return json.loads(self.server.client().get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read())
+
+    def put(self, key: str, body: bytes) -> None:
+        bucket, prefix = _bucket_and_prefix(self.url)
+        self.server.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=body)
+
+    def contents(self) -> dict[str, bytes]:
+        """{key under the prefix: its bytes}: what a test compares byte for byte."""
+        bucket, prefix = _bucket_and_prefix(self.url)
+        client = self.server.client()
+        return {key: client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read() for key in self.keys()}
 
     def delete(self, key: str) -> None:
         bucket, prefix = _bucket_and_prefix(self.url)

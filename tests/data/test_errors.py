@@ -98,7 +98,8 @@ def test_tokenizer_mismatch(corpus_dir, tmp_path):
 
 
 def test_unknown_tokenizer_file():
-    with pytest.raises(FileNotFoundError, match="pass 'byte' or the path of a Hugging Face tokenizer.json"):
+    with pytest.raises(DataError, match="^data.tokenizer: tokenizer 'no/such/tokenizer.json' not found: pass 'byte' or "
+                                        "the path of a Hugging Face tokenizer.json"):
         TokenDataModule(tokenizer="no/such/tokenizer.json")
 
 

@@ -33,21 +33,24 @@ def test_refuses_existing_output_unless_overwrite(tmp_path, capsys):
     assert main(args) == 0
     first = (out / "diffv2_data.json").read_text()
     assert main(args) == 2
-    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert "holds data prepared earlier; pass --overwrite" in capsys.readouterr().err
     assert (out / "diffv2_data.json").read_text() == first
     assert main(args + ["--overwrite", "--seed", "7"]) == 0
     assert json.loads((out / "diffv2_data.json").read_text())["split"]["seed"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no leftovers
 
 
-def test_failed_run_leaves_nothing_that_looks_complete(tmp_path, capsys):
+@pytest.mark.parametrize("split, found", [
+    ("--val-fraction=0.1", ""),  # the split reads every document first: found before any worker starts
+    ("--val-tokens=0", "tokenizing failed, nothing was written: ValueError: "),  # found by a tokenizer worker
+])
+def test_failed_run_leaves_nothing_that_looks_complete(tmp_path, capsys, split, found):
     src = tmp_path / "a.jsonl"
     src.write_text('{"text": "fine"}\n{"text": "also fine"}\nnot json\n')
-    rc = main(["--input", str(src), "--output", str(tmp_path / "out"), "--num-workers", "1", "--quiet",
-               "--val-fraction", "0"])
+    rc = main(["--input", str(src), "--output", str(tmp_path / "out"), "--num-workers", "1", "--quiet", split])
     assert rc == 2
-    assert "tokenizing failed, nothing was written: ValueError: " in (err := capsys.readouterr().err)
-    assert "a.jsonl, line 3: not valid JSON" in err
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffv2-lit prepare: error: {found}{src}, line 3: not valid JSON") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 

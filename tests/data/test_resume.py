@@ -1,5 +1,7 @@
 """Exact resume with a real Trainer, a real checkpoint and real chunks (Lightning #20550)."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -77,3 +79,35 @@ def test_resume_weighted_mix(tmp_path, num_workers):
     dm.setup("fit")
     assert 8 < len(dm.train_dataloader()) < 20
     _assert_resumes_exactly(kwargs, tmp_path, total=20, at=8)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_new_micro_batch_continues_exactly_and_says_nothing(corpus_dir, tmp_path, num_workers):
+    """Issue 19.15: a batch-size change (a new --global_batch_size split, fewer GPUs) warned that the stream
+    "will not continue exactly"; it does: the resumed run sees the very sequences the first one would have."""
+    kwargs = dict(data_dir=str(corpus_dir), seq_len=32, batch_size=4, num_workers=num_workers, val_tokens=0)
+    full = [row for batch in _fit(kwargs, 12, tmp_path, every=4) for row in batch]  # 48 sequences
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = _fit({**kwargs, "batch_size": 2}, 4 + 16, tmp_path, ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    rows = [row for batch in resumed for row in batch]
+    assert len(rows) == 32 and all(torch.equal(a, b) for a, b in zip(full[16:], rows))
+    assert not [w for w in caught if "continue exactly" in str(w.message)]
+
+
+def test_a_mix_refuses_a_new_micro_batch_in_one_line(tmp_path):
+    """LitData cannot restripe a weighted mix: its own ValueError came as a traceback after the warning."""
+    from diffv2_lit.data.folder import DataError
+
+    mix = []
+    for name, n_docs in (("a", 200), ("b", 60)):
+        src = write_jsonl(tmp_path / f"{name}.jsonl", make_docs(n_docs, seed=n_docs))
+        prepare([str(src)], tmp_path / name, chunk_size=1024, val_fraction=0, num_workers=1, verbose=False)
+        mix.append({"path": str(tmp_path / name), "weight": 0.5})
+    kwargs = dict(mix=mix, seq_len=32, batch_size=4, num_workers=0, val_tokens=0)
+    _fit(kwargs, 4, tmp_path, every=4)
+    with pytest.raises(DataError) as refused:
+        _fit({**kwargs, "batch_size": 2}, 8, tmp_path, ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert str(refused.value) == ("data.batch_size is 2 but the checkpoint's was 4: LitData resumes a weighted mix "
+                                  "(data.mix) only with the checkpoint's data.batch_size, data.num_workers and device "
+                                  "count; set it back to 4 to resume")

@@ -78,7 +78,8 @@ def test_prepare_command_uploads_with_the_marker_last_and_refuses_to_clobber(s3,
 
     # In this process from here on: the same entry point, and a subprocess costs seconds of imports.
     assert main(args) == 2
-    assert f"error: output {s3.url} holds prepared data; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (f"diffv2-lit prepare: error: output {s3.url} holds data prepared earlier; pass --overwrite to replace it"
+            in capsys.readouterr().err)
     assert main([*args, "--overwrite", "--seed", "7", "--chunk-size", "3000"]) == 0
     meta = s3.read_json("diffv2_data.json")
     assert meta["split"]["seed"] == 7
@@ -89,9 +90,40 @@ def test_prepare_command_uploads_with_the_marker_last_and_refuses_to_clobber(s3,
 def test_failed_prepare_leaves_no_data_in_the_bucket(s3, tmp_path, capsys):
     src = tmp_path / "a.jsonl"
     src.write_text('{"text": "fine"}\n{"text": "also fine"}\nnot json\n')
-    assert main(["--input", str(src), "--output", s3.url, "--num-workers", "1", "--quiet", "--val-fraction", "0"]) == 2
+    assert main(["--input", str(src), "--output", s3.url, "--num-workers", "1", "--quiet", "--val-tokens", "0"]) == 2
     assert "tokenizing failed, nothing was written: ValueError: " in capsys.readouterr().err
     assert s3.keys() == {}
+
+
+@pytest.mark.parametrize("prepared_first", [False, True])
+def test_overwrite_never_deletes_objects_prepare_did_not_write(s3, shared, tmp_path, capsys, prepared_first):
+    """Issue 24.1 on a prefix: the user's own objects (alone, or beside prepared data) stay byte for byte."""
+    if prepared_first:
+        s3.copy_from(shared)
+    s3.put("notes.txt", b"my notes")
+    s3.put("raw/book.txt", "a book, über alles".encode())
+    before = s3.contents()
+    src = write_jsonl(tmp_path / "a.jsonl", make_docs(10))
+    assert main(["--input", str(src), "--output", s3.url, "--overwrite", "--quiet", "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err
+    why = "" if prepared_first else " (it has no diffv2_data.json: `diffv2-lit prepare` did not write it)"
+    assert err == (f"diffv2-lit prepare: error: --overwrite refused: it would delete {s3.url}/notes.txt, which "
+                   f"`diffv2-lit prepare` did not write{why}; --overwrite replaces only an earlier prepare's output: "
+                   "choose a new --output\n")
+    assert s3.contents() == before
+
+
+def test_overwrite_replaces_a_killed_prepare(s3, shared, tmp_path):
+    """A prepare killed mid-upload leaves chunks and its marker, no metadata: --overwrite replaces exactly those."""
+    s3.copy_from(shared)
+    s3.delete("diffv2_data.json")
+    s3.put(".diffv2_prepare.json", b'{"format": "diffv2-lit-data", "pid": 1}')
+    s3.put("train/chunk-7-9.bin", b"half a chunk")
+    src = write_jsonl(tmp_path / "a.jsonl", make_docs(10))
+    meta = prepare([str(src)], s3.url, overwrite=True, chunk_size=100_000, val_fraction=0.1, num_workers=1, verbose=False)
+    assert set(s3.keys()) == {"diffv2_data.json", "train/index.json", "train/chunk-0-0.bin", "val/index.json",
+                              "val/chunk-0-0.bin"}
+    assert meta["splits"]["train"]["documents"] == 9
 
 
 # ---------------------------------------------------------------- streaming
@@ -214,7 +246,7 @@ def test_unreachable_endpoint_fails_fast(s3, shared, tmp_path, monkeypatch):
     start = time.monotonic()
     result = _cli(s3, "prepare", "--input", str(write_jsonl(tmp_path / "a.jsonl", make_docs(5))), "--output", s3.url,
                   "--quiet", cwd=tmp_path, env=s3.env(AWS_ENDPOINT_URL=closed), timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot reach the S3 endpoint {closed}")
+    assert result.returncode == 2 and result.stderr.startswith(f"diffv2-lit prepare: error: cannot reach the S3 endpoint {closed}")
     assert time.monotonic() - start < PREFLIGHT_BOUND_S + 20  # + the command's own start (imports)
 
 
@@ -225,8 +257,13 @@ def test_prefix_without_prepared_data(s3, shared):
     # An interrupted prepare: chunks and indexes, but no marker (prepare writes it last).
     s3.copy_from(shared)
     s3.delete("diffv2_data.json")
-    with pytest.raises(DataError, match=r"holds no prepared data \(\d+ object\(s\) but no diffv2_data.json: a "
-                                        r"prepare that did not finish, or other data\); .* --overwrite`"):
+    with pytest.raises(DataError, match=r"holds no prepared data \(\d+ object\(s\), no diffv2_data.json: not written "
+                                        rf"by `diffv2-lit prepare`\); .* --output {s3.url}-prepared` and set"):
+        _setup(data_dir=s3.url)
+    # The same, with the in-progress marker a killed prepare leaves: --overwrite is the fix then.
+    s3.put(".diffv2_prepare.json", b'{"format": "diffv2-lit-data"}')
+    with pytest.raises(DataError, match=r"object\(s\) of a prepare that did not finish, no diffv2_data.json\); re-run "
+                                        rf"`diffv2-lit prepare --input YOUR_TEXT --output {s3.url} --overwrite`"):
         _setup(data_dir=s3.url)
 
 

@@ -4,7 +4,7 @@ chunk, and an out-of-memory failure on the first step. Each ends with the exact 
 import shutil
 
 from diffv2_lit.data.prepare import prepare
-from tests.faults.helpers import fit, output, run_dir, scalars
+from tests.faults.helpers import fit, output, run_dir, scalars, tool
 
 EXIT_FAULT = 1
 
@@ -98,3 +98,23 @@ def test_out_of_memory_on_the_first_step_suggests_the_knobs(tmp_path):
                  "--model.cpu_offload true", "--data.init_args.seq_len N"):
         assert knob in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_corrupt_tokenizer_file_is_one_line_naming_it_for_fit_and_generate(tmp_path, baseline):
+    """Issue 25.7: fit named neither the file nor data.tokenizer; generate ended in a 25-line traceback."""
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": ')  # cut off mid-file
+    reason = (f"tokenizer {bad} is not a valid Hugging Face tokenizer.json (EOF while parsing a value at line 1 column "
+              "28); pass 'byte' or an intact tokenizer.json (e.g. one written by `diffv2-lit train-tokenizer`)")
+    fragment = tmp_path / "data.yaml"
+    fragment.write_text("data:\n  class_path: diffv2_lit.data.datamodule.TokenDataModule\n"
+                        f"  init_args: {{tokenizer: '{bad}'}}\n")
+    result = fit(tmp_path, "--config", str(fragment))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"diffv2-lit fit: error: data.tokenizer: {reason}"
+    assert "Traceback" not in result.stderr
+
+    generated = tool(tmp_path, "generate", "--ckpt", str(baseline["checkpoints"] / "last.ckpt"), "--tokenizer",
+                     str(bad), "--prompt", "to be")
+    assert generated.returncode == 2
+    assert generated.stderr.strip().splitlines() == [f"diffv2-lit generate: error: {reason}"]
