@@ -84,6 +84,8 @@ class PreemptionCheckpoint(L.Callback):
         self._last_step = trainer.global_step
         self._trainer = trainer
         self._install(trainer, self.signals)  # over Lightning's SIGTERM handler, registered after setup
+        if signal.SIGTERM in self.signals:
+            _take_over_sigterm(trainer, self)
 
     def _install(self, trainer: L.Trainer, signals) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -146,6 +148,23 @@ class PreemptionCheckpoint(L.Callback):
             self.received is not None and _is_requeue_signal(trainer, self.received), all=False)
 
     # Nothing of this callback belongs in a checkpoint: a resumed run starts unsignalled.
+
+
+def _take_over_sigterm(trainer: L.Trainer, callback: PreemptionCheckpoint) -> None:
+    """From here on SIGTERM reaches this callback's handler only, so Lightning's own SIGTERM flag can no longer
+    change; a SIGTERM Lightning saw before counts as ours. Lightning 2.6 also broadcasts that flag from rank 0
+    and reads it on the host before *every micro-batch* of a multi-process run (`_broadcast_sigterm_tensor`):
+    one collective and one host sync each, for a flag that is now constant. It is switched off here
+    (tests/test_private_apis.py watches the name)."""
+    if getattr(trainer, "received_sigterm", False) and callback.received is None:
+        callback.received = signal.SIGTERM
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = _no_broadcast
+
+
+def _no_broadcast() -> None:
+    """Lightning's per-batch SIGTERM broadcast, off (see `_take_over_sigterm`)."""
 
 
 def _signal_number(name: str | int) -> int:
