@@ -125,7 +125,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         requeue = decision
         path = os.path.join(_checkpoint_dir(trainer), PREEMPTED_NAME)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (Lightning warns when it is left unset)
         self.saved_path = path
         trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"

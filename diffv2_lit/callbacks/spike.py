@@ -297,7 +297,7 @@ class GradientSpikeDetector(L.Callback):
             return
         self._stop_pending = False
         path = os.path.join(self._out_dir, f"spike-stop-step{self.last_spike_step:08d}.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (Lightning warns when it is left unset)
         what = ("spike" if self._stop_reason == "spike"
                 else "lasting shift of the gradient norm (statistics restarted from the new level)")
         rank_zero_info(f"GradientSpikeDetector: {what} at step {self.last_spike_step}; saved {path} and stopping. "

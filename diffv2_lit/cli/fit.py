@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Literal
@@ -67,6 +68,7 @@ DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
 
 EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
 EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped by Ctrl-C (after its checkpoint)
 
 
 class _ConciseParser(LightningArgumentParser):
@@ -267,6 +269,9 @@ def _run(argv: list[str] | None) -> LightningCLI:
     # LightningCLI warns when given args that also sit in sys.argv (the console-script case).
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
     _report_outputs(cli.trainer)
+    if any(isinstance(c, PreemptionCheckpoint) and c.saved_path and c.received == signal.SIGINT
+           for c in cli.trainer.callbacks):
+        sys.exit(EXIT_INTERRUPTED)  # saved and stopped by Ctrl-C: not a finished run, whatever Lightning says
     return cli
 
 
