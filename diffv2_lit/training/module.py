@@ -56,6 +56,24 @@ def _last_good_checkpoint(trainer: L.Trainer) -> str | None:
     return path or None
 
 
+def _share_from_rank_zero(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's initial weights where they are whole tensors (a CPU mesh initialises before
+    sharding; DDP and FSDP1 initialise full copies). Each rank drew them from its own RNG state, which need not
+    agree (anything that consumed random numbers on one rank only, before the model was built), and a sharded
+    model made of shards of different initialisations is no model at all. DTensor shards (FSDP2 on GPUs) are
+    drawn by DTensor's rank-aware RNG, which already agrees; they are left alone."""
+    import torch.distributed as dist
+
+    from diffv2_lit.gradients import is_dtensor
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not is_dtensor(tensor):
+                dist.broadcast(tensor.data, src=0)
+
+
 class DecoderLM(L.LightningModule):
     def __init__(
         self,
@@ -164,24 +182,44 @@ class DecoderLM(L.LightningModule):
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self._init_device())
         model.init_weights()  # the one initialisation
+        _share_from_rank_zero(model)
         if self.hparams.init_from:
             self._load_initial_weights(model, self.hparams.init_from)
         if self.hparams.cpu_offload and self._device_mesh is not None:
             model.to("cpu")  # FSDP2's CPUOffloadPolicy wants the sharded parameters on the host
 
     def _load_initial_weights(self, model: Transformer, path: str) -> None:
-        """Full (unsharded) weights into a plain or FSDP2-sharded model: each rank keeps its shard."""
+        """Full (unsharded) weights into a plain or FSDP2-sharded model. Rank 0 alone reads the file and
+        broadcasts it (each rank keeps its shard): a 6.7b checkpoint is 26.5 GB, read once per node's GPU
+        otherwise. A refusal on rank 0 reaches every rank, so all stop with the same message."""
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from diffv2_lit.checkpoint.reading import load_state_dict_for_training
-        from diffv2_lit.checkpoint import ResumeError
+        from diffv2_lit.checkpoint import CheckpointError, ResumeError
         from diffv2_lit.checkpoint.compat import model_mismatch
+        from diffv2_lit.checkpoint.reading import load_state_dict_for_training
 
-        saved_config, state_dict = load_state_dict_for_training(path)
-        problem = model_mismatch(saved_config, self.model_config)
-        if problem:
-            raise ResumeError(f"cannot initialise from {path}: {problem}")
-        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        state_dict, refusal = {}, None
+        if not distributed or dist.get_rank() == 0:
+            try:
+                saved_config, state_dict = load_state_dict_for_training(path)
+                problem = model_mismatch(saved_config, self.model_config)
+                refusal = ("ResumeError", f"cannot initialise from {path}: {problem}") if problem else None
+            except CheckpointError as err:
+                refusal = ("CheckpointError", str(err))
+        if distributed:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal:
+            kind, message = refusal
+            raise (ResumeError if kind == "ResumeError" else CheckpointError)(message)
+        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=distributed))
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"initialised the model's weights from {path} (fresh optimizer and LR schedule)")
 
     def _init_device(self) -> torch.device:
         """Where the shards are materialised and initialised: the compute device, even with CPU offload.
