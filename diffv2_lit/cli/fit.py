@@ -146,6 +146,7 @@ class DiffV2CLI(LightningCLI):
         if added:
             kwargs.setdefault("callbacks", callbacks + added)
         trainer = super().instantiate_trainer(**kwargs)
+        _check_parallel_sizes(self._get(self.config, "trainer", default={}), trainer.world_size)
         guard_restore(trainer.strategy)  # Lightning's restore inside fit/validate reads data only
         self._apply_global_batch(trainer)
         return trainer
@@ -331,6 +332,21 @@ def _exit(code: int, message: str) -> None:
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+def _check_parallel_sizes(trainer_config, world_size: int) -> None:
+    """ModelParallelStrategy's sizes must multiply to the world size; Lightning finds out only once every rank
+    has started, and each rank then raises a traceback. One line, before any process starts."""
+    strategy = trainer_config.get("strategy") if trainer_config else None
+    if not hasattr(strategy, "get") or not str(strategy.get("class_path", "")).endswith("ModelParallelStrategy"):
+        return
+    args = strategy.get("init_args") or {}
+    data, tensor = args.get("data_parallel_size", "auto"), args.get("tensor_parallel_size", "auto")
+    if isinstance(data, int) and isinstance(tensor, int) and data * tensor != world_size:
+        raise usage.UsageError(
+            f"trainer.strategy.init_args: data_parallel_size={data} x tensor_parallel_size={tensor} must equal the "
+            f"world size {world_size} (trainer.devices x trainer.num_nodes); for FSDP2 over every GPU set "
+            f"--trainer.strategy.init_args.data_parallel_size {world_size // max(tensor, 1) or world_size}.")
 
 
 def _as_list(value) -> list:
