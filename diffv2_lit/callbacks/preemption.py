@@ -8,12 +8,15 @@ What Lightning 2.6 does by itself (trainer/connectors/signal_connector.py, loops
   saves `hpc_ckpt_<n>.ckpt` into `default_root_dir` from inside the signal handler, i.e. at whatever
   point of the step the signal lands, then runs `scontrol requeue`. `--ckpt_path last` does not see it.
 
-So while training runs (from `on_train_start` until Lightning's teardown restores the handlers) this
-callback installs its own handlers for those signals. A handler only sets a flag (and forwards the
-signal to child ranks like Lightning does); at the end of the next optimizer step every rank learns
-whether any rank was signalled (one all-reduce), all save `last-preempted.ckpt` into the checkpoint
-folder (found by `--ckpt_path last`) through the Trainer (atomic, sharded or not), and stop. The run
-ends normally with exit code 0. Under SLURM with auto-requeue, rank 0 then requeues the job.
+So this callback installs its own handlers: SIGUSR1 (and SIGINT) at `setup`, before Lightning registers
+its SLURM handler (which it then leaves alone), and all of them again at `on_train_start`, over
+Lightning's SIGTERM handler. A handler only records the signal (and forwards it to child ranks like
+Lightning does). Whether any rank was signalled travels as a flag in the module's one per-step reduction
+(`DecoderLM.step_statistics`, no collective of its own; with another LightningModule, one all-reduce every
+`check_every_n_steps` steps); at the end of that optimizer step every rank saves `last-preempted.ckpt`
+into the checkpoint folder (found by `--ckpt_path last`) through the Trainer (atomic, sharded or not) and
+stops. The run ends normally with exit code 0 (`diffv2-lit fit` exits 130 after a Ctrl-C). Under SLURM
+with auto-requeue, rank 0 then requeues the job when any rank received the requeue signal.
 
 Ctrl-C (SIGINT) is handled the same way: Lightning would otherwise turn it into a KeyboardInterrupt, a
 "graceful shutdown" that saves nothing and exits 1. A second Ctrl-C while the first is pending stops at
@@ -44,30 +47,59 @@ class PreemptionCheckpoint(L.Callback):
             send before killing; SIGUSR1 is SLURM's early warning (`#SBATCH --signal=SIGUSR1@90`);
             SIGINT is Ctrl-C in a terminal.
         requeue: under SLURM with `SLURMEnvironment(auto_requeue=True)`, requeue the job after the
-            save when SIGUSR1 (the environment's requeue signal) was received.
+            save when any rank received SIGUSR1 (the environment's requeue signal).
+        check_every_n_steps: with a LightningModule that has no `step_statistics` (DecoderLM has), how
+            often the ranks agree on whether one was signalled (one all-reduce and host sync each time).
     """
 
     def __init__(self, signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1", "SIGINT"),
-                 requeue: bool = True) -> None:
+                 requeue: bool = True, check_every_n_steps: int = 1) -> None:
         super().__init__()
+        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+            raise ValueError(f"PreemptionCheckpoint: check_every_n_steps={check_every_n_steps!r} must be an integer >= 1.")
         self.signals = tuple(_signal_number(name) for name in signals)
         self.requeue = requeue
+        self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None  # the signal number, set by the handler
         self.saved_path: str | None = None
         self._last_step = -1
-        self._installed = False
+        self._trainer: L.Trainer | None = None
+        self._replaced: dict[int, object] = {}
 
     # ---- signal handling --------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        # Before Lightning's signal connector: it installs its SLURM SIGUSR1 handler (a save from inside
+        # the handler, at any point of a step) only where no handler is set yet.
+        self._install(trainer, [s for s in self.signals if s != signal.SIGTERM])
+        statistics = getattr(pl_module, "step_statistics", None)
+        if statistics is not None:
+            statistics.add_flag("preempted", lambda: self.received is not None)
+            statistics.add_flag("requeue", lambda: self.received is not None and _is_requeue_signal(trainer, self.received))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
         self._trainer = trainer
+        self._install(trainer, self.signals)  # over Lightning's SIGTERM handler, registered after setup
+        if signal.SIGTERM in self.signals:
+            _take_over_sigterm(trainer, self)
+
+    def _install(self, trainer: L.Trainer, signals) -> None:
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("PreemptionCheckpoint: not in the main thread, cannot install signal handlers.")
             return
-        for signum in self.signals:
-            signal.signal(signum, self._on_signal)  # Lightning's teardown restores the original handlers
-        self._installed = True
+        for signum in signals:
+            previous = signal.signal(signum, self._on_signal)
+            self._replaced.setdefault(signum, previous)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, previous in self._replaced.items():  # Lightning restores only what it replaced itself
+            if threading.current_thread() is threading.main_thread() and previous is not None:
+                signal.signal(signum, previous)
+        self._replaced = {}
 
     def _on_signal(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
@@ -75,7 +107,7 @@ class PreemptionCheckpoint(L.Callback):
         if signum == signal.SIGINT and self.received is None:
             print("\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to stop "
                   "without saving)", file=sys.stderr, flush=True)
-        if self.received is None:
+        if self.received is None and self._trainer is not None:
             # Like Lightning's handler: ranks started by this process (the subprocess launcher) get it too.
             launcher = getattr(self._trainer.strategy, "launcher", None)
             if launcher is not None and hasattr(launcher, "kill"):
@@ -88,21 +120,51 @@ class PreemptionCheckpoint(L.Callback):
         if trainer.global_step == self._last_step:
             return  # a micro-batch inside gradient accumulation: not a step boundary
         self._last_step = trainer.global_step
-        # Every rank takes part, so every rank takes the same decision (identity on one device).
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        decision = self._decision(trainer, pl_module)
+        if decision is None:
             return
+        requeue = decision
         path = os.path.join(_checkpoint_dir(trainer), PREEMPTED_NAME)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (Lightning warns when it is left unset)
         self.saved_path = path
         trainer.should_stop = True
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
         what = "interrupted (Ctrl-C)" if self.received == signal.SIGINT else f"preempted ({name})"
         rank_zero_info(f"{what} after step {trainer.global_step}: saved {path}; resume with --ckpt_path last")
-        if self.requeue and self.received is not None and _is_requeue_signal(trainer, self.received):
-            if trainer.is_global_zero:
-                _requeue_slurm_job()
+        if self.requeue and requeue and trainer.is_global_zero:
+            _requeue_slurm_job()
+
+    def _decision(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool | None:
+        """None: carry on. Else save and stop; True when the job is to be requeued. Identical on every rank."""
+        result = getattr(pl_module, "last_step_result", None)
+        if result is not None and result.step == trainer.global_step - 1 and "preempted" in result.flags:
+            # DecoderLM reduced the flags with the step's other numbers: no collective here.
+            return result.flags["requeue"] if result.flags["preempted"] else None
+        if trainer.global_step % self.check_every_n_steps:
+            return None
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return None
+        return trainer.strategy.reduce_boolean_decision(
+            self.received is not None and _is_requeue_signal(trainer, self.received), all=False)
 
     # Nothing of this callback belongs in a checkpoint: a resumed run starts unsignalled.
+
+
+def _take_over_sigterm(trainer: L.Trainer, callback: PreemptionCheckpoint) -> None:
+    """From here on SIGTERM reaches this callback's handler only, so Lightning's own SIGTERM flag can no longer
+    change; a SIGTERM Lightning saw before counts as ours. Lightning 2.6 also broadcasts that flag from rank 0
+    and reads it on the host before *every micro-batch* of a multi-process run (`_broadcast_sigterm_tensor`):
+    one collective and one host sync each, for a flag that is now constant. It is switched off here
+    (tests/test_private_apis.py watches the name)."""
+    if getattr(trainer, "received_sigterm", False) and callback.received is None:
+        callback.received = signal.SIGTERM
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = _no_broadcast
+
+
+def _no_broadcast() -> None:
+    """Lightning's per-batch SIGTERM broadcast, off (see `_take_over_sigterm`)."""
 
 
 def _signal_number(name: str | int) -> int:

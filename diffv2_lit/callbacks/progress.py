@@ -49,14 +49,25 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # the bar spans epochs
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None:
+            self._val_loss = float(value)  # read once per validation, not at every refresh of the bar
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        metrics = trainer.callback_metrics
+        """Host numbers only (no device tensor is read here): the module's last step result, the
+        throughput callback's last window, the last validation loss."""
         shown: dict[str, Any] = {}
-        for label, key, form in (("loss", "train/loss", "{:.3g}"), ("tok/s", "perf/tokens_per_sec", None),
-                                 ("val", "val/loss", "{:.3g}")):
-            if key in metrics:
-                value = float(metrics[key])
-                shown[label] = form.format(value) if form else _si(value)
+        result = getattr(pl_module, "last_step_result", None)
+        if result is not None:
+            shown["loss"] = f"{result.loss:.3g}"
+        tokens_per_sec = next((c.last_metrics.get("perf/tokens_per_sec") for c in trainer.callbacks
+                               if isinstance(getattr(c, "last_metrics", None), dict)), None)
+        if tokens_per_sec is not None:
+            shown["tok/s"] = _si(tokens_per_sec)
+        if getattr(self, "_val_loss", None) is not None:
+            shown["val"] = f"{self._val_loss:.3g}"
         return shown
 
 

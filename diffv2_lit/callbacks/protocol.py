@@ -4,9 +4,13 @@ The callbacks know `DecoderLM` only through this protocol (any LightningModule t
 
     pl_module.model            a `diffv2_lit.model.Transformer` (DiffMonitor's probe, SampleText's `generate`)
     pl_module.model_config     its `ModelConfig` (ThroughputMFU's FLOPs, SampleText's context length)
-    pl_module.gradient_norm()  optional: this optimizer step's global gradient norm before clipping, computed
-                               once per step (the spike detector shares it; without it the detector computes
-                               the norm itself)
+    pl_module.step_result()    optional: this optimizer step's global numbers (`StepResult`: tokens, mean loss,
+                               gradient norm before clipping, flags), computed once per step with one collective
+                               and one host sync (the spike detector shares them; without it the detector
+                               computes the norm itself)
+    pl_module.last_step_result optional: the newest of those, read after the optimizer step (preemption)
+    pl_module.step_statistics  optional: where a callback adds a flag any rank may raise (`add_flag`), reduced
+                               with the step's numbers
     pl_module.hparams["tokenizer"]  optional: the data's tokenizer spec (SampleText's encoding)
 
 `DecoderLMProtocol` states it for type checkers; nothing inherits from it.
@@ -32,7 +36,7 @@ class DecoderLMProtocol(Protocol):
     model_config: Any  # diffv2_lit.model.ModelConfig
     hparams: Any
 
-    def gradient_norm(self) -> Tensor: ...
+    def step_result(self) -> Any: ...
 
 
 def model_call(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Callable[..., Tensor]:
@@ -63,3 +67,11 @@ def new_optimizer_step(callback: L.Callback, trainer: L.Trainer) -> bool:
         return False
     callback._last_step = trainer.global_step
     return True
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Host numbers straight to the loggers at `step`. `LightningModule.log` would turn each into a device
+    tensor (a blocking host-to-device copy on a GPU) and read it back when it writes; loggers write on rank
+    zero only."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

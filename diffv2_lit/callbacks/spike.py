@@ -1,19 +1,20 @@
 """Gradient-spike detection: the global gradient norm (and optionally the loss) against its own running level.
 
 When it runs (checked in lightning/pytorch/plugins/precision/{precision,amp}.py, Lightning 2.6):
-    backward of every micro-batch  -> `on_before_backward(loss)`          (we add up the loss)
     last micro-batch of the window -> AMP unscale_ (fp16 only)
                                    -> `on_before_optimizer_step`          (we judge here, once per optimizer step)
                                    -> gradient clipping -> optimizer.step
-So the norm we judge is the accumulated, unscaled gradient *before* clipping, and dropping the
+So the norm we judge is the accumulated, unscaled, per-token gradient *before* clipping, and dropping the
 gradients here (`p.grad = None`) makes the following clip a no-op and the optimizer step skip every
 parameter: torch optimizers (for-loop, foreach and fused AdamW alike) leave both the weight and its
 state (moments, step count) untouched for a parameter without a gradient.
 
 Spike rule: value > `factor` x level, or value > level + `z` x spread. Spiked values never enter the
 running statistics. A non-finite gradient norm or loss is always a spike (except the gradient overflows
-that fp16's GradScaler expects and skips by itself). Every rank computes the same global numbers
-(one all-reduce), so every rank takes the same decision.
+that fp16's GradScaler expects and skips by itself). The numbers are the module's step statistics
+(`pl_module.step_result()`: the global gradient norm and the token-weighted mean loss, one collective and
+one host sync per step that the module pays anyway), identical on every rank, so every rank takes the
+same decision.
 
 A lasting shift is not a spike: because spiked values never enter the statistics, a level that moves
 for good (a resume with a smaller batch, a new data mixture) would be flagged at every later step, and
@@ -37,7 +38,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from diffv2_lit.gradients import global_grad_norm, is_dtensor, unscale_fused_
+from diffv2_lit.callbacks.protocol import log_metrics
+from diffv2_lit.gradients import global_grad_norm, per_parameter_norms, unscale_fused_
 
 ACTIONS = ("log", "skip", "stop")
 METHODS = ("ema", "median")
@@ -122,16 +124,11 @@ def _median(values: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _full(norm: Tensor) -> Tensor:
-    """A DTensor norm holds per-shard partial results; `full_tensor()` reduces them (a collective)."""
-    return norm.full_tensor() if is_dtensor(norm) else norm
-
-
-def top_grad_norms(named_params: list[tuple[str, Tensor]], k: int = 5) -> dict[str, list]:
+def top_grad_norms(named_params: list[tuple[str, Tensor]], device: torch.device, plain_grads_sharded: bool = False,
+                   k: int = 5) -> dict[str, list]:
     """The `k` parameters and the `k` blocks (`...layers.<i>`, or the top-level module) with the largest
-    gradient norms. Called on every rank (DTensor norms are collectives), only when a spike is recorded."""
-    norms = {name: _full(p.grad.detach().float().norm()).item()
-             for name, p in named_params if p.grad is not None}
+    gradient norms. Called on every rank (one all-reduce under sharding), only when a spike is recorded."""
+    norms = per_parameter_norms(named_params, device, plain_grads_sharded)
     blocks: dict[str, float] = {}
     for name, norm in norms.items():
         block = _block_name(name)
@@ -176,7 +173,8 @@ class GradientSpikeDetector(L.Callback):
         window: values kept by the "median" method.
         min_rel_spread: the spread used by the z test is at least this fraction of the level, so a
             near-constant signal does not turn noise into spikes.
-        watch_loss: also judge the training loss (same thresholds, its own statistics).
+        watch_loss: also judge the training loss (same thresholds, its own statistics): the step's token-weighted
+            mean from `pl_module.step_result()` (DecoderLM), else the mean of the micro-batches' losses.
         log_dir: folder of `spikes.jsonl` and stop checkpoints; default `trainer.log_dir`.
         top_k: how many parameters / blocks with the largest gradient norms each record lists.
         max_consecutive: this many finite spikes in a row mean the level itself has moved (see the
@@ -211,7 +209,7 @@ class GradientSpikeDetector(L.Callback):
         self.last_loss: float | None = None
         self.rebaselines = 0     # lasting shifts taken as the new level
         self._run: list[tuple[float, float | None]] = []  # (grad norm, loss) of the current run of finite spikes
-        self._loss_sum: Tensor | None = None
+        self._loss_sum: Tensor | None = None  # the fallback's loss (modules without step_result)
         self._stop_pending = False
         self._stop_reason = ""
 
@@ -229,6 +227,8 @@ class GradientSpikeDetector(L.Callback):
         self._out_dir = self.log_dir or trainer.log_dir or trainer.default_root_dir
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        if hasattr(pl_module, "step_result"):
+            return  # the module knows the step's token-weighted loss
         # Lightning passes loss / accumulate_grad_batches (and times the loss scale under fp16): the sum
         # over the window's micro-batches is their mean loss once the scale is divided out.
         loss = loss.detach().float()
@@ -240,7 +240,7 @@ class GradientSpikeDetector(L.Callback):
         self.steps_seen += 1
         ratio = self.current_ratio(grad_norm)  # against the level before this value enters it
         spike, shifted = self._observe(grad_norm, loss, trainer.global_step, _scaler(trainer) is not None)
-        self._log_summary(pl_module, ratio)
+        self._log_summary(trainer, ratio)
         if spike is None:
             return
         self._record(trainer, pl_module, optimizer, spike, grad_norm, loss)
@@ -297,7 +297,7 @@ class GradientSpikeDetector(L.Callback):
             return
         self._stop_pending = False
         path = os.path.join(self._out_dir, f"spike-stop-step{self.last_spike_step:08d}.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (Lightning warns when it is left unset)
         what = ("spike" if self._stop_reason == "spike"
                 else "lasting shift of the gradient norm (statistics restarted from the new level)")
         rank_zero_info(f"GradientSpikeDetector: {what} at step {self.last_spike_step}; saved {path} and stopping. "
@@ -306,21 +306,21 @@ class GradientSpikeDetector(L.Callback):
     # ---- measuring ---------------------------------------------------------------------------
 
     def _global_values(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> tuple[float, float | None]:
-        """(grad norm, mean loss of the window), identical on every rank: one all-reduce, one host sync."""
+        """(grad norm, mean loss of the step), identical on every rank."""
+        if hasattr(pl_module, "step_result"):  # DecoderLM: computed once per step (unscaled, per-token), shared
+            result = pl_module.step_result()
+            return result.grad_norm, result.loss
+        # Another LightningModule: the norm and the mean of the micro-batch losses, one all-reduce and one host
+        # sync of their own (plus one all-reduce of a scalar for sharded gradients).
         scaler = _scaler(trainer)
-        if hasattr(pl_module, "gradient_norm"):  # DecoderLM: computed once per step (and unscaled), shared
-            norm = pl_module.gradient_norm()
-        else:
-            unscale_fused_(scaler, optimizer)  # before the norm, and before a skip drops the gradients
-            norm = global_grad_norm(p for group in optimizer.param_groups for p in group["params"])
+        unscale_fused_(scaler, optimizer)  # before the norm, and before a skip drops the gradients
+        device = trainer.strategy.root_device
+        norm = global_grad_norm([p for group in optimizer.param_groups for p in group["params"]], device=device)
         loss = self._loss_sum if self._loss_sum is not None else torch.tensor(0.0)
         if scaler is not None:
             loss = loss / scaler.get_scale()
-        has_loss = self._loss_sum is not None
-        self._loss_sum = None
-        device = trainer.strategy.root_device  # NCCL reduces CUDA tensors only
-        pair = torch.stack([norm.float().to(device), loss.float().to(device)])
-        pair = trainer.strategy.reduce(pair, reduce_op="mean")  # identity on one device
+        has_loss, self._loss_sum = self._loss_sum is not None, None
+        pair = trainer.strategy.reduce(torch.stack([norm.float(), loss.float().to(device)]), reduce_op="mean")
         grad_norm, loss_value = pair.tolist()
         return grad_norm, (loss_value if has_loss else None)
 
@@ -365,16 +365,19 @@ class GradientSpikeDetector(L.Callback):
         level = self.grad_stats.level()
         return value / level if level > 0 and math.isfinite(value) else float("nan")
 
-    def _log_summary(self, pl_module: L.LightningModule, ratio: float) -> None:
-        # Plain floats through the public API; written every `log_every_n_steps` like the loss.
+    def _log_summary(self, trainer: L.Trainer, ratio: float) -> None:
+        # Host numbers straight to the loggers, every `log_every_n_steps` like the loss.
+        step = trainer.global_step
+        if not trainer.log_every_n_steps or (step + 1) % trainer.log_every_n_steps:
+            return
         metrics = {"spike/ratio": ratio} if math.isfinite(ratio) else {}
-        pl_module.log_dict({
+        log_metrics(trainer, {
             **metrics,
             "spike/count": float(self.count),
             "spike/per_1k_steps": self.per_1k_steps(),
             "spike/max_ratio": self.max_ratio,
             "spike/skipped": float(self.count if self.action != "log" else 0),
-        }, on_step=True, on_epoch=False)
+        }, step)
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer, spike: dict,
                 grad_norm: float, loss: float | None) -> None:
@@ -386,7 +389,8 @@ class GradientSpikeDetector(L.Callback):
         named = [(n, p) for n, p in pl_module.named_parameters() if id(p) in owned]
         entry = {"step": step, **spike, "grad_norm": grad_norm, "loss": loss,
                  "lr": optimizer.param_groups[0].get("lr"), "action": self.action,
-                 **top_grad_norms(named, self.top_k), "time": time.time()}
+                 **top_grad_norms(named, trainer.strategy.root_device, _grads_sharded(trainer), self.top_k),
+                 "time": time.time()}
         if not trainer.is_global_zero:
             return
         with open(self._jsonl_path(), "a") as f:
@@ -394,8 +398,7 @@ class GradientSpikeDetector(L.Callback):
         event = {"spike/event": 1.0}
         if math.isfinite(spike["ratio"]):
             event["spike/event_ratio"] = spike["ratio"]
-        for logger in trainer.loggers:  # logged at the spike's own step, whatever log_every_n_steps is
-            logger.log_metrics(event, step=step)
+        log_metrics(trainer, event, step)  # at the spike's own step, whatever log_every_n_steps is
         rank_zero_warn(f"GradientSpikeDetector: {spike['kind']} spike at step {step}: value {spike['value']:.4g}, "
                        f"level {spike['level']:.4g}, action {self.action!r}")
 
@@ -461,6 +464,13 @@ def _validate_persistent(max_consecutive, on_persistent) -> None:
 def _scaler(trainer: L.Trainer):
     """fp16's GradScaler when the precision plugin has one (None for fp32 / bf16)."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _grads_sharded(trainer: L.Trainer) -> bool:
+    """FSDP1 keeps flat shards as plain tensors (FSDP2 shards are DTensors, recognised by type)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def _drop_gradients(optimizer) -> None:

@@ -17,7 +17,7 @@ import time
 import lightning as L
 import torch
 
-from diffv2_lit.callbacks.protocol import new_optimizer_step
+from diffv2_lit.callbacks.protocol import log_metrics, new_optimizer_step
 from diffv2_lit.model.flops import training_flops_per_token
 
 
@@ -60,14 +60,17 @@ class ThroughputMFU(L.Callback):
         self._start: float | None = None
         self._flops_per_token: float | None = None
         self._last_step = -1
+        self.last_metrics: dict[str, float] = {}  # the newest values logged (the progress bar shows tokens/s)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak_flops = self.peak_flops or device_peak_flops(pl_module.device)
         self._last_step = trainer.global_step
-        self._restart_window(pl_module.device)
+        self._restart_window()
 
-    def _restart_window(self, device: torch.device) -> None:
-        _synchronize(device)
+    def _restart_window(self) -> None:
+        # No device synchronisation: the module reads its step statistics on the host once per step, so the
+        # host never runs more than about one optimizer step ahead of the device, and a window of many steps
+        # is timed to within that step at either end.
         self._tokens, self._start = 0, time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -80,7 +83,6 @@ class ThroughputMFU(L.Callback):
             self._log(trainer, pl_module)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._start
         per_device = self._tokens / max(elapsed, 1e-9)
         # Tokens seen so far by all ranks (the x-axis `diffv2-lit compare` plots losses against).
@@ -91,17 +93,12 @@ class ThroughputMFU(L.Callback):
                    "perf/peak_memory_gb": peak_memory_bytes(pl_module.device) / 1e9}
         if self.peak_flops:
             metrics["perf/mfu"] = per_device * self._flops_per_token / self.peak_flops
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._restart_window(pl_module.device)
+        log_metrics(trainer, metrics, trainer.global_step - 1)  # the index of the step just taken, as train/loss
+        self.last_metrics = metrics
+        self._restart_window()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._restart_window(pl_module.device)  # do not count validation time as training time
-
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        self._restart_window()  # do not count validation time as training time
 
 
 def peak_memory_bytes(device: torch.device) -> int:

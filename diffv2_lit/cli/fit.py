@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Literal
@@ -67,6 +68,7 @@ DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
 
 EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
 EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped by Ctrl-C (after its checkpoint)
 
 
 class _ConciseParser(LightningArgumentParser):
@@ -144,6 +146,7 @@ class DiffV2CLI(LightningCLI):
         if added:
             kwargs.setdefault("callbacks", callbacks + added)
         trainer = super().instantiate_trainer(**kwargs)
+        _check_parallel_sizes(self._get(self.config, "trainer", default={}), trainer.world_size)
         guard_restore(trainer.strategy)  # Lightning's restore inside fit/validate reads data only
         self._apply_global_batch(trainer)
         return trainer
@@ -267,6 +270,9 @@ def _run(argv: list[str] | None) -> LightningCLI:
     # LightningCLI warns when given args that also sit in sys.argv (the console-script case).
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
     _report_outputs(cli.trainer)
+    if any(isinstance(c, PreemptionCheckpoint) and c.saved_path and c.received == signal.SIGINT
+           for c in cli.trainer.callbacks):
+        sys.exit(EXIT_INTERRUPTED)  # saved and stopped by Ctrl-C: not a finished run, whatever Lightning says
     return cli
 
 
@@ -326,6 +332,21 @@ def _exit(code: int, message: str) -> None:
     sys.stderr.write(f"{prog}: error: {message}\n")
     sys.stderr.flush()
     sys.exit(code)
+
+
+def _check_parallel_sizes(trainer_config, world_size: int) -> None:
+    """ModelParallelStrategy's sizes must multiply to the world size; Lightning finds out only once every rank
+    has started, and each rank then raises a traceback. One line, before any process starts."""
+    strategy = trainer_config.get("strategy") if trainer_config else None
+    if not hasattr(strategy, "get") or not str(strategy.get("class_path", "")).endswith("ModelParallelStrategy"):
+        return
+    args = strategy.get("init_args") or {}
+    data, tensor = args.get("data_parallel_size", "auto"), args.get("tensor_parallel_size", "auto")
+    if isinstance(data, int) and isinstance(tensor, int) and data * tensor != world_size:
+        raise usage.UsageError(
+            f"trainer.strategy.init_args: data_parallel_size={data} x tensor_parallel_size={tensor} must equal the "
+            f"world size {world_size} (trainer.devices x trainer.num_nodes); for FSDP2 over every GPU set "
+            f"--trainer.strategy.init_args.data_parallel_size {world_size // max(tensor, 1) or world_size}.")
 
 
 def _as_list(value) -> list:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Literal
 
@@ -28,10 +29,11 @@ from diffv2_lit.errors import UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
-from diffv2_lit.gradients import clip_by_total_norm_, global_grad_norm, unscale_fused_
+from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.optim import ScheduleName, check_optimization, lr_multiplier, parameter_groups
 from diffv2_lit.training.parallel import parallelize
+from diffv2_lit.training.step_stats import StepResult, StepStatistics
 
 
 
@@ -52,6 +54,24 @@ def _last_good_checkpoint(trainer: L.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
     return path or None
+
+
+def _share_from_rank_zero(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's initial weights where they are whole tensors (a CPU mesh initialises before
+    sharding; DDP and FSDP1 initialise full copies). Each rank drew them from its own RNG state, which need not
+    agree (anything that consumed random numbers on one rank only, before the model was built), and a sharded
+    model made of shards of different initialisations is no model at all. DTensor shards (FSDP2 on GPUs) are
+    drawn by DTensor's rank-aware RNG, which already agrees; they are left alone."""
+    import torch.distributed as dist
+
+    from diffv2_lit.gradients import is_dtensor
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not is_dtensor(tensor):
+                dist.broadcast(tensor.data, src=0)
 
 
 class DecoderLM(L.LightningModule):
@@ -123,9 +143,9 @@ class DecoderLM(L.LightningModule):
             plain["init_from"] = os.fspath(init_from)
         self.save_hyperparameters({**self.hparams, **plain})
         self.model: Transformer | None = None
-        self._grad_norm, self._grad_norm_step = torch.zeros(()), -1
+        self.step_statistics = StepStatistics()
+        self._step_result: StepResult | None = None
         self._warned_short_schedule = False
-        self._reset_train_loss()
 
     # ---- model construction ------------------------------------------------------------------
 
@@ -162,24 +182,44 @@ class DecoderLM(L.LightningModule):
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self._init_device())
         model.init_weights()  # the one initialisation
+        _share_from_rank_zero(model)
         if self.hparams.init_from:
             self._load_initial_weights(model, self.hparams.init_from)
         if self.hparams.cpu_offload and self._device_mesh is not None:
             model.to("cpu")  # FSDP2's CPUOffloadPolicy wants the sharded parameters on the host
 
     def _load_initial_weights(self, model: Transformer, path: str) -> None:
-        """Full (unsharded) weights into a plain or FSDP2-sharded model: each rank keeps its shard."""
+        """Full (unsharded) weights into a plain or FSDP2-sharded model. Rank 0 alone reads the file and
+        broadcasts it (each rank keeps its shard): a 6.7b checkpoint is 26.5 GB, read once per node's GPU
+        otherwise. A refusal on rank 0 reaches every rank, so all stop with the same message."""
+        import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from diffv2_lit.checkpoint.reading import load_state_dict_for_training
-        from diffv2_lit.checkpoint import ResumeError
+        from diffv2_lit.checkpoint import CheckpointError, ResumeError
         from diffv2_lit.checkpoint.compat import model_mismatch
+        from diffv2_lit.checkpoint.reading import load_state_dict_for_training
 
-        saved_config, state_dict = load_state_dict_for_training(path)
-        problem = model_mismatch(saved_config, self.model_config)
-        if problem:
-            raise ResumeError(f"cannot initialise from {path}: {problem}")
-        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        state_dict, refusal = {}, None
+        if not distributed or dist.get_rank() == 0:
+            try:
+                saved_config, state_dict = load_state_dict_for_training(path)
+                problem = model_mismatch(saved_config, self.model_config)
+                refusal = ("ResumeError", f"cannot initialise from {path}: {problem}") if problem else None
+            except CheckpointError as err:
+                refusal = ("CheckpointError", str(err))
+        if distributed:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal:
+            kind, message = refusal
+            raise (ResumeError if kind == "ResumeError" else CheckpointError)(message)
+        set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=distributed))
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"initialised the model's weights from {path} (fresh optimizer and LR schedule)")
 
     def _init_device(self) -> torch.device:
         """Where the shards are materialised and initialised: the compute device, even with CPU offload.
@@ -241,51 +281,59 @@ class DecoderLM(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
-        loss = self.summed_loss(input_ids, targets) / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        # Averaged over the micro-batches of one optimizer step and logged when it happens.
-        self._train_loss_sum += loss.detach()
-        self._train_loss_count += 1
-        return loss
+        counted = (targets != IGNORE_INDEX).sum()
+        # The summed loss over a constant: the gradients are made per-token once the step's global count of
+        # counted tokens is known (step_stats.py), so micro-batches and ranks weigh by their tokens.
+        return self.step_statistics.loss_for_backward(self.summed_loss(input_ids, targets), counted, targets.numel())
 
-    def _reset_train_loss(self) -> None:
-        self._train_loss_sum: Tensor | float = 0.0
-        self._train_loss_count = 0
+    def step_result(self) -> StepResult:
+        """This optimizer step's global numbers (tokens, mean loss, gradient norm before clipping, flags),
+        computed once per step with one collective and one host sync, after which the gradients are per-token.
+
+        Callbacks run their `on_before_optimizer_step` before this module's, so the spike detector asks first
+        and may then drop the gradients (skip mode); the logged norm is still the real one.
+        """
+        if self._step_result is None or self._step_result.step != self.global_step:
+            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+            unscale_fused_(getattr(self.trainer.precision_plugin, "scaler", None), optimizer)
+            self._step_result = self.step_statistics.finish(
+                self.global_step, list(self.parameters()), self.trainer.strategy.root_device,
+                accumulation=self.trainer.accumulate_grad_batches, world_size=self.trainer.world_size,
+                plain_grads_sharded=self._grads_sharded())
+        return self._step_result
+
+    @property
+    def last_step_result(self) -> StepResult | None:
+        """The newest `step_result()` computed, without computing one (for hooks after the optimizer step)."""
+        return self._step_result
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning clips gradients right after this hook, so this is the norm before clipping.
-        metrics = {"train/grad_norm": self.gradient_norm(), "lr": optimizer.param_groups[0]["lr"]}
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        if self._train_loss_count:
-            mean_loss = self._train_loss_sum / self._train_loss_count
-            self.log("train/loss", mean_loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
-        self._reset_train_loss()
-        self._refuse_non_finite_update(optimizer)
+        result = self.step_result()
+        metrics = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+        # Host numbers: `self.log` would copy each to the device and read it back when it writes. Callbacks
+        # (a ModelCheckpoint monitoring train/loss) see them in callback_metrics as plain floats.
+        self.trainer.callback_metrics.update(metrics)
+        if self._is_logging_step():
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=result.step)
+        self._refuse_non_finite_update(optimizer, result)
 
-    def _refuse_non_finite_update(self, optimizer: torch.optim.Optimizer) -> None:
+    def _is_logging_step(self) -> bool:
+        """Lightning's rule for `log_every_n_steps`, at the step about to be taken."""
+        every = self.trainer.log_every_n_steps
+        return bool(every) and (self.global_step + 1) % every == 0
+
+    def _refuse_non_finite_update(self, optimizer: torch.optim.Optimizer, result: StepResult) -> None:
         """A non-finite gradient about to be applied ends the run here, before the weights (and anything
         saved after them) turn NaN, whatever the spike detector's action: `skip` and `stop` have already
         dropped the gradients by now (callbacks run first), so only an update that would really happen is
         refused. The global norm is the same on every rank, so every rank stops together. fp16's expected
         overflows are left to GradScaler, which skips those steps itself."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or math.isfinite(result.grad_norm):
             return
-        norm = self.gradient_norm()
-        if bool(torch.isfinite(norm)) or not any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
-            return
-        raise DivergedError(self.global_step, float(norm), _last_good_checkpoint(self.trainer))
-
-    def gradient_norm(self) -> Tensor:
-        """This optimizer step's global gradient norm before clipping, computed once per step.
-
-        Callbacks run their `on_before_optimizer_step` before this module's, so the spike detector
-        asks first and may then drop the gradients (skip mode); the logged norm is still the real one.
-        """
-        if self._grad_norm_step != self.global_step:
-            optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-            unscale_fused_(getattr(self.trainer.precision_plugin, "scaler", None), optimizer)
-            self._grad_norm = global_grad_norm(self.parameters(), plain_grads_sharded=self._grads_sharded())
-            self._grad_norm_step = self.global_step
-        return self._grad_norm
+        if any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
+            raise DivergedError(self.global_step, result.grad_norm, _last_good_checkpoint(self.trainer))
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -296,7 +344,7 @@ class DecoderLM(L.LightningModule):
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)  # elementwise: shards need nothing global
         else:
-            clip_by_total_norm_(self.parameters(), gradient_clip_val, self.gradient_norm())
+            clip_by_total_norm_(self.parameters(), gradient_clip_val, self.step_result().grad_norm)
 
     def _grads_sharded(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -26,9 +26,9 @@ def fit_args(*extra: str) -> list[str]:
     return [sys.executable, "-m", "diffv2_lit", "fit", "--config", str(TINY), *extra]
 
 
-def fit(tmp_path: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(fit_args(*extra), cwd=tmp_path, env=env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+def fit(tmp_path: Path, *extra: str, timeout: float = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(fit_args(*extra), cwd=tmp_path, env={**env(tmp_path), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def diffv2_lit(tmp_path: Path, *args: str, extra_env: dict | None = None,
@@ -40,10 +40,10 @@ def diffv2_lit(tmp_path: Path, *args: str, extra_env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    log = open(tmp_path / "killed.log", "w")
-    return subprocess.Popen(fit_args(*extra), cwd=tmp_path, env=env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                            text=True)
+def start(tmp_path: Path, *extra: str, extra_env: dict | None = None, log_name: str = "killed.log") -> subprocess.Popen:
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen(fit_args(*extra), cwd=tmp_path, env={**env(tmp_path), **(extra_env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None:

@@ -89,3 +89,33 @@ class SlowAtomicCheckpointIO(AtomicCheckpointIO):
         if self.saves > self.after:
             Path(self.marker).write_text(str(partial))
             time.sleep(self.pause_s)
+
+
+class SignalAtFitStart(L.Callback):
+    """Sends `signal` to this process in `on_fit_start` on rank `rank`: after the model is built, before
+    Lightning registers its own signal handlers and before training starts."""
+
+    def __init__(self, signal: str = "SIGUSR1", rank: int = 0) -> None:
+        self.signal, self.rank = signal, rank
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import os
+        import signal as signals
+
+        if trainer.global_rank == self.rank:
+            os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class SignalAtStep(L.Callback):
+    """Sends `signal` to this process at the end of optimizer step `step`, on rank `rank` only."""
+
+    def __init__(self, step: int, signal: str = "SIGUSR1", rank: int = 0) -> None:
+        self.step, self.signal, self.rank = step, signal, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import signal as signals
+
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            self.step = -1  # once
+            os.kill(os.getpid(), getattr(signals, self.signal))

@@ -1,6 +1,7 @@
 """SIGKILL (at a random step, and inside a checkpoint write), SIGTERM and SIGUSR1 against real runs;
 every resumed run must log exactly the losses the uninterrupted baseline logged for the same steps."""
 
+import os
 import random
 import signal
 import time
@@ -75,11 +76,13 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
 
 
 def test_ctrl_c_checkpoints_like_sigterm_and_resume_continues(tmp_path, baseline):
-    """SIGINT (Ctrl-C) used to end in Lightning's "graceful shutdown": exit 1, no checkpoint, steps lost."""
-    assert _signal_after(tmp_path, 3, signal.SIGINT) == 0
+    """SIGINT (Ctrl-C) used to end in Lightning's "graceful shutdown": exit 1, no checkpoint, steps lost. Now it
+    saves and exits 130, the shell's code for a program stopped by Ctrl-C (issue 25.5)."""
+    assert _signal_after(tmp_path, 3, signal.SIGINT) == 130
     log = (tmp_path / "killed.log").read_text()
     assert "Ctrl-C: saving a checkpoint at the end of this step" in log
     assert "interrupted (Ctrl-C) after step" in log and "resume with --ckpt_path last" in log
+    assert "weights_only" not in log  # Lightning's warning for a save that does not say what it keeps
     stopped_at = _preempted_step(tmp_path)
     assert 3 < stopped_at < MAX_STEPS
     assert _resume_and_compare(tmp_path, baseline, min_step=stopped_at) == stopped_at
@@ -94,3 +97,30 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     time.sleep(0.5)
     assert kill(process, signal.SIGINT) != 0
     assert not (run_dir(tmp_path, 0) / "checkpoints" / "last-preempted.ckpt").exists()
+
+
+def slurm_env(tmp_path, rank: int = 0, ntasks: int = 1, port: int = 29517) -> dict:
+    """SLURM's variables for task `rank` of a one-node job, set by hand, and a stub `scontrol` on PATH that
+    records each call in requeue.log instead of requeueing."""
+    stub = tmp_path / "bin" / "scontrol"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeue.log'}\n")
+    stub.chmod(0o755)
+    return {"PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "diffv2",
+            "SLURM_NTASKS": str(ntasks), "SLURM_NTASKS_PER_NODE": str(ntasks), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def test_sigusr1_before_training_starts_saves_at_step_one_and_requeues_under_slurm(tmp_path, baseline):
+    """SLURM's warning can come while the model is still being built. Lightning's own SLURM handler would save
+    hpc_ckpt_1.ckpt from inside the signal handler (where --ckpt_path last never looks) or, before it is
+    registered, the signal would kill the process. Here the run saves at the end of its first step, requeues
+    once and exits 0; the requeued job resumes bit-identically (issue 19.13)."""
+    result = fit(tmp_path, "--trainer.callbacks+=tests.faults.inject.SignalAtFitStart", extra_env=slurm_env(tmp_path))
+    assert result.returncode == 0, output(result)[-3000:]
+    assert "preempted (SIGUSR1) after step 1" in output(result)
+    assert _preempted_step(tmp_path) == 1
+    assert (tmp_path / "requeue.log").read_text().split("\n") == ["requeue 4242", ""]
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))
+    assert _resume_and_compare(tmp_path, baseline, min_step=1) == 1

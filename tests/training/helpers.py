@@ -71,7 +71,7 @@ class StepGradientNorms(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._step = trainer.global_step
-        self.before[self._step] = float(pl_module.gradient_norm())
+        self.before[self._step] = pl_module.step_result().grad_norm
 
     def _record(self, optimizer, args, kwargs) -> None:
         grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -61,7 +61,7 @@ def main() -> None:
                 ckpt_path="last" if args.resume else None)
     if trainer.is_global_zero:
         with open(args.out, "w") as f:
-            json.dump({"losses": recorder.losses, "grad_norm": float(trainer.callback_metrics["train/grad_norm"]),
+            json.dump({"losses": recorder.losses, "grad_norm": module.last_step_result.grad_norm,
                        "grads_after_backward": grads.present}, f)
 
 

@@ -89,3 +89,18 @@ def test_fsdp2_with_compile_and_activation_checkpointing_keeps_the_losses(tmp_pa
     recipe_like = _run(tmp_path, "recipe-like", "--strategy", "fsdp2", "--max-steps", "3", "--compile",
                        "--activation-checkpointing", "2")
     torch.testing.assert_close(recipe_like["losses"], single["losses"][:3], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written_on, resumed_on", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_sharded_checkpoint_resumes_exactly_on_another_process_count(tmp_path, single, written_on, resumed_on):
+    """A guarantee (docs/faults.md): the same global batch on another number of processes continues the run
+    exactly, in losses and gradient norm (the micro-batch per rank is GLOBAL_BATCH / processes)."""
+    ckpt_dir = tmp_path / "ckpts"
+    _run(tmp_path, "first", "--devices", str(written_on), "--strategy", "fsdp2", "--ckpt-dir", str(ckpt_dir),
+         "--max-steps", "4")
+    assert len(list((ckpt_dir / "last.ckpt").glob("__*_0.distcp"))) == written_on
+    resumed = _run(tmp_path, "resumed", "--devices", str(resumed_on), "--strategy", "fsdp2", "--ckpt-dir",
+                   str(ckpt_dir), "--max-steps", "6", "--resume")
+    torch.testing.assert_close(resumed["losses"], single["losses"][4:], rtol=1e-4, atol=1e-5)
+    assert resumed["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-3)
