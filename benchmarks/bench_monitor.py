@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffv2_lit.callbacks import DiffMonitor
-from diffv2_lit.callbacks.spike import global_grad_norm
+from diffv2_lit.gradients import global_grad_norm
 from diffv2_lit.model import ModelConfig, Transformer
 
 

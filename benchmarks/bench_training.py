@@ -22,7 +22,8 @@ import torch
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.flops import training_flops_per_token
 from diffv2_lit.callbacks.throughput import device_peak_flops
-from diffv2_lit.training.module import DecoderLM, global_grad_norm, resolve_model_config
+from diffv2_lit.gradients import global_grad_norm
+from diffv2_lit.training.module import DecoderLM, resolve_model_config
 from diffv2_lit.training.optim import lr_multiplier, parameter_groups
 from diffv2_lit.data.synthetic import SyntheticDataModule
 
