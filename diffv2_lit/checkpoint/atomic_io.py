@@ -6,7 +6,7 @@ transaction). When /tmp is another filesystem the move is a copy, in place, so a
 leaves a truncated file under the final name; nothing is fsynced, and a killed run leaves a
 checkpoint-sized orphan in /tmp. `AtomicCheckpointIO` writes next to the target instead:
 
-    <dir>/.<name>.partial-<pid>   torch.save, flush, fsync
+    <dir>/.<name>.partial-<host>-<pid>   torch.save, flush, fsync
     os.replace -> <dir>/<name>    atomic on POSIX: readers see the old file or the new one
     fsync(<dir>)                  the rename itself survives a power loss
 
@@ -14,20 +14,26 @@ The temporary name starts with a dot and does not end in `.ckpt`, so no `*.ckpt`
 or `find_last_checkpoint`'s) ever matches it. Loads read data only (`safe_load.load_file`:
 weights_only=True and the project's allow-list, whatever `weights_only` Lightning passes). Sharded
 (FSDP2) checkpoints are folders written by torch.distributed.checkpoint and never pass through a
-CheckpointIO; `checkpoint_problem` recognises an incomplete folder instead (see there).
+CheckpointIO: `MarkShardedSaves` marks each folder complete once every rank has written its part,
+and `checkpoint_problem` takes only marked folders.
+
+Each save removes the temporary files of its own name that a killed process left, but only those
+of a process that no longer runs on this host: two runs writing one folder never delete each
+other's file in progress.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffv2_lit.checkpoint.layout import PARTIAL_MARK
+from diffv2_lit.checkpoint.layout import PARTIAL_MARK, remove_complete_marker, write_complete_marker
 from diffv2_lit.checkpoint.safe_load import load_complete
 
 
@@ -42,7 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(path)
-        partial = path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}")
+        partial = path.with_name(f".{path.name}{PARTIAL_MARK}{_HOST}-{os.getpid()}")
         try:
             self._write(checkpoint, partial)
             os.replace(partial, path)
@@ -62,13 +68,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_complete(path, map_location=map_location)
 
 
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
 def _remove_stale_partials(path: Path) -> None:
-    """Temp files of this checkpoint name left by a killed process."""
+    """Temp files of this checkpoint name left by a killed process of this host (never a running one's)."""
     for stale in glob.glob(str(path.with_name(f".{path.name}{PARTIAL_MARK}*"))):
+        host, _, pid = stale.rpartition(PARTIAL_MARK)[2].rpartition("-")
+        if host != _HOST or not pid.isdigit() or _is_running(int(pid)):
+            continue
         try:
             os.remove(stale)
         except FileNotFoundError:
             pass
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class MarkShardedSaves:
+    """Wraps `strategy.save_checkpoint` so that a sharded (FSDP2) folder carries `complete.json` exactly when its
+    save finished on every rank: rank 0 removes the folder's marker before the save (the path broadcast
+    that opens ModelParallelStrategy's save orders it before any rank writes), and writes it after
+    (torch.distributed.checkpoint's save returns on rank 0 once every rank's shards are written, and rank 0
+    writes meta.pt itself). A class, not a closure: strategies are pickled for spawned workers."""
+
+    def __init__(self, save_checkpoint) -> None:
+        self.save_checkpoint = save_checkpoint
+        self.strategy = save_checkpoint.__self__
+
+    @classmethod
+    def install(cls, strategy) -> None:
+        if not isinstance(strategy.save_checkpoint, cls):
+            strategy.save_checkpoint = cls(strategy.save_checkpoint)
+
+    def __call__(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        step, rank_zero = checkpoint.get("global_step", 0), self.strategy.global_rank == 0
+        if rank_zero and os.path.isdir(filepath):
+            remove_complete_marker(filepath)
+        self.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if rank_zero and os.path.isdir(filepath):  # a sharded save (a file save replaces a folder by a file)
+            write_complete_marker(filepath, step)
 
 
 def _fsync_dir(directory: Path) -> None:

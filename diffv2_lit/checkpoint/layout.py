@@ -5,13 +5,17 @@ knows the on-disk layout:
     <name>.ckpt/                 a sharded checkpoint folder (FSDP2 under ModelParallelStrategy):
         __<rank>_0.distcp          torch.distributed.checkpoint shards, one per rank
         .metadata                  their index, written after every shard
-        meta.pt                    Lightning's non-tensor part (hyper-parameters, loops, callbacks), last
-    .<name>.partial-<pid>        a file AtomicCheckpointIO is still writing (never matches `*.ckpt`)
+        meta.pt                    Lightning's non-tensor part (hyper-parameters, loops, callbacks), rank 0
+        complete.json              {"global_step", "files": {name: bytes}}: written by rank 0 once the save
+                                   finished on every rank (atomic_io.MarkShardedSaves), removed before a
+                                   save rewrites the folder
+    .<name>.partial-<host>-<pid> a file AtomicCheckpointIO is still writing (never matches `*.ckpt`)
     <export>/config.json         a `diffv2-lit export` folder, with `*.safetensors` beside it
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -20,6 +24,7 @@ PARTIAL_MARK = ".partial-"
 DCP_METADATA = ".metadata"   # torch.distributed.checkpoint writes it after every shard
 LIGHTNING_META = "meta.pt"   # ModelParallelStrategy writes it (rank 0) after the shards
 EXPORT_CONFIG = "config.json"
+COMPLETE_MARKER = "complete.json"  # diffv2-lit writes it (rank 0) after every rank finished a sharded save
 
 
 def is_sharded(path) -> bool:
@@ -34,8 +39,8 @@ def checkpoint_problem(path) -> str | None:
     """Why `path` is not a complete checkpoint, or None when it looks complete. Cheap: reads no tensors.
 
     - a file: torch.save's zip format ends with a central directory, which a truncated file lacks;
-    - a sharded folder: `.metadata` and `meta.pt` must exist, `meta.pt` must be complete and be the
-      newest file (shards newer than it mean a save that was rewriting the folder was interrupted).
+    - a sharded folder: its `complete.json` must exist and every file it lists must be there with the
+      size it lists. No file times: shards are written by every node, whose clocks differ.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -52,17 +57,49 @@ def checkpoint_problem(path) -> str | None:
 
 
 def _sharded_problem(folder: Path) -> str | None:
-    if not (folder / DCP_METADATA).is_file():
-        return f"the sharded folder has no {DCP_METADATA} (the save was interrupted)"
-    meta = folder / LIGHTNING_META
-    if not meta.is_file():
-        return f"the sharded folder has no {LIGHTNING_META} (the save was interrupted)"
-    if not zipfile.is_zipfile(meta):
-        return f"{LIGHTNING_META} is truncated (the save was interrupted)"
-    newest_shard = max((p.stat().st_mtime for p in folder.iterdir() if p.name != LIGHTNING_META), default=0.0)
-    if newest_shard > meta.stat().st_mtime:
-        return f"shards are newer than {LIGHTNING_META}: a save rewriting this folder was interrupted"
+    marker = read_complete_marker(folder)
+    if marker is None:
+        return (f"the sharded folder has no valid {COMPLETE_MARKER}, which is written once every rank has finished "
+                "its save: the save was interrupted")
+    for name, size in sorted(marker["files"].items()):
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing (listed in {COMPLETE_MARKER}: the folder was changed after its save)"
+        if file.stat().st_size != size:
+            return (f"{name} is {file.stat().st_size} bytes, but its save wrote {size} (listed in {COMPLETE_MARKER}: "
+                    "the folder was changed after its save)")
     return None
+
+
+def read_complete_marker(folder) -> dict | None:
+    """A sharded folder's `complete.json` ({"global_step": int, "files": {name: bytes}}), None when it is missing
+    or not one (JSON: reading it runs no code)."""
+    try:
+        marker = json.loads((Path(folder) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or not isinstance(marker.get("global_step"), int) or \
+            not isinstance(marker.get("files"), dict) or DCP_METADATA not in marker["files"] or \
+            LIGHTNING_META not in marker["files"]:
+        return None
+    return marker
+
+
+def write_complete_marker(folder, global_step: int) -> None:
+    """Record that the save into `folder` is complete: every file it holds now, with its size (atomic)."""
+    folder = Path(folder)
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER}
+    partial = folder / f".{COMPLETE_MARKER}{PARTIAL_MARK}{os.getpid()}"
+    partial.write_text(json.dumps({"global_step": int(global_step), "files": files}, indent=1))
+    os.replace(partial, folder / COMPLETE_MARKER)
+
+
+def remove_complete_marker(folder) -> None:
+    """Before a save rewrites `folder`: until the new marker exists, the folder counts as incomplete."""
+    try:
+        os.remove(Path(folder) / COMPLETE_MARKER)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
 
 
 def unreadable_message(path, problem: str) -> str:

@@ -23,7 +23,6 @@ DIFFV2_LIT_TRUST_CHECKPOINTS=1; `--weights_only false` is refused in its favour.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import signal
@@ -40,7 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from diffv2_lit.model.config import ConfigError
-from diffv2_lit.checkpoint import compat
+from diffv2_lit.checkpoint import compat, resume
 from diffv2_lit.cli import usage
 from diffv2_lit.checkpoint import CheckpointError
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
@@ -49,6 +48,7 @@ from diffv2_lit.model import resolve_model_config
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.callbacks.cleanup import RemoveEmptyRunFolder
+from diffv2_lit.callbacks.resume import ConsistentResume
 from diffv2_lit.callbacks.preemption import PreemptionCheckpoint
 from diffv2_lit.callbacks.progress import StepProgressBar
 from diffv2_lit.checkpoint.safe_load import TRUST_ENV, guard_restore
@@ -139,7 +139,7 @@ class DiffV2CLI(LightningCLI):
         kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
         callbacks = _as_list(trainer_config.get("callbacks"))
         added = [] if any(isinstance(c, PreemptionCheckpoint) for c in callbacks) else [PreemptionCheckpoint()]
-        added.append(RemoveEmptyRunFolder())
+        added += [RemoveEmptyRunFolder(), ConsistentResume()]
         if trainer_config.get("enable_progress_bar", True) is not False and \
                 not any(isinstance(c, ProgressBar) for c in callbacks):
             added.append(StepProgressBar())  # step / max_steps, loss, tokens/s, ETA (callbacks/progress.py)
@@ -183,23 +183,37 @@ class DiffV2CLI(LightningCLI):
                 f"that needs more and whose source you trust, set {TRUST_ENV}=1 instead.")
 
     def _resolve_last(self, subcommand: str) -> None:
-        """`--ckpt_path last` across runs: every run logs into a new version folder, and Lightning
-        would look for `last.ckpt` only in the new (empty) one. Take the newest of all versions."""
+        """`--ckpt_path last` across runs: every run logs into a new version folder, and Lightning would look for
+        `last.ckpt` only in the new (empty) one. checkpoint/resume.py chooses, by recorded step and settings."""
         if self.config_init[subcommand].get("ckpt_path") != "last":
             return
-        found, others = find_last_checkpoint(self.trainer, self.model.model_config)
-        if found:
-            self.config_init[subcommand]["ckpt_path"] = found
-            _print_rank_zero(f"resuming from {found}")
+        where = _checkpoint_folders(self.trainer)
+        # fit continues a run (its optimizer and data must be this run's); validate evaluates any of this model.
+        run = subcommand == "fit"
+        choice = resume.choose_last(resume.candidates(_checkpoint_globs(self.trainer)), self.model.model_config,
+                                    dict(self.model.hparams) if run else {},
+                                    dict(getattr(self.datamodule, "hparams", {}) or {}) if run else {})
+        for path, problem in choice.incomplete:
+            rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
+        if choice.path:
+            self.config_init[subcommand]["ckpt_path"] = choice.path
+            _print_rank_zero(f"resuming from {choice.path} (step {choice.step})")
             return
+        if choice.other_runs:
+            raise usage.UsageError(resume.other_run_message(choice, where))
+        if choice.incomplete and not choice.other_variants:
+            raise CheckpointError(
+                f"--ckpt_path last: every checkpoint under {where} is incomplete ({len(choice.incomplete)}, e.g. "
+                f"{choice.incomplete[0][0]}: {choice.incomplete[0][1]}), so there is nothing to resume; move them away "
+                "to start from step 0, or pass --ckpt_path to a complete checkpoint of another run.")
         # Nothing of this model to resume: say so plainly (instead of Lightning's "no last checkpoint
         # available" warning) and start from step 0; a job that always passes `last` starts the same way.
         self.config_init[subcommand]["ckpt_path"] = None
-        message = f"--ckpt_path last: no checkpoint of this model under {_checkpoint_folders(self.trainer)}"
-        if others:
-            path, problem = others[0]
-            message += (f"; {len(others)} checkpoint(s) there belong to another model (e.g. {path}: {problem}). "
-                        "To resume one of those, use the recipe it was trained with")
+        message = f"--ckpt_path last: no checkpoint of this model under {where}"
+        if choice.other_variants:
+            path, problem = choice.other_variants[0]
+            message += (f"; {len(choice.other_variants)} checkpoint(s) there belong to another model (e.g. {path}: "
+                        f"{problem}). To resume one of those, use the recipe it was trained with")
         _print_rank_zero(message + ("; starting from step 0." if subcommand == "fit" else "."))
 
     def _check_checkpoint(self, subcommand: str) -> None:
@@ -210,6 +224,20 @@ class DiffV2CLI(LightningCLI):
         if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path) and not os.path.islink(path):
             return
         compat.check_resumable(path, self.model.model_config)
+        if subcommand == "fit":
+            self._check_steps_left(path)
+
+    def _check_steps_left(self, path: str) -> None:
+        """Lightning would end a resume at or past max_steps at once, saying nothing."""
+        max_steps, step = self.trainer.max_steps, resume.read_recorded(path).step
+        if max_steps is None or max_steps < 0 or step < max_steps:
+            return
+        if step == max_steps:
+            _print_rank_zero(f"{path} is at step {step} = trainer.max_steps: the run is finished; raise "
+                             "--trainer.max_steps to train it further.")
+            sys.exit(0)
+        raise usage.UsageError(f"trainer.max_steps={max_steps} is below the step of {path} ({step}): nothing would be "
+                               f"trained; raise --trainer.max_steps above {step} to continue it.")
 
 
 class _ParseOnlyCLI(DiffV2CLI):
@@ -359,43 +387,6 @@ def _with_atomic_io(plugins, strategy) -> list:
     if any(isinstance(p, CheckpointIO) for p in plugins) or getattr(strategy, "_checkpoint_io", None) is not None:
         return plugins
     return plugins + [AtomicCheckpointIO()]
-
-
-def find_last_checkpoint(trainer: L.Trainer, model_config=None) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest complete checkpoint (file or sharded folder) of this model under any version of this run's
-    logger folder, or in a ModelCheckpoint's fixed dirpath: usually the newest `last*.ckpt` (a preemption
-    save is `last-preempted.ckpt`). Incomplete ones (a save killed half-way, a dangling `last.ckpt` link)
-    are skipped with a warning. Twins (baseline and DIFF V2 of one recipe) log into one folder, so with
-    `model_config` given, checkpoints of another model are set aside: returns (newest of this model or None,
-    [(path, what differs) for the others, newest first])."""
-    candidates = {p for folder in _checkpoint_globs(trainer) for p in glob.glob(os.path.join(folder, "*.ckpt"))}
-    complete = []
-    for path in sorted(candidates):
-        problem = checkpoint_problem(path)
-        if problem:
-            rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
-        else:
-            complete.append(path)
-    # Newest write = latest training state (a `last.ckpt` link reports its target's time).
-    complete.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p).startswith("last")), reverse=True)
-    others = []
-    for path in complete:
-        mismatch = _model_mismatch(path, model_config) if model_config is not None else None
-        if mismatch is None:
-            return path, others
-        others.append((path, mismatch))
-    return None, others
-
-
-def _model_mismatch(path: str, model_config) -> str | None:
-    try:
-        saved = compat.peek_hyper_parameters(path).get("model_config")
-    except Exception:  # unreadable here: let the resume itself report it
-        return None
-    if not isinstance(saved, dict):
-        return None
-    differing = compat.differing_fields(saved, model_config)
-    return "; ".join(f"{f} {old!r}, this run {new!r}" for f, old, new in differing) or None
 
 
 def _checkpoint_globs(trainer: L.Trainer) -> list[str]:

@@ -508,7 +508,7 @@ class TokenDataModule(L.LightningDataModule):
         # stateful). This records what the position means, to warn when a resume changes it, and which
         # data it is a position in (each folder's fingerprint), to refuse resuming on other data.
         return {"sources": self.sources, "weights": self.weights, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle, "pack": self.pack,
                 "tokenizer_hash": self.tokenizer_identity["hash"], "num_workers": self.num_workers,
                 "world_size": self.trainer.world_size if self.trainer is not None else 1,
                 "data": {source: {"fingerprint": folder.fingerprint(), "description": folder.describe()}
@@ -526,9 +526,17 @@ class TokenDataModule(L.LightningDataModule):
             raise DataError(f"{_DATA_KEYS[key]} is {now!r} but the checkpoint's was {then!r}: LitData resumes a weighted "
                             f"mix (data.mix) only with the checkpoint's data.batch_size, data.num_workers and device "
                             f"count; set it back to {then!r} to resume")
+        reordered = [k for k in _REORDERED if k in state_dict and current.get(k) != state_dict[k]]
+        if reordered and self.trainer is not None and self.trainer.state.fn == "fit":
+            key = reordered[0]
+            checkpoint = getattr(self.trainer, "ckpt_path", None) or "CHECKPOINT"
+            raise DataError(f"{_DATA_KEYS[key]} is {current.get(key)!r} but {checkpoint} was trained with {state_dict[key]!r}: "
+                            f"its data position means other sequences now; set {_DATA_KEYS[key]} back to "
+                            f"{state_dict[key]!r} to resume, or start a new run from its weights with "
+                            f"--model.init_from {checkpoint}")
         # One source: LitData restripes its position by samples, so these continue exactly (issue 19.15).
         changed = [f"{_DATA_KEYS.get(k, k)}: checkpoint {v!r}, now {current.get(k)!r}"
-                   for k, v in state_dict.items() if current.get(k) != v and k not in _RESTRIPED]
+                   for k, v in state_dict.items() if current.get(k) != v and k not in _RESTRIPED + _REORDERED]
         if changed:
             rank_zero_warn(f"resuming with different data settings ({'; '.join(changed)}): the data stream "
                            "will not continue exactly where the checkpoint left it")
@@ -551,7 +559,10 @@ class TokenDataModule(L.LightningDataModule):
 _DATA_KEYS = {"sources": "data.data_dir / data.mix", "weights": "data.mix weights", "seq_len": "data.seq_len",
               "batch_size": "data.batch_size", "seed": "data.seed", "shuffle": "data.shuffle",
               "tokenizer_hash": "data.tokenizer (sha256)", "num_workers": "data.num_workers",
-              "world_size": "the device count (trainer.devices x trainer.num_nodes)"}
+              "world_size": "the device count (trainer.devices x trainer.num_nodes)", "pack": "data.pack"}
+# Settings that change which sequences a loader position stands for: a resume with another one is refused
+# (LitData would fail on another seq_len with a traceback, and continue another seed's order silently).
+_REORDERED = ("seq_len", "seed", "shuffle", "pack")
 # Settings a single source's loader position survives exactly: LitData 0.2.76 counts the samples seen over all
 # ranks and workers and cuts the rest of the epoch anew (a weighted mix it refuses to restripe).
 _RESTRIPED = ("batch_size", "num_workers", "world_size")

@@ -29,20 +29,25 @@ from diffv2_lit.errors import UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
+from diffv2_lit.checkpoint.atomic_io import MarkShardedSaves
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
 from diffv2_lit.training.handshake import check_data_fits_model
-from diffv2_lit.training.optim import ScheduleName, check_optimization, lr_multiplier, parameter_groups
+from diffv2_lit.training.optim import (ScheduleName, apply_optimizer_settings, check_optimization, lr_multiplier,
+                                      parameter_groups)
 from diffv2_lit.training.parallel import parallelize
 from diffv2_lit.training.step_stats import StepResult, StepStatistics
 
+
+
+RESUME_KEY = "diffv2_lit"  # the checkpoint's entry for what a resume compares (the schedule's length)
 
 
 class DivergedError(RuntimeError):
     """A non-finite gradient about to be applied: training stops before the weights turn NaN."""
 
     def __init__(self, step: int, grad_norm: float, last_good: str | None) -> None:
-        where = (f"the last good checkpoint is {last_good} (--ckpt_path {last_good} resumes from it; a lower "
-                 "--model.lr needs a new run, since a resume restores the LR schedule)") if last_good else \
+        where = (f"the last good checkpoint is {last_good} (--ckpt_path {last_good} --model.lr LOWER resumes from "
+                 "it with a lower LR)") if last_good else \
             "no checkpoint was written before it"
         super().__init__(f"training diverged at step {step}: the gradient norm is {grad_norm} (the loss is not "
                          f"finite); the weights were not updated with it and nothing was saved after it; {where}. "
@@ -149,6 +154,10 @@ class DecoderLM(L.LightningModule):
 
     # ---- model construction ------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # A sharded (FSDP2) save counts as complete only once every rank wrote its part (checkpoint/layout.py).
+        MarkShardedSaves.install(self.trainer.strategy)
+
     def configure_model(self) -> None:
         if self.model is not None:  # called again by validate/test after fit
             return
@@ -254,10 +263,29 @@ class DecoderLM(L.LightningModule):
 
         saved = checkpoint.get("hyper_parameters", {}) or {}
         check_resume(saved, self.model_config, "the checkpoint")
+        # on_train_start applies this run's optimizer settings over the restored state (Lightning restores
+        # the optimizer and scheduler after this hook).
+        self._resumed = {"hparams": saved, "schedule_steps": (checkpoint.get(RESUME_KEY) or {}).get("schedule_steps")}
         before, now = saved.get("tokenizer"), self.hparams.get("tokenizer")
         if before and now and before != now:
             rank_zero_warn(f"resuming with tokenizer {now!r}, but the checkpoint was trained with {before!r}: "
                            "token ids now mean different text; set data.tokenizer back unless this is intended.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RESUME_KEY] = {"schedule_steps": self.schedule_steps()}  # a resume says when it changes
+
+    def on_train_start(self) -> None:
+        """A resume continues with this run's optimizer settings (the saved config.yaml is what runs): each
+        change from the checkpoint's is applied to the restored optimizer and scheduler and named in one line."""
+        resumed, self._resumed = getattr(self, "_resumed", None), None
+        if resumed is None:
+            return
+        scheduler = self.lr_schedulers()
+        changes = apply_optimizer_settings(
+            self.optimizers(use_pl_optimizer=False), scheduler, resumed["hparams"], dict(self.hparams),
+            resumed["schedule_steps"], self.schedule_steps())
+        for change in changes if self.trainer.is_global_zero else ():
+            print(f"resuming at step {self.trainer.global_step} with {change}")
 
     # ---- training ----------------------------------------------------------------------------
 

@@ -100,3 +100,32 @@ def check_optimization(lr: float, betas, eps: float, weight_decay: float, schedu
         problems.append(f"model.decay_fraction={decay_fraction} must be in (0, 1] (wsd: the share of steps that decay)")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+SCHEDULE_FIELDS = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
+
+
+def apply_optimizer_settings(optimizer, scheduler, saved: dict, current: dict, saved_schedule_steps: int | None,
+                             schedule_steps: int) -> list[str]:
+    """After a resume restored the checkpoint's AdamW and LambdaLR states, put this run's settings in place
+    (the schedule's shape and length already come from this run's LambdaLR function) and set the LR for
+    the resumed step. Returns one description per change."""
+    changes = [f"model.{name} {current[name]!r} (the checkpoint's: {saved[name]!r})"
+               for name in ("lr", "betas", "eps", "weight_decay") + SCHEDULE_FIELDS
+               if name in saved and _plain(saved[name]) != _plain(current[name])]
+    decay_group = optimizer.param_groups[0]  # parameter_groups: the decayed matrices first
+    decay_group["weight_decay"] = current["weight_decay"]
+    lr_before = optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"], group["initial_lr"] = tuple(current["betas"]), current["eps"], current["lr"]
+    scheduler.base_lrs = [current["lr"]] * len(optimizer.param_groups)
+    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    if saved_schedule_steps is not None and saved_schedule_steps != schedule_steps:
+        changes.append(f"an LR schedule of {schedule_steps} steps (the checkpoint's: {saved_schedule_steps}): the "
+                       f"LR goes from {lr_before:.4g} to {optimizer.param_groups[0]['lr']:.4g}")
+    return changes
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from diffv2_lit.checkpoint.layout import write_complete_marker
+
 EVIL_GLOBAL = "posix.system"  # how pickle names os.system on Linux
 
 
@@ -43,7 +45,7 @@ def crafted_folder(source: Path, target: Path, marker: Path, where: str) -> Path
     `.metadata`) or 'item' (a non-tensor item of a shard: the first optimizer group's learning rate)."""
     shutil.copytree(source, target)
     {"meta.pt": _in_meta_pt, "index": _in_index, "item": _in_item}[where](target, TouchMarker(marker))
-    _touch_later(target / "meta.pt")  # written last, as by a complete save: the folder looks complete
+    write_complete_marker(target, global_step=0)  # as by a complete save: the folder looks complete
     return target
 
 
@@ -72,11 +74,6 @@ def _in_item(folder: Path, payload: TouchMarker, fqn: str = "optimizer_0.param_g
         f.write(buffer.getvalue())
     index.storage_data[key] = dataclasses.replace(where, offset=offset, length=len(buffer.getvalue()))
     (folder / ".metadata").write_bytes(pickle.dumps(index))
-
-
-def _touch_later(path: Path) -> None:
-    newest = max(p.stat().st_mtime for p in path.parent.iterdir())
-    os.utime(path, (newest + 1, newest + 1))
 
 
 def _read_index(folder: Path):

@@ -17,6 +17,7 @@ from diffv2_lit.inference import generate
 from diffv2_lit.inference.export import export
 from diffv2_lit.checkpoint.reading import load_for_inference
 from diffv2_lit.checkpoint.safe_load import load_file
+from diffv2_lit.checkpoint.layout import write_complete_marker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,6 +114,7 @@ def _sharded(ckpt: Path, folder: Path) -> Path:
         warnings.simplefilter("ignore")
         dcp.save({"state_dict": checkpoint.pop("state_dict")}, checkpoint_id=str(folder), no_dist=True)
     torch.save(checkpoint, folder / "meta.pt")
+    write_complete_marker(folder, global_step=checkpoint.get("global_step", 0))  # as its save does
     return folder
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from diffv2_lit.checkpoint.reading import CheckpointError, load_model, load_state_dict_for_training
+from diffv2_lit.checkpoint.layout import write_complete_marker
 from tests.inference.conftest import lightning_checkpoint, tiny_config, tiny_model
 
 
@@ -50,6 +51,7 @@ def test_dcp_directory(tmp_path):
         dcp.save({"state_dict": checkpoint.pop("state_dict"), "optimizer_0": optimizer_state},
                  checkpoint_id=str(folder), no_dist=True)
     torch.save(checkpoint, folder / "meta.pt")  # the rest of the checkpoint, hyper-parameters included
+    write_complete_marker(folder, global_step=1)  # as diffv2-lit's save does once every rank wrote
     loaded, config, spec = load_model(folder)
     assert config == model.config and spec == "byte"
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
