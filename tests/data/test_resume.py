@@ -111,3 +111,22 @@ def test_a_mix_refuses_a_new_micro_batch_in_one_line(tmp_path):
     assert str(refused.value) == ("data.batch_size is 2 but the checkpoint's was 4: LitData resumes a weighted mix "
                                   "(data.mix) only with the checkpoint's data.batch_size, data.num_workers and device "
                                   "count; set it back to 4 to resume")
+
+
+@pytest.mark.parametrize("changed", [{"seq_len": 16}, {"seed": 43}, {"shuffle": False}])
+def test_resume_with_another_sequence_order_is_one_line(corpus_dir, tmp_path, changed):
+    """Another seq_len ended in an 85-line LitData traceback; another seed or shuffle silently meant other
+    sequences at the checkpoint's position (issues 24.11, 19.12)."""
+    from diffv2_lit.data.folder import DataError
+
+    kwargs = dict(data_dir=str(corpus_dir), seq_len=32, batch_size=4, num_workers=0, val_tokens=0)
+    _fit(kwargs, 3, tmp_path, every=3)
+    key, value = next(iter(changed.items()))
+    then = kwargs.get(key, {"seed": 42, "shuffle": True}.get(key))
+    checkpoint = tmp_path / "ckpt" / "step=3.ckpt"
+    with pytest.raises(DataError) as refused:
+        _fit({**kwargs, **changed}, 6, tmp_path, ckpt_path=checkpoint)
+    assert str(refused.value) == (
+        f"data.{key} is {value!r} but {checkpoint} was trained with {then!r}: its data position means other sequences "
+        f"now; set data.{key} back to {then!r} to resume, or start a new run from its weights with --model.init_from "
+        f"{checkpoint}")
