@@ -342,12 +342,36 @@ def _check_yaml_files(args: list[str]) -> None:
             continue
         try:
             with open(path) as f:
-                yaml.safe_load(f)
+                yaml.load(f, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as err:
+            raise usage.UsageError(f"{path}: key {err.key!r} appears twice in one mapping (lines {err.first} and "
+                                   f"{err.second}); YAML would silently keep only the second: merge them into one") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or str(err)
             raise usage.UsageError(f"malformed YAML in {path}{where}: {problem}") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, second: int) -> None:
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key repeated in one mapping (a second `model:` block dropped the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key == "<<" or not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # a merge key, or a key YAML itself cannot make a dict of
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _first_line(err: BaseException) -> str:

@@ -61,3 +61,14 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip() == (f"diffv2-lit fit: error: malformed YAML in {bad}, line 3, column 11: "
                                      "mapping values are not allowed here")
+
+
+def test_a_repeated_key_is_refused_naming_both_lines(tmp_path):
+    """A second `model:` block silently replaced the first (lr 1e-3 became 3e-3), issue 24.13."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  lr: 1.0e-3\ntrainer:\n  max_steps: 3\nmodel:\n  warmup_steps: 1\n")
+    result = fit(tmp_path, "--config", str(twice))
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.strip() == (f"diffv2-lit fit: error: {twice}: key 'model' appears twice in one mapping "
+                                     "(lines 1 and 5); YAML would silently keep only the second: merge them into one")
+    assert not (tmp_path / "runs").exists()
