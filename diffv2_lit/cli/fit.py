@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import warnings
@@ -113,6 +114,8 @@ class DiffV2CLI(LightningCLI):
         if torch.cuda.is_available():  # before the Trainer exists, which otherwise prints its advice
             torch.set_float32_matmul_precision(config.get("float32_matmul_precision") or "high")
         self._model_config(config)  # a ModelConfig that cannot be built: one line naming the key, now
+        if self.subcommand == "fit":
+            _claim_version_folder(config.get("trainer"))
 
     @staticmethod
     def _model_config(config):
@@ -279,8 +282,18 @@ def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
     if not os.environ.get("DIFFV2_LIT_DEBUG"):
         _quiet_known_noise()
     args = sys.argv[1:] if argv is None else list(argv)
-    if os.environ.get("DIFFV2_LIT_DEBUG"):
-        return _run(argv)
+    try:
+        if os.environ.get("DIFFV2_LIT_DEBUG"):
+            return _run(argv)
+        return _checked_run(args, argv)
+    except BaseException:  # a mistake, a fault, a refused or finished resume (SystemExit)
+        _release_unused_folder()
+        raise
+    finally:
+        _claimed.clear()
+
+
+def _checked_run(args: list[str], argv: list[str] | None) -> LightningCLI:
     try:
         _check_yaml_files(args)
         return _run(argv)
@@ -331,6 +344,48 @@ def _is_known_fault(err: BaseException) -> bool:
     from diffv2_lit.training.module import DivergedError
 
     return isinstance(err, (CheckpointError, DataError, DivergedError))
+
+
+# The run folder this process claimed (rank 0 of a fit), removed at exit if the run left nothing in it.
+_claimed: list[str] = []
+VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
+def _claim_version_folder(trainer_config) -> None:
+    """Two fits started together into one folder both took `version_0` (the logger picks the next free
+    number when it first writes, seconds later): their logs merged and one config.yaml overwrote the other.
+    Rank 0 makes the folder now (`mkdir` either creates it or fails: one winner per number) and tells the
+    logger its number; the other ranks of the run never write logs."""
+    logger = trainer_config.get("logger") if trainer_config is not None else None
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is None or not str(logger.get("class_path", "")).endswith(VERSIONED_LOGGERS) or \
+            init_args.get("version") is not None or rank_zero_only.rank != 0:
+        return
+    parent = os.path.join(str(init_args.get("save_dir") or "."), str(init_args.get("name") or ""))
+    os.makedirs(parent, exist_ok=True)
+    taken = [int(n[len("version_"):]) for n in os.listdir(parent) if n.startswith("version_") and n[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(parent, f"version_{version}"))
+            break
+        except FileExistsError:
+            version += 1
+    init_args["version"] = version
+    _claimed.append(os.path.join(parent, f"version_{version}"))
+
+
+def _release_unused_folder() -> None:
+    """The claimed folder of a run that stopped before logging or saving anything (a refused resume, a
+    configuration mistake found late): no empty `version_<n>` is left behind."""
+    from pathlib import Path
+
+    from diffv2_lit.callbacks.cleanup import holds_nothing
+
+    while _claimed:
+        folder = Path(_claimed.pop())
+        if folder.is_dir() and holds_nothing(folder):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_yaml_files(args: list[str]) -> None:
