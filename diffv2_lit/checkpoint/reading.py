@@ -65,6 +65,20 @@ def load_for_inference(path, device="cpu", dtype: torch.dtype | None = None) -> 
     return LoadedModel(model.eval(), config, tokenizer_spec, train_seq_len)
 
 
+def recorded_tokenizer_sha256(path) -> str | None:
+    """The sha256 of the tokenizer a checkpoint was trained with (DecoderLM records it), None when unrecorded
+    (an export folder, a checkpoint of an older version). Reads no tensor."""
+    path = Path(path)
+    if is_sharded(path) and (path / LIGHTNING_META).is_file():
+        hparams = load_file(path / LIGHTNING_META).get("hyper_parameters") or {}
+    elif path.is_file():
+        hparams = load_file(path, mmap=True).get("hyper_parameters") or {}
+    else:
+        return None
+    value = hparams.get("tokenizer_sha256")
+    return value if isinstance(value, str) else None
+
+
 def load_state_dict_for_training(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (dataclasses.asdict(ModelConfig), state dict with Transformer keys, i.e. without `model.`).
 

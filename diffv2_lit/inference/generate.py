@@ -25,7 +25,7 @@ from collections import defaultdict
 
 import torch
 
-from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
+from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference, recorded_tokenizer_sha256
 from diffv2_lit.checkpoint.safe_load import trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, config, stored_spec, train_seq_len = load_for_inference(args.ckpt, device=device, dtype=dtype)
     tokenizer = _tokenizer(args.tokenizer or stored_spec, config.vocab_size)
+    _check_tokenizer_identity(tokenizer, args.tokenizer or stored_spec, stored_spec, recorded_tokenizer_sha256(args.ckpt))
     prompts = _read_prompts(args)
     encoded = [_encode(tokenizer, text, config.max_seq_len, args.max_new_tokens) for text in prompts]
     _warn_past_training_length(max(len(ids) for ids in encoded), args.max_new_tokens, train_seq_len)
@@ -122,6 +123,17 @@ def _tokenizer(spec: str | None, model_vocab_size: int):
             "the tokenizer the model was trained with."
         )
     return tokenizer
+
+
+def _check_tokenizer_identity(tokenizer, spec: str, stored_spec: str | None, recorded: str | None) -> None:
+    """Another tokenizer whose vocabulary fits the model decodes its ids as other text (exit 0, gibberish)."""
+    identity = tokenizer.identity() if hasattr(tokenizer, "identity") else {}
+    if recorded is None or identity.get("hash") in (None, recorded):
+        return
+    raise GenerateError(
+        f"tokenizer {spec!r} (sha256 {identity['hash'][:12]}) is not the one the model was trained with (sha256 "
+        f"{recorded[:12]}, recorded as {stored_spec!r}): its ids would decode as other text; pass the training "
+        "tokenizer with --tokenizer, or leave --tokenizer out to use the recorded one.")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

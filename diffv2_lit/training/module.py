@@ -247,6 +247,9 @@ class DecoderLM(L.LightningModule):
         tokenizer = check_data_fits_model(self.model_config, datamodule)
         if tokenizer is not None:
             self.hparams["tokenizer"] = tokenizer
+        identity = getattr(datamodule, "tokenizer_identity", None)
+        if isinstance(identity, dict) and identity.get("hash"):  # `generate` compares it with the tokenizer it gets
+            self.hparams["tokenizer_sha256"] = identity["hash"]
 
     def forward(self, input_ids: Tensor, cache=None) -> Tensor:
         """The Transformer's forward. Callbacks that run the model outside training call it through

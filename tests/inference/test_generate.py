@@ -147,3 +147,45 @@ def test_a_real_run_records_its_training_length(quickstart_twin_runs, tmp_path):
     ckpt = quickstart_twin_runs / "version_0" / "checkpoints" / "last.ckpt"
     assert load_for_inference(ckpt).train_seq_len == 32
     assert load_for_inference(export(ckpt, tmp_path / "hf")).train_seq_len == 32
+
+
+def test_refuses_a_tokenizer_other_than_the_training_one(tmp_path, capsys):
+    """A BPE tokenizer.json with fewer ids than the model's vocabulary passed the vocabulary check and generated
+    gibberish with exit 0 (issue 24.9): the checkpoint of a real fit records its tokenizer's sha256."""
+    import hashlib
+
+    import lightning as L
+
+    from diffv2_lit.data.datamodule import TokenDataModule
+    from diffv2_lit.data.prepare import prepare
+    from diffv2_lit.data.tokenizer import train_bpe
+    from diffv2_lit.training.module import DecoderLM
+    from tests.data.conftest import make_docs, write_jsonl
+
+    docs = make_docs(100)
+    bpe = tmp_path / "bpe.json"
+    train_bpe(docs, vocab_size=270, show_progress=False).save(str(bpe))
+    data = tmp_path / "prepared"
+    prepare([str(write_jsonl(tmp_path / "docs.jsonl", docs))], data, chunk_size=2048, val_fraction=0, num_workers=1,
+            verbose=False, tokenizer=str(bpe))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    module = DecoderLM(architecture=dict(tiny_config_fields(), vocab_size=320), warmup_steps=0)
+    trainer.fit(module, datamodule=TokenDataModule(data_dir=str(data), tokenizer=str(bpe), seq_len=32, batch_size=2,
+                                                   val_tokens=0))
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert load_file(ckpt)["hyper_parameters"]["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
+
+    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # the recorded one
+    capsys.readouterr()
+    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi", "--tokenizer", "byte"]) == 2  # 259 ids <= 320
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("diffv2-lit generate: error: tokenizer 'byte' (sha256 ") and error.endswith(
+        f"is not the one the model was trained with (sha256 {hashlib.sha256(bpe.read_bytes()).hexdigest()[:12]}, "
+        f"recorded as {str(bpe)!r}): its ids would decode as other text; pass the training tokenizer with "
+        "--tokenizer, or leave --tokenizer out to use the recorded one.")
+
+
+def tiny_config_fields() -> dict:
+    return dict(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, head_dim=16, ffn_hidden_dim=64, max_seq_len=64)
