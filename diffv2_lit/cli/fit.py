@@ -347,7 +347,7 @@ def _is_known_fault(err: BaseException) -> bool:
 
 
 # The run folder this process claimed (rank 0 of a fit), removed at exit if the run left nothing in it.
-_claimed: list[str] = []
+_claimed: list[tuple[str, str | None]] = []  # (version folder, outermost folder made for it)
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
 
 
@@ -362,6 +362,10 @@ def _claim_version_folder(trainer_config) -> None:
             init_args.get("version") is not None or rank_zero_only.rank != 0:
         return
     parent = os.path.join(str(init_args.get("save_dir") or "."), str(init_args.get("name") or ""))
+    created = os.path.abspath(parent)  # the outermost folder this makes, removed too if the run leaves nothing
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = created if not os.path.exists(created) else None
     os.makedirs(parent, exist_ok=True)
     taken = [int(n[len("version_"):]) for n in os.listdir(parent) if n.startswith("version_") and n[8:].isdigit()]
     version = max(taken, default=-1) + 1
@@ -372,7 +376,7 @@ def _claim_version_folder(trainer_config) -> None:
         except FileExistsError:
             version += 1
     init_args["version"] = version
-    _claimed.append(os.path.join(parent, f"version_{version}"))
+    _claimed.append((os.path.join(parent, f"version_{version}"), created))
 
 
 def _release_unused_folder() -> None:
@@ -383,9 +387,14 @@ def _release_unused_folder() -> None:
     from diffv2_lit.callbacks.cleanup import holds_nothing
 
     while _claimed:
-        folder = Path(_claimed.pop())
-        if folder.is_dir() and holds_nothing(folder):
-            shutil.rmtree(folder, ignore_errors=True)
+        folder, created = _claimed.pop()
+        if not os.path.isdir(folder) or not holds_nothing(Path(folder)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        parent = os.path.abspath(os.path.dirname(folder))
+        while created and parent.startswith(created) and os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
 
 
 def _check_yaml_files(args: list[str]) -> None:
