@@ -102,7 +102,7 @@ def plan_from_config(config) -> Plan:
     elif validation_every is None:
         validation_note = f"trainer.val_check_interval {trainer.val_check_interval!r} (Lightning's epoch/time form)"
     elif in_steps:
-        validation_note = "val_check_interval in optimizer steps (ValidationInOptimizerSteps)"
+        validation_note = "ValidationInOptimizerSteps: val_check_interval counts optimizer steps"
     else:
         validation_note = (f"val_check_interval {trainer.val_check_interval} micro-batches / {accumulation} accumulation;"
                            " add ValidationInOptimizerSteps to count optimizer steps")

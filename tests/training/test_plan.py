@@ -120,3 +120,23 @@ def test_the_console_script_runs_plan():
     assert result.returncode == 0, result.stderr
     assert re.search(r"^peak per GPU: [\d.]+ GiB$", result.stdout, re.M)
     assert "Seed set" not in result.stdout + result.stderr
+
+
+def _docs_row(path: Path) -> str:
+    p = plan.plan_from_config(plan._parse(["--config", str(path), "--config", FSDP2]))
+    layout, terms = p.layout, p.memory.terms()
+    mode = "-" if layout.accumulation == 1 else "every micro-batch" if layout.sync_every_micro_batch else "once per step"
+    return (f"| {path.stem} | {p.n_parameters / 1e6:,.0f}M | {layout.micro_batch} x {layout.accumulation}"
+            f"{', AC' if layout.activation_checkpointing else ''} | {mode} | {p.tokens_per_step:,} | "
+            + " | ".join(f"{v / 2**30:.1f}" for v in terms.values()) + f" | **{p.memory.total / 2**30:.1f}** |")
+
+
+def test_docs_show_what_plan_prints(capsys):
+    """docs/training.md's example output and per-recipe memory table are the command's own numbers."""
+    docs = (ROOT / "docs" / "training.md").read_text()
+    for path in GPU_RECIPES:
+        assert _docs_row(path) in docs, f"docs/training.md's memory table should hold:\n{_docs_row(path)}"
+    _, out, _ = _plan(capsys, "--config", str(ROOT / "recipes/6.7b-diffv2.yaml"), "--config", FSDP2)
+    example = docs[docs.index("## Plan a run"):]
+    example = example[example.index("```text\n") + 8:]
+    assert example[:example.index("```")].strip() == out.strip()
