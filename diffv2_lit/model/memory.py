@@ -29,7 +29,9 @@ c the compute dtype's (2: bf16, FSDP2's `param_dtype`), r the gradient-reduction
     overhead      1.5 GiB (CUDA context, kernels' workspace) + 10% of the terms above (fragmentation).
 
 A_block (tensors autograd keeps for one block, in the compute dtype; flash/SDPA attention, so no T x T
-matrix): c B T (4 D + 2 Hq d + 2 h_kv d + h d + 3 F) + 4 B T * 2 D (RMSNorm's fp32 copies).
+matrix): c B T (4 D + 2 Hq d + 2 h_kv d + h d + 4 F) + 4 B T * 2 D (RMSNorm's fp32 copies): the two norms'
+normalised and scaled outputs, q and the attention output, k and v, o_proj's input (DIFF only: the baseline's
+is the attention output itself), SwiGLU's gate, up, silu and product (eager PyTorch, measured: tests/model/test_memory_activations.py; torch.compile may keep less).
 
 The parameter, gradient, optimizer-state and accumulated-gradient terms are exact (checked against the
 bytes a 2-process FSDP2 run holds: tests/training/test_memory_measured.py); activations, logits and
@@ -140,8 +142,10 @@ def shard_numel(shape: tuple[int, ...], n_gpus: int) -> int:
 def block_activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, compute_bytes: int = 2) -> float:
     tokens = micro_batch * seq_len
     d, dim, ffn = config.head_dim, config.dim, config.ffn_hidden_dim
+    # Baseline attention's output is o_proj's input as it is; DIFF's subtraction makes a new tensor.
+    o_input = 0 if config.attention == "baseline" else config.n_heads * d
     narrow = compute_bytes * tokens * (4 * dim + 2 * config.n_query_heads * d + 2 * config.n_kv_heads * d
-                                       + config.n_heads * d + 3 * ffn)
+                                       + o_input + 4 * ffn)
     return narrow + 4 * tokens * 2 * dim
 
 
