@@ -21,6 +21,7 @@ TOOL_SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("diffv2_lit.inference.export", "main", "export a checkpoint to Hugging Face format"),
     "consolidate": ("diffv2_lit.checkpoint.consolidate", "consolidate_main", "merge a sharded checkpoint into one file"),
     "compare": ("diffv2_lit.compare", "main", "overlay several runs in a Markdown/PNG report"),
+    "plan": ("diffv2_lit.cli.plan", "main", "a fit's batch, tokens and memory per GPU, before it runs"),
 }
 
 
