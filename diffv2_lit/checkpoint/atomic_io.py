@@ -24,8 +24,10 @@ other's file in progress.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.checkpoint.layout import PARTIAL_MARK, remove_complete_marker, write_complete_marker
 from diffv2_lit.checkpoint.safe_load import load_complete
 
@@ -52,6 +55,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             self._write(checkpoint, partial)
             os.replace(partial, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as "unexpected pos N vs M"
+            needed = _checkpoint_bytes(checkpoint)
+            if not _is_disk_full(err, path.parent, needed):
+                raise
+            raise CheckpointError(_disk_full_message(path, needed)) from None
         finally:
             if partial.exists():  # the write failed (disk full, ...): leave the old checkpoint alone
                 partial.unlink()
@@ -81,6 +89,59 @@ def _remove_stale_partials(path: Path) -> None:
             os.remove(stale)
         except FileNotFoundError:
             pass
+
+
+def _checkpoint_bytes(checkpoint: Any) -> int:
+    """About what torch.save writes: every tensor storage once (a few KiB of pickle on top)."""
+    storages: dict[int, int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(checkpoint)
+    return sum(storages.values()) + 64 * 1024
+
+
+def _is_disk_full(err: BaseException, folder: Path, needed: int) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return shutil.disk_usage(folder).free < needed  # torch's writer names no errno: judge by the free space
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, device) holding `path`, from /proc/mounts where there is one."""
+    target, best = os.path.realpath(path), ("/", "the disk")
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                device, point = line.split()[:2]
+                if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                    best = (point, device)
+    except OSError:
+        pass
+    return best
+
+
+def _disk_full_message(path: Path, needed: int) -> str:
+    from diffv2_lit.checkpoint.resume import latest_complete
+
+    point, device = _mount_of(path.parent)
+    free = shutil.disk_usage(path.parent).free
+    message = (f"no space left on {point} ({device}) to save checkpoint {path}: it needs about {needed / 2**20:.1f} "
+               f"MiB and {free / 2**20:.1f} MiB are free; nothing was overwritten. ")
+    last = latest_complete(path.parent)
+    if last is None:
+        return message + "No complete checkpoint is in that folder yet: free space and start again."
+    return message + (f"The last complete checkpoint, {last.path} (step {last.step}), is intact: free space (or set "
+                      f"ModelCheckpoint's dirpath on another disk) and resume with --ckpt_path {last.path}.")
 
 
 def _is_running(pid: int) -> bool:

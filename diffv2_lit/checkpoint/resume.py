@@ -128,3 +128,15 @@ def other_run_message(choice: LastChoice, where: str) -> str:
     if all(d.startswith("model.") and not d.startswith("model.architecture.") for d in differing):
         message += f", pass --ckpt_path {entry.path} to continue it with this run's settings,"
     return message + " or give this run a folder of its own (--trainer.logger.init_args.name NAME)."
+
+
+def latest_complete(folder) -> Recorded | None:
+    """The complete checkpoint at the highest step in `folder` (any run), None when there is none."""
+    found = []
+    for path in candidates([str(folder)]):
+        if checkpoint_problem(path) is None:
+            try:
+                found.append(read_recorded(path))
+            except Exception:
+                continue
+    return max(found, key=lambda r: (r.step, Path(r.path).name.startswith("last")), default=None)

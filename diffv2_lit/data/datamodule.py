@@ -37,6 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from diffv2_lit.data.corpus import builtin_name, is_builtin
 from diffv2_lit.data.folder import DataError, DataFolder, LocalFolder, check_chunks, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
+from diffv2_lit.data.writer import NoSpaceError
 from diffv2_lit.data.remote import check_url, clean_cache, is_url, open_remote_folder
 from diffv2_lit.data.tokenizer import TokenizerError, load_tokenizer
 
@@ -65,6 +66,10 @@ def ensure_builtin(spec: str, tokenizer: str = "byte") -> Path:
         # Small chunks (~0.5M tokens) so several DataLoader workers and ranks each get chunks.
         prepare([spec], target, tokenizer=tokenizer, chunk_bytes="1MB", num_workers=1, verbose=False, summary=False,
                 command=f"TokenDataModule builtin {spec} tokenizer={tokenizer}")
+    except NoSpaceError as err:  # prepare's advice names --output, which a fit has not got
+        problem = str(err).removesuffix(": free space there or choose another --output")
+        raise DataError(f"the cache cannot hold the built-in corpus {spec}: {problem}: free space there, or set "
+                        "DIFFV2_LIT_CACHE to a folder on a larger disk") from None
     except PrepareError:
         if not (target / METADATA_FILE).is_file():  # not "another process finished first"
             raise
