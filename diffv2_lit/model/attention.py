@@ -249,11 +249,12 @@ class DiffV1Attention(Attention):
         self.subln = RMSNorm(2 * config.head_dim, eps=config.norm_eps)
 
     def lambda_full(self) -> Tensor:
-        """The scalar lambda, computed in at least fp32 (exp of a bf16 dot product is too coarse)."""
+        """The scalar lambda, computed in at least fp32 from the products on: the vectors are upcast before
+        the dot product, since bf16 products and a bf16 sum are off by ~0.4% before exp amplifies it."""
         dtype = at_least_fp32(self.lambda_q1.dtype)
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).to(dtype))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).to(dtype))
-        return lambda_1 - lambda_2 + self.lambda_init
+        q1, k1, q2, k2 = (v.to(dtype) for v in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        # mul + sum rather than dot/matmul, which autocast would run in bf16 again.
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
 
     def _split(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         batch, n_keys = v.shape[:2]
