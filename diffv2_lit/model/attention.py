@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffv2_lit.model.config import ModelConfig, flash_attn_available
+from diffv2_lit.model.config import CONFIG_PATH, ConfigError, ModelConfig, flash_attn_available
 from diffv2_lit.model.norm import RMSNorm, at_least_fp32
 from diffv2_lit.model.rope import apply_rope
 
@@ -96,11 +96,31 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     Its value dim must equal the query dim, so DIFF V1's 2d-wide values are attended in d-wide
     slices and concatenated, as the reference implementation does.
     """
+    check_flash_inputs(q, k, v)
     from flash_attn import flash_attn_func  # optional dependency, imported only when used
 
     head_dim = q.shape[-1]
     slices = v.split(head_dim, dim=-1)
     return torch.cat([flash_attn_func(q, k, v_slice, causal=True) for v_slice in slices], dim=-1)
+
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_flash_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """flash-attn runs fp16/bf16 CUDA tensors only and fails deep inside its kernel otherwise: say which
+    dtype or device arrived and the two fixes, before calling it."""
+    dtypes = {t.dtype for t in (q, k, v)}
+    if not dtypes <= set(FLASH_DTYPES) or len(dtypes) > 1:
+        names = "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ConfigError(
+            f"attn_backend='flash' got {names} attention inputs, but flash-attn runs fp16/bf16 only: train with "
+            f"--trainer.precision bf16-mixed, or set {CONFIG_PATH}.attn_backend sdpa (or auto, which uses SDPA "
+            f"outside bf16/fp16).")
+    if not q.is_cuda:
+        raise ConfigError(
+            f"attn_backend='flash' got attention inputs on {q.device.type}, but flash-attn runs on CUDA only: run "
+            f"on a GPU, or set {CONFIG_PATH}.attn_backend sdpa (or auto).")
 
 
 def resolve_backend(requested: str, q: Tensor, masked: bool = False) -> str:
@@ -249,11 +269,12 @@ class DiffV1Attention(Attention):
         self.subln = RMSNorm(2 * config.head_dim, eps=config.norm_eps)
 
     def lambda_full(self) -> Tensor:
-        """The scalar lambda, computed in at least fp32 (exp of a bf16 dot product is too coarse)."""
+        """The scalar lambda, computed in at least fp32 from the products on: the vectors are upcast before
+        the dot product, since bf16 products and a bf16 sum are off by ~0.4% before exp amplifies it."""
         dtype = at_least_fp32(self.lambda_q1.dtype)
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).to(dtype))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).to(dtype))
-        return lambda_1 - lambda_2 + self.lambda_init
+        q1, k1, q2, k2 = (v.to(dtype) for v in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        # mul + sum rather than dot/matmul, which autocast would run in bf16 again.
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
 
     def _split(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
         batch, n_keys = v.shape[:2]

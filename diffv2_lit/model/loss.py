@@ -14,6 +14,9 @@ again for their gradient. Three implementations of the same sum of token losses 
 - `liger`: liger-kernel's `LigerFusedLinearCrossEntropyLoss` (Triton, CUDA only, an optional extra), the
   same idea in fused kernels. Imported only when chosen.
 
+Without a gradient to compute (validation: no_grad or inference mode), `chunked` and `liger` run the chunks
+forward only: one matmul per chunk, no gradient buffers.
+
 `auto` is `liger` on CUDA when liger-kernel is installed, else `plain`.
 """
 
@@ -55,14 +58,33 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, impl: 
     if impl == "plain":
         logits = _at_least_fp32(F.linear(hidden, weight))
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    dtype = _compute_dtype(hidden, weight)
+    if not _gradient_wanted(hidden, weight):
+        # Validation runs under no_grad / inference mode, where the output weight is still a Parameter with
+        # requires_grad=True: both fused paths would compute a [V, D] gradient and two more matmuls per chunk
+        # for nothing. The forward-only chunks give the same sum with one matmul per chunk.
+        return _chunked_loss(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
     if impl == "chunked":
-        dtype = _compute_dtype(hidden, weight)
         return _ChunkedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    dtype = _compute_dtype(hidden, weight)
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
     return loss(weight.to(dtype), hidden.to(dtype), targets).float()
+
+
+def _gradient_wanted(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether autograd will record this loss: grad mode on (off under no_grad and inference mode) and an
+    input that requires a gradient."""
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
+def _chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Forward only: the summed loss, [chunk, V] logits at a time, no gradient computed or kept."""
+    total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total += _chunk_loss_and_grad(hidden[chunk], weight, targets[chunk], need_grad=False)[0]
+    return total
 
 
 def _at_least_fp32(logits: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from diffv2_lit.model import ModelConfig, Transformer
+from diffv2_lit.model import ConfigError, ModelConfig, Transformer
+from diffv2_lit.model import attention as attention_module
 from diffv2_lit.model.attention import (DiffV1Attention, DiffV2Attention, build_attention, eager_attention,
                                         sdpa_attention)
 from diffv2_lit.model.rope import apply_rope, rope_cos_sin
@@ -224,3 +225,28 @@ def test_model_sdpa_matches_eager(attention):
     for block in model.layers:
         block.self_attn.config = config.replace(attn_backend="sdpa")
     assert _rel_err(model(ids), eager) < 1e-5
+
+
+# ---- attn_backend 'flash' refuses what flash-attn cannot run, in one line (issue 19.10) ----------------
+
+
+def test_flash_path_refuses_fp32_inputs_naming_the_dtype_and_both_fixes():
+    q, k, v = _qkv(4, 2)  # fp32, as a 32-true run would hand them over
+    expected = ("attn_backend='flash' got float32 attention inputs, but flash-attn runs fp16/bf16 only: train "
+                "with --trainer.precision bf16-mixed, or set model.architecture.attn_backend sdpa (or auto, which "
+                "uses SDPA outside bf16/fp16).")
+    with pytest.raises(ConfigError) as raised:
+        attention_module.check_flash_inputs(q, k, v)
+    assert str(raised.value) == expected
+    with pytest.raises(ConfigError) as raised:  # the flash path itself stops there, before importing flash-attn
+        attention_module.flash_attention(q, k, v)
+    assert str(raised.value) == expected
+    with pytest.raises(ConfigError, match=r"got bfloat16/float32 attention inputs"):
+        attention_module.check_flash_inputs(q.bfloat16(), k.bfloat16(), v)
+
+
+def test_flash_path_refuses_cpu_tensors():
+    q, k, v = (t.bfloat16() for t in _qkv(4, 2))
+    with pytest.raises(ConfigError, match=r"^attn_backend='flash' got attention inputs on cpu, but flash-attn runs "
+                                          r"on CUDA only: run on a GPU, or set model.architecture.attn_backend sdpa"):
+        attention_module.check_flash_inputs(q, k, v)

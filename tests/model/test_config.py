@@ -110,3 +110,85 @@ def test_quickstart_has_a_few_million_parameters():
     for attention in VARIANTS:
         total = count_parameters(ModelConfig.from_preset("quickstart", attention=attention))["total"]
         assert 1e6 < total < 10e6  # ~1.5M: fast enough for the 10-minute CPU quickstart
+
+
+# ---- a preset plus overrides is built once: derived fields follow the overrides (issue 19.1) ------------
+
+
+def test_widening_125m_to_350m_shape_gives_the_350m_preset():
+    """125m with 350m's depth, width and heads is the 350m preset, FFN included (2816 = 11 x 256 >= 8/3 x 1024)."""
+    widened = ModelConfig.from_preset("125m", n_layers=24, dim=1024, n_heads=16)
+    assert widened == ModelConfig.from_preset("350m")
+    assert (widened.ffn_hidden_dim, widened.head_dim) == (2816, 64)
+
+
+def test_quickstart_at_width_256_has_its_own_ffn_and_head_width():
+    config = ModelConfig.from_preset("quickstart", dim=256)
+    assert (config.ffn_hidden_dim, config.n_heads, config.head_dim) == (768, 4, 64)
+    # By hand, docs/design.md section 1: per layer DIFF V2 attention D*2h*d + 2*D*h_kv*d + h*d*D + D*h
+    # = 131072 + 65536 + 65536 + 1024, SwiGLU 3*D*F = 589824, two norms 512; x4 layers, plus untied
+    # embedding and head 2 * 320 * 256 and the final norm 256.
+    assert count_parameters(config)["total"] == 4 * (263168 + 589824 + 512) + 2 * 320 * 256 + 256 == 3_578_112
+
+
+def test_recipe_spec_overrides_derive_the_same_way():
+    """What a recipe writes (`{preset: quickstart, dim: 256}`) goes through the same single build."""
+    from diffv2_lit.model import resolve_model_config
+
+    config = resolve_model_config({"preset": "quickstart", "dim": 256})
+    assert config == ModelConfig.from_preset("quickstart", dim=256)
+    assert (config.ffn_hidden_dim, config.head_dim) == (768, 64)
+
+
+def test_given_fields_win_over_derived_ones():
+    config = ModelConfig.from_preset("125m", dim=1024, head_dim=64, ffn_hidden_dim=2048)
+    assert (config.n_heads, config.head_dim, config.ffn_hidden_dim) == (12, 64, 2048)
+    assert ModelConfig.from_preset("125m", dim=1024, head_dim=64).ffn_hidden_dim == 2816
+    control = ModelConfig.from_preset("125m-control", n_layers=2)  # 18 heads of 64 is the control's point
+    assert (control.n_heads, control.head_dim, control.ffn_hidden_dim) == (18, 64, 2048)
+    assert ModelConfig.from_preset("quickstart-control").head_dim == 32  # 6 heads of 32 in a 128-wide model
+
+
+def test_a_width_the_heads_do_not_divide_names_the_fix():
+    """1024 / 12 heads is no whole head width: say so, rather than keep 125m's 64 or invent one."""
+    with pytest.raises(ConfigError, match=r"dim=1024 is not a multiple of n_heads=12.*e\.g\. 16\) or give head_dim"):
+        ModelConfig.from_preset("125m", dim=1024)
+
+
+# Every preset's totals as built before presets became dicts of given fields (computed at 6755530 with
+# ModelConfig.from_preset(preset, attention=...)): making head_dim / ffn_hidden_dim derived changed no preset.
+PRESET_TOTALS_AT_6755530 = {
+    "quickstart": (1066112, 1133696, 1066880), "quickstart-control": (1131648, 1233024, 1132416),
+    "125m": (114150144, 121338624, 114154752), "125m-control": (123587328, 134370048, 123591936),
+    "350m": (322094080, 347653120, 322103296), "760m": (749151744, 806364672, 749165568),
+    "1.3b": (1288275968, 1389725696, 1288294400), "1.3b-control": (1388939264, 1541113856, 1388957696),
+    "2.7b": (2480704000, 2693040640, 2480719360), "6.7b": (6083055616, 6624120832, 6083080192),
+}
+SHAPES_AT_6755530 = {  # (head_dim, ffn_hidden_dim)
+    "quickstart": (32, 512), "quickstart-control": (32, 512), "125m": (64, 2048), "125m-control": (64, 2048),
+    "350m": (64, 2816), "760m": (96, 4096), "1.3b": (128, 5632), "1.3b-control": (128, 5632), "2.7b": (80, 6912),
+    "6.7b": (128, 11008),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_the_model_it_was(preset):
+    assert set(PRESET_TOTALS_AT_6755530) == set(PRESETS)
+    for attention, total in zip(VARIANTS, PRESET_TOTALS_AT_6755530[preset]):
+        config = ModelConfig.from_preset(preset, attention=attention)
+        assert (config.head_dim, config.ffn_hidden_dim) == SHAPES_AT_6755530[preset]
+        assert count_parameters(config)["total"] == total
+
+
+def test_replace_refuses_to_keep_derived_fields_of_another_width():
+    config = ModelConfig.from_preset("125m")
+    with pytest.raises(ConfigError, match=r"replace\(dim=1024\) would keep head_dim=64, ffn_hidden_dim=2048 of the "
+                                          r"old shape; pass head_dim and ffn_hidden_dim too, or use "
+                                          r"ModelConfig.from_preset"):
+        config.replace(dim=1024)
+    with pytest.raises(ConfigError, match=r"would keep head_dim=64 of the old shape"):
+        config.replace(n_heads=16)
+    wider = config.replace(dim=1024, n_heads=16, head_dim=64, ffn_hidden_dim=2816)
+    assert wider == ModelConfig.from_preset("125m", dim=1024, n_heads=16)
+    assert config.replace(attention="baseline", n_layers=2, dim=768) == ModelConfig.from_preset(
+        "125m", attention="baseline", n_layers=2)  # unchanged width: nothing to derive again

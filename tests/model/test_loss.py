@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.loss import IGNORE_INDEX, linear_cross_entropy, resolve_loss_impl
@@ -76,3 +77,56 @@ def test_auto_is_plain_on_the_cpu_and_liger_is_refused_there():
         resolve_loss_impl("liger", torch.device("cpu"))
     with pytest.raises(ValueError, match="loss_impl='fused' is unknown"):
         resolve_loss_impl("fused", torch.device("cpu"))
+
+
+# ---- no gradient work without a gradient to compute (issue 19.7) ---------------------------------------
+
+
+class MatmulSpy(TorchDispatchMode):
+    """Records, below autograd, the operand shapes of every matrix product and the shape of every tensor an
+    op allocates (an output whose storage is none of its inputs': views and no-op casts are not counted)."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.matmul.default}
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls: list[tuple[tuple, tuple]] = []
+        self.allocated: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.MATMULS:
+            self.matmuls.append((tuple(args[-2].shape), tuple(args[-1].shape)))
+        inputs = {_storage(t) for t in [*args, *(kwargs or {}).values()] if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and _storage(t) not in inputs:
+                self.allocated.append(tuple(t.shape))
+        return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_chunked_loss_without_grad_mode_does_one_matmul_per_chunk_and_no_gradient(no_grad):
+    hidden, weight, targets = inputs(n=37, d=16, v=50)  # both require grad, as a Parameter does
+    with_grad = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_size=8)
+    with no_grad(), MatmulSpy() as spy:
+        loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_size=8)
+    # ceil(37 / 8) = 5 chunks, each hidden[chunk] [<=8, 16] @ weight.T [16, 50]; nothing contracts over the
+    # vocabulary (the logits' gradient @ weight) and nothing has the weight's shape (its gradient).
+    assert spy.matmuls == [((8, 16), (16, 50))] * 4 + [((5, 16), (16, 50))]
+    assert (50, 16) not in spy.allocated and (37, 16) not in spy.allocated
+    assert not loss.requires_grad
+    assert torch.equal(loss, with_grad.detach())
+    torch.testing.assert_close(loss.double(), reference_sum(hidden, weight, targets).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_with_grad_mode_still_computes_gradients_in_the_forward():
+    """The spy sees the gradient path when there is one: 3 matmuls per chunk (logits, d hidden, d weight)."""
+    hidden, weight, targets = inputs(n=37, d=16, v=50)
+    with MatmulSpy() as spy:
+        linear_cross_entropy(hidden, weight, targets, "chunked", chunk_size=8)
+    assert len(spy.matmuls) == 3 * 5 and (50, 16) in spy.allocated and (37, 16) in spy.allocated

@@ -193,9 +193,11 @@ class DiffV1Attention(Attention):
         self.subln = RMSNorm(2 * d, eps=config.rms_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).float())
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).float())
-        return lambda_1 - lambda_2 + self.lambda_init
+        """In at least fp32 from the dot products on (a bf16 model's bf16 products would be off by ~0.4%)."""
+        dtype = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        q1, k1, q2, k2 = (v.to(dtype) for v in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        # mul + sum rather than dot/matmul, which autocast would run in bf16 again.
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
 
     def combine(self, x, q, k, v, mask) -> torch.Tensor:
         batch, n_keys = v.shape[:2]
