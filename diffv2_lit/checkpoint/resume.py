@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffv2_lit.checkpoint.compat import SHAPE_FIELDS
+from diffv2_lit.checkpoint.compat import RESUME_FIELDS
 from diffv2_lit.checkpoint.layout import LIGHTNING_META, checkpoint_problem, read_complete_marker
 from diffv2_lit.checkpoint.safe_load import load_complete
 
@@ -31,7 +31,6 @@ from diffv2_lit.checkpoint.safe_load import load_complete
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio",
                     "decay_fraction")
 DATA_FIELDS = ("data_dir", "mix", "seq_len", "seed", "shuffle", "pack", "tokenizer")
-COMPUTATION_FIELDS = ("rope_theta", "norm_eps", "max_seq_len")  # change the computation, not the shapes
 
 
 @dataclass
@@ -71,7 +70,7 @@ def differences(recorded: Recorded, model_config, model_hparams: dict, data_hpar
     """The settings of this run that differ from the checkpoint's, as `key: checkpoint X, this run Y`."""
     saved_config = recorded.model.get("model_config") or {}
     found = []
-    for name in dict.fromkeys(SHAPE_FIELDS + COMPUTATION_FIELDS):
+    for name in RESUME_FIELDS:  # shapes and what changes the computation
         if name in saved_config and saved_config[name] != getattr(model_config, name):
             found.append(f"model.architecture.{name}: checkpoint {saved_config[name]!r}, this run "
                          f"{getattr(model_config, name)!r}")

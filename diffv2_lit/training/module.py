@@ -205,7 +205,7 @@ class DecoderLM(L.LightningModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         from diffv2_lit.checkpoint import CheckpointError, ResumeError
-        from diffv2_lit.checkpoint.compat import model_mismatch
+        from diffv2_lit.checkpoint.compat import SHAPE_FIELDS, model_mismatch
         from diffv2_lit.checkpoint.reading import load_state_dict_for_training
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -213,7 +213,7 @@ class DecoderLM(L.LightningModule):
         if not distributed or dist.get_rank() == 0:
             try:
                 saved_config, state_dict = load_state_dict_for_training(path)
-                problem = model_mismatch(saved_config, self.model_config)
+                problem = model_mismatch(saved_config, self.model_config, SHAPE_FIELDS)  # new context or RoPE base: allowed
                 refusal = ("ResumeError", f"cannot initialise from {path}: {problem}") if problem else None
             except CheckpointError as err:
                 refusal = ("CheckpointError", str(err))
