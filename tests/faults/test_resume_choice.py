@@ -63,6 +63,12 @@ def test_a_max_steps_at_or_below_the_checkpoint_is_said(tmp_path):
     assert below.stderr.strip().splitlines()[-1] == (
         f"diffv2-lit fit: error: trainer.max_steps=2 is below the step of {last} (3): nothing would be trained; "
         "raise --trainer.max_steps above 3 to continue it.")
+    deeper = fit(tmp_path, "--trainer.max_steps", "6", "--model.architecture.n_layers", "3", "--ckpt_path", "last")
+    assert deeper.returncode == 2  # an edited recipe: before, a stdout note and training from step 0 (issue 24.11)
+    assert deeper.stderr.strip().splitlines()[-1] == (
+        f"diffv2-lit fit: error: --ckpt_path last: the newest checkpoint of this model under runs/faults/*/checkpoints, "
+        f"{last} (step 3), was trained with other settings (model.architecture.n_layers: checkpoint 2, this run 3). "
+        "Resume it with its own settings or give this run a folder of its own (--trainer.logger.init_args.name NAME).")
     assert sorted(os.listdir(tmp_path / "runs" / "faults")) == ["version_0"]
 
 
