@@ -36,7 +36,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import PARTIAL_MARK, remove_complete_marker, write_complete_marker
+from diffv2_lit.checkpoint.layout import (PARTIAL_MARK, checkpoint_problem, is_sharded, remove_complete_marker,
+                                          write_complete_marker)
 from diffv2_lit.checkpoint.safe_load import load_complete
 
 
@@ -73,7 +74,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = "cpu", weights_only: bool | None = None) -> dict:
         """`weights_only` is ignored: only data is ever loaded (the opt-in is DIFFV2_LIT_TRUST_CHECKPOINTS)."""
+        if is_sharded(path) and checkpoint_problem(path) is None:
+            raise CheckpointError(_sharded_under_another_strategy(path))
         return load_complete(path, map_location=map_location)
+
+
+def _sharded_under_another_strategy(path) -> str:
+    """Only ModelParallelStrategy resumes a sharded folder; every other strategy loads through a CheckpointIO."""
+    return (f"cannot resume from checkpoint {path}: it is a sharded FSDP2 folder, which only FSDP2 resumes. Resume "
+            "it under lightning.pytorch.strategies.ModelParallelStrategy (--config configs/hardware/8gpu-fsdp2.yaml, "
+            "any device count), or convert it into one file with `diffv2-lit consolidate --with-optimizer "
+            f"{path} merged.ckpt` and resume from merged.ckpt under this strategy.")
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"
