@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffv2_lit.data.prepare import METADATA_FILE
+from diffv2_lit.data.layout import METADATA_FILE
 
 PREPARE_HINT = "create it with `diffv2-lit prepare --input YOUR_TEXT --output {path}`"
 

@@ -41,18 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffv2_lit.data.layout import FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, PROGRESS_FILE, SPLITS
+from diffv2_lit.data.remote import S3Prefix, is_url, process_alive
 from diffv2_lit.data.sources import Source, iter_documents, resolve_inputs
 from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
 from diffv2_lit.data.writer import NoSpaceError, run_in_group
 
-METADATA_FILE = "diffv2_data.json"
-FORMAT_NAME = "diffv2-lit-data"
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-# Written first into every output a run is making (a local run's hidden folder, an s3:// prefix) and
-# removed when it is complete: with METADATA_FILE it is what marks a place as prepare's own, which is
-# all that --overwrite may delete (issue 24.1).
-PROGRESS_FILE = ".diffv2_prepare.json"
 # Every file a prepare run writes, relative to its output: the metadata, the in-progress marker, and
 # each split's LitData index (merged, and per worker while it runs) and chunks.
 _PREPARE_WRITES = re.compile(
@@ -175,7 +169,6 @@ def prepare(
 
 
 def _output_target(output: str | Path, storage_options: dict | None):
-    from diffv2_lit.data.remote import is_url
 
     if is_url(str(output)):  # checked here: anything else would become a local folder named "s3:"
         return _S3Output(str(output), storage_options)
@@ -319,7 +312,6 @@ def _remove_dead_runs(out: Path) -> None:
     """Remove what prepare runs that were killed left beside `out`: their hidden `.NAME.partial-<pid>-*` folders
     (marked by their PROGRESS_FILE, naming the run's pid and host) and `.NAME.old-<pid>-*` folders (the output a
     run was replacing). Folders of live runs, of other hosts, or holding anything else are left alone."""
-    from diffv2_lit.data.remote import process_alive
 
     for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*-*")):
         match = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}", folder.name)
@@ -362,7 +354,6 @@ class _S3Output:
     file last (the completion marker)."""
 
     def __init__(self, url: str, storage_options: dict | None):
-        from diffv2_lit.data.remote import S3Prefix
 
         self.place = S3Prefix(url, storage_options)
         self.name = self.place.url

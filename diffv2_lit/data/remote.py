@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from diffv2_lit.data.folder import DataError, DataFolder, open_prepared
-from diffv2_lit.data.prepare import METADATA_FILE, PROGRESS_FILE
+from diffv2_lit.data.layout import METADATA_FILE, PROGRESS_FILE
 
 S3_SCHEME = "s3://"
 PREFLIGHT_TIMEOUT_S = 5
