@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
-from tests.training.cpu_strategies import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
+from diffv2_lit.training.cpu_twin import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 

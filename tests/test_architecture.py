@@ -127,3 +127,20 @@ def test_the_circle_check_sees_a_circle_inside_a_folder(tmp_path):
     (package / "data" / "prepare.py").write_text("def f():\n    from diffv2_lit.data import folder\n")
     assert circles(import_graph(package)) == [
         ["diffv2_lit.data.folder", "diffv2_lit.data.prepare", "diffv2_lit.data.folder"]]
+
+
+def test_benchmarks_do_not_import_tests():
+    """The benchmarks ship in the repository for users to run; the tests may use them, not the reverse."""
+    scripts = sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+    imports = [f"{s.name}:{line}" for s in scripts for part, line in imported_top_level(s) if part == "tests"]
+    assert scripts and not imports, imports
+
+
+def imported_top_level(path: Path) -> set[tuple[str, int]]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add((node.module.split(".")[0], node.lineno))
+        elif isinstance(node, ast.Import):
+            found |= {(a.name.split(".")[0], node.lineno) for a in node.names}
+    return found

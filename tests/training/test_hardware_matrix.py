@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.training.cpu_strategies import single_device_fragment  # the same twins the GPU suite runs on CUDA
+from diffv2_lit.training.cpu_twin import single_device_fragment  # the same twins the GPU suite runs on CUDA
 
 ROOT = Path(__file__).parents[2]
 FRAGMENTS = sorted((ROOT / "configs" / "hardware").glob("*.yaml"))

@@ -1,4 +1,7 @@
-"""Lightning's FSDPStrategy (FSDP1) made to run on the CPU, for tests only.
+"""A hardware fragment (configs/hardware/) on one device: `benchmarks/gpu_suite.py` runs each fragment so on
+CUDA, and tests/training/test_hardware_matrix.py on the CPU, the same settings in both.
+
+On the CPU, Lightning's FSDPStrategy (FSDP1) needs a subclass to run.
 
 Lightning refuses `FSDPStrategy` with `accelerator="cpu"` (an exact-type check in its accelerator
 connector) and hands FSDP1 no device (`device_id=root_device.index`, None on the CPU), while torch's
