@@ -1,10 +1,10 @@
 """`RemoveEmptyRunFolder`: a run that fails before it has logged a value or saved a checkpoint leaves no folder.
 
-Every run gets a new `runs/<name>/version_<n>` as soon as its logger starts. A run that then fails at
-once (a missing data folder, out of memory at the first step) used to leave that folder with nothing but
-an empty event file, and such folders pile up in `diffv2-lit compare runs/<name>` and in the search of
-`--ckpt_path last`. A folder that holds any logged value, any checkpoint or a spike record is kept: a
-run that diverged or crashed at step 1000 must keep its curves.
+Every run gets a new `runs/<name>/version_<n>` as soon as its logger starts. When the run fails before it
+logged anything (a missing data folder, out of memory at the first step), the folder holds only an empty
+event file: it is removed, so that `diffv2-lit compare runs/<name>` and `--ckpt_path last` never see it.
+A folder that holds any logged value, any checkpoint or a spike record is kept: a run that diverged or
+crashed at step 1000 keeps its curves.
 """
 
 from __future__ import annotations

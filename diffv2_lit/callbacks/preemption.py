@@ -1,14 +1,10 @@
 """`PreemptionCheckpoint`: on SIGTERM, SIGUSR1 or Ctrl-C, checkpoint at the next optimizer-step boundary and stop.
 
-What Lightning 2.6 does by itself (trainer/connectors/signal_connector.py, loops/*.py):
-- SIGTERM sets `trainer.received_sigterm`; the loops then raise `SIGTERMException` (a SystemExit) at
-  the start of the next step, at the end of a step, in the middle of validation or at the epoch end,
-  without saving anything. Its handler also runs a `dist.broadcast` inside the signal handler.
-- Under SLURM with `SLURMEnvironment(auto_requeue=True)` (the default when SLURM is detected), SIGUSR1
-  saves `hpc_ckpt_<n>.ckpt` into `default_root_dir` from inside the signal handler, i.e. at whatever
-  point of the step the signal lands, then runs `scontrol requeue`. `--ckpt_path last` does not see it.
+Lightning's own handling does not serve (Lightning 2.6, trainer/connectors/signal_connector.py): SIGTERM
+stops at the next step without saving, and under SLURM a SIGUSR1 saves `hpc_ckpt_<n>.ckpt` from inside the
+signal handler, at whatever point of the step it lands, where `--ckpt_path last` does not look.
 
-So this callback installs its own handlers: SIGUSR1 (and SIGINT) at `setup`, before Lightning registers
+This callback installs its own handlers: SIGUSR1 (and SIGINT) at `setup`, before Lightning registers
 its SLURM handler (which it then leaves alone), and all of them again at `on_train_start`, over
 Lightning's SIGTERM handler. A handler only records the signal (and forwards it to child ranks like
 Lightning does). Whether any rank was signalled travels as a flag in the module's one per-step reduction

@@ -13,8 +13,6 @@ The callbacks know `DecoderLM` only through this protocol (any LightningModule t
                                with the step's numbers
     pl_module.hparams["tokenizer"]  optional: the data's tokenizer spec (SampleText's encoding)
 
-`DecoderLMProtocol` states it for type checkers; nothing inherits from it.
-
 Under FSDP2 (`ModelParallelStrategy`) the Transformer itself is the root of the sharding, so calling
 `pl_module.model` gathers its parameters as training does. Under FSDP1 (`FSDPStrategy`) Lightning wraps
 the whole LightningModule, and only that wrapper's forward gathers the root parameters (embeddings,
@@ -25,18 +23,9 @@ rank's flat shard. So `model_call` goes through the wrapper, which runs `Decoder
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import lightning as L
 from torch import Tensor
-
-
-class DecoderLMProtocol(Protocol):
-    model: Any  # diffv2_lit.model.Transformer
-    model_config: Any  # diffv2_lit.model.ModelConfig
-    hparams: Any
-
-    def step_result(self) -> Any: ...
 
 
 def model_call(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Callable[..., Tensor]:

@@ -26,7 +26,7 @@ def check_data_fits_model(model_config: ModelConfig, datamodule) -> str | None:
             f"data.seq_len={seq_len} is above the model's max_seq_len={model_config.max_seq_len} "
             f"({CONFIG_PATH}.max_seq_len): lower data.seq_len, or raise {CONFIG_PATH}.max_seq_len to at least {seq_len}."
         )
-    data_vocab = _vocab_size(datamodule)
+    data_vocab = getattr(datamodule, "vocab_size", None)
     if data_vocab is not None and model_config.vocab_size < data_vocab:
         raise UsageError(
             f"the model's vocab_size={model_config.vocab_size} is smaller than the data's tokenizer vocabulary "
@@ -36,9 +36,3 @@ def check_data_fits_model(model_config: ModelConfig, datamodule) -> str | None:
     tokenizer = getattr(datamodule, "tokenizer", None)
     return tokenizer if isinstance(tokenizer, str) else None
 
-
-def _vocab_size(datamodule) -> int | None:
-    try:
-        return getattr(datamodule, "vocab_size", None)
-    except Exception:  # a data module that only knows its vocabulary after setup()
-        return None

@@ -1,6 +1,7 @@
 """`DecoderLM`: the LightningModule that trains a `Transformer` (any attention variant).
 
-The decoder returns logits; the fp32 cross-entropy lives here. Optimizer and schedule are built in
+The decoder returns the summed fp32 cross-entropy (fused with its output layer, `model/loss.py`); this
+module normalises it per token over the optimizer step and logs it. Optimizer and schedule are built in
 `configure_optimizers` from typed `__init__` arguments (LightningCLI's automatic optimizer would
 build from `model.parameters()` before FSDP wraps them). The model is built in `configure_model()`
 on the meta device, parallelised from outside (`parallelize`), materialised and initialised once.
@@ -132,6 +133,9 @@ class DecoderLM(L.LightningModule):
                 run, use `--ckpt_path` instead). Its model config must match this one.
         """
         super().__init__()
+        if activation_checkpointing < 0:  # bools are ints: False 0, True 1
+            raise UsageError(f"model.activation_checkpointing={activation_checkpointing} must be false, true (every "
+                             "block) or N >= 1 (every N-th block).")
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"model.loss_impl={loss_impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
         if kernels not in KERNELS:
@@ -236,7 +240,7 @@ class DecoderLM(L.LightningModule):
         DTensor's random ops draw each shard from its own offset of one stream only on accelerators;
         on the CPU every rank would draw its shard from the same seed, so all shards of a weight would
         hold the same values. With `cpu_offload` the shards are therefore initialised on the GPU and
-        moved to the host afterwards (`_offload_to_cpu`); CPU meshes initialise before sharding instead.
+        moved to the host afterwards (`_materialize`); CPU meshes initialise before sharding instead.
         """
         if self._trainer is None:
             return torch.device("cpu")

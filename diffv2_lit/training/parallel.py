@@ -32,7 +32,7 @@ def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bo
     param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in fp32);
         the sharded master parameters stay in fp32 (run the Trainer with precision "32-true").
     """
-    every = _checkpoint_interval(activation_checkpointing)
+    every = int(activation_checkpointing or 0)  # True: every block (DecoderLM refuses a negative N)
     if every:
         apply_activation_checkpointing(model, every)
     if compile:
@@ -41,16 +41,6 @@ def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bo
     if device_mesh is not None:
         apply_fsdp2(model, device_mesh, param_dtype, reduce_dtype, cpu_offload)
     return model
-
-
-def _checkpoint_interval(activation_checkpointing: bool | int) -> int:
-    if activation_checkpointing is True:
-        return 1
-    if activation_checkpointing is False or activation_checkpointing is None:
-        return 0
-    if activation_checkpointing < 0:
-        raise ValueError(f"activation_checkpointing={activation_checkpointing} must be a bool or a positive int.")
-    return int(activation_checkpointing)
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:

@@ -23,6 +23,8 @@ CASES = {
     "warmup longer than the schedule": (["--model.max_steps", "10", "--model.warmup_steps", "20"],
                                         "model.warmup_steps=20 must be below model.max_steps=10"),
     "negative weight decay": (["--model.weight_decay=-0.1"], "model.weight_decay=-0.1 must be >= 0"),
+    "negative activation checkpointing": (["--model.activation_checkpointing=-2"],
+                                          "model.activation_checkpointing=-2 must be false, true (every block) or N >= 1"),
     "inconsistent heads": (["--model.architecture.n_kv_heads", "3"],
                            "model.architecture.n_heads, model.architecture.n_kv_heads: n_heads=2 is not a multiple of n_kv_heads=3"),
     "seq_len above max_seq_len": (["--data.init_args.seq_len", "100"],
