@@ -272,14 +272,22 @@ class DecoderLM(L.LightningModule):
         check_resume(saved, self.model_config, "the checkpoint")
         # on_train_start applies this run's optimizer settings over the restored state (Lightning restores
         # the optimizer and scheduler after this hook).
-        self._resumed = {"hparams": saved, "schedule_steps": (checkpoint.get(RESUME_KEY) or {}).get("schedule_steps")}
+        recorded = checkpoint.get(RESUME_KEY) or {}
+        self._resumed = {"hparams": saved, "schedule_steps": recorded.get("schedule_steps"),
+                         "layout": recorded.get("layout")}
         before, now = saved.get("tokenizer"), self.hparams.get("tokenizer")
         if before and now and before != now:
             rank_zero_warn(f"resuming with tokenizer {now!r}, but the checkpoint was trained with {before!r}: "
                            "token ids now mean different text; set data.tokenizer back unless this is intended.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RESUME_KEY] = {"schedule_steps": self.schedule_steps()}  # a resume says when it changes
+        # A resume says when these change.
+        checkpoint[RESUME_KEY] = {"schedule_steps": self.schedule_steps(), "layout": self._batch_layout()}
+
+    def _batch_layout(self) -> dict:
+        """How an optimizer step's sequences are laid out: processes x accumulated micro-batches x micro-batch."""
+        return {"processes": self.trainer.world_size, "accumulation": self.trainer.accumulate_grad_batches,
+                "micro_batch": getattr(self.trainer.datamodule, "batch_size", None)}
 
     def on_train_start(self) -> None:
         """A resume continues with this run's optimizer settings (the saved config.yaml is what runs): each
@@ -291,7 +299,8 @@ class DecoderLM(L.LightningModule):
         changes = apply_optimizer_settings(
             self.optimizers(use_pl_optimizer=False), scheduler, resumed["hparams"], dict(self.hparams),
             resumed["schedule_steps"], self.schedule_steps())
-        for change in changes if self.trainer.is_global_zero else ():
+        layout_change = _batch_layout_change(resumed["layout"], self._batch_layout())
+        for change in [*changes, *filter(None, [layout_change])] if self.trainer.is_global_zero else ():
             print(f"resuming at step {self.trainer.global_step} with {change}")
 
     # ---- training ----------------------------------------------------------------------------
@@ -437,3 +446,32 @@ class DecoderLM(L.LightningModule):
                            "steps (trainer.max_steps): the LR never leaves its warm-up in this run.")
             self._warned_short_schedule = True
         return steps
+
+
+def _batch_layout_change(before: dict | None, now: dict) -> str | None:
+    """One line when the run resumes on another number of processes (docs/faults.md, "Resuming on another
+    number of processes"), or None. Checkpoints written before the layout was recorded say nothing."""
+    if not before or before.get("processes") == now["processes"]:
+        return None
+
+    def plural(n: int) -> str:
+        return f"{n} process" + ("es" if n != 1 else "")
+
+    def sequences(layout: dict) -> int | None:
+        if layout.get("micro_batch") is None:
+            return None
+        return layout["processes"] * layout["accumulation"] * layout["micro_batch"]
+
+    line = f"{plural(now['processes'])} (the checkpoint was written by {plural(before['processes'])}): "
+    old, new = sequences(before), sequences(now)
+    if old is not None and old == new:
+        if before["accumulation"] == now["accumulation"]:  # processes x micro-batch unchanged (tested exact)
+            return line + (f"the same {new} sequences per optimizer step; the run continues as it would have (LitData "
+                           "shares the remaining data out over the new processes)")
+        return line + (f"the same {new} sequences per optimizer step, but accumulated {now['accumulation']} times "
+                       f"instead of {before['accumulation']}: the remaining data is grouped into steps in another "
+                       f"order (keep accumulation {before['accumulation']} and set data.batch_size to continue exactly)")
+    if old is not None and new is not None:
+        return line + (f"{new} sequences per optimizer step instead of {old}: set data.batch_size or "
+                       "trainer.accumulate_grad_batches (or --global_batch_size) to keep the run's global batch")
+    return line + "the data continues where it stopped, shared out over the new processes"
