@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from diffv2_lit.callbacks.protocol import model_call
+from diffv2_lit.callbacks.protocol import OncePerStep, model_call
 
 PROBES = ("batch", "random")
 PEAK_METRICS = ("max_hidden", "max_logit")
@@ -79,7 +79,7 @@ class DiffMonitor(L.Callback):
         self.probe_seq_len, self.seed, self.sink_warmup = probe_seq_len, seed, sink_warmup
         self.floor_margin, self.histograms = floor_margin, histograms
         self.probe_tokens: Tensor | None = None  # [B, T] long, kept on CPU and in checkpoints
-        self._last_step: int | None = None
+        self._step = OncePerStep()
 
     @property
     def state_key(self) -> str:
@@ -98,10 +98,8 @@ class DiffMonitor(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
-        # Under gradient accumulation every micro-batch of a step sees the same global_step: run once.
-        if step % self.every_n_steps or step == self._last_step:
+        if step % self.every_n_steps or not self._step.first(step):
             return
-        self._last_step = step
         if self.probe_tokens is None:
             self.probe_tokens = self.make_probe(batch, pl_module.model)
         # Every rank runs the forward (FSDP2 all-gathers parameters inside it, a collective); rank 0 logs.
@@ -184,11 +182,11 @@ class DiffMonitor(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The probe is saved so the curves stay on the same tokens across a resume.
-        return {"probe_tokens": self.probe_tokens, "last_step": self._last_step}
+        return {"probe_tokens": self.probe_tokens, "last_step": self._step.seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_tokens = state_dict.get("probe_tokens")
-        self._last_step = state_dict.get("last_step")
+        self._step.seen = state_dict.get("last_step")
 
 
 # ----------------------------------------------------------------------------------------------

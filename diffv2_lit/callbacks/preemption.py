@@ -32,6 +32,8 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from diffv2_lit.callbacks.protocol import OncePerStep
+
 PREEMPTED_NAME = "last-preempted.ckpt"  # matches `last*.ckpt`, the pattern `--ckpt_path last` searches
 
 
@@ -58,7 +60,7 @@ class PreemptionCheckpoint(L.Callback):
         self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None  # the signal number, set by the handler
         self.saved_path: str | None = None
-        self._last_step = -1
+        self._step = OncePerStep()
         self._trainer: L.Trainer | None = None
         self._replaced: dict[int, object] = {}
 
@@ -77,7 +79,7 @@ class PreemptionCheckpoint(L.Callback):
             statistics.add_flag("requeue", lambda: self.received is not None and _is_requeue_signal(trainer, self.received))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._step.seen = trainer.global_step
         self._trainer = trainer
         self._install(trainer, self.signals)  # over Lightning's SIGTERM handler, registered after setup
         if signal.SIGTERM in self.signals:
@@ -113,9 +115,8 @@ class PreemptionCheckpoint(L.Callback):
     # ---- the step boundary ------------------------------------------------------------------
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._last_step:
+        if not self._step.first(trainer.global_step):
             return  # a micro-batch inside gradient accumulation: not a step boundary
-        self._last_step = trainer.global_step
         decision = self._decision(trainer, pl_module)
         if decision is None:
             return

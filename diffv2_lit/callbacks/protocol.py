@@ -49,13 +49,22 @@ def decode_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     return "cuda-graphs" if pl_module.device.type == "cuda" and not sharded else "eager"
 
 
-def new_optimizer_step(callback: L.Callback, trainer: L.Trainer) -> bool:
-    """True on the first batch end after an optimizer step (not after every accumulated micro-batch);
-    the callback keeps the last step it saw in `_last_step`."""
-    if trainer.global_step == callback._last_step:
-        return False
-    callback._last_step = trainer.global_step
-    return True
+class OncePerStep:
+    """Picks the first of an optimizer step's micro-batches: Lightning calls the batch hooks once per
+    micro-batch, and under gradient accumulation all micro-batches of a step see one `trainer.global_step`.
+
+        gate.first(trainer.global_step)   True once per step value (then False until the step moves on)
+        gate.seen = trainer.global_step   at train start: a resumed step counts as handled
+    """
+
+    def __init__(self) -> None:
+        self.seen: int | None = None
+
+    def first(self, step: int) -> bool:
+        if step == self.seen:
+            return False
+        self.seen = step
+        return True
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:

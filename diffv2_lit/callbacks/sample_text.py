@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from diffv2_lit.callbacks.protocol import decode_mode, model_call, new_optimizer_step
+from diffv2_lit.callbacks.protocol import OncePerStep, decode_mode, model_call
 
 def decode_tokens(ids: list[int], tokenizer: str | None) -> str:
     """Token ids -> text: the data's tokenizer if it can be loaded, else the byte tokenizer (ids < 256)."""
@@ -52,7 +52,7 @@ class SampleText(L.Callback):
             raise ValueError("prompt must not be empty (the model needs at least one token to start from).")
         self.every_n_steps, self.prompt, self.max_new_tokens = every_n_steps, prompt, max_new_tokens
         self.temperature, self.top_k, self.seed, self.print_at_end = temperature, top_k, seed, print_at_end
-        self._last_step = -1
+        self._step = OncePerStep()
         self._decode: str | None = None  # None: choose per run (decode_mode); "eager" after a failed capture
 
     def sample(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> str:
@@ -88,10 +88,10 @@ class SampleText(L.Callback):
             return pl_module.model.generate(prompt_ids, new_tokens, decode="eager", **kwargs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._step.seen = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not new_optimizer_step(self, trainer) or trainer.global_step % self.every_n_steps:
+        if not self._step.first(trainer.global_step) or trainer.global_step % self.every_n_steps:
             return
         text = self.sample(pl_module, trainer)
         self._log_text(trainer, text)

@@ -17,7 +17,7 @@ import time
 import lightning as L
 import torch
 
-from diffv2_lit.callbacks.protocol import log_metrics, new_optimizer_step
+from diffv2_lit.callbacks.protocol import OncePerStep, log_metrics
 from diffv2_lit.model.flops import training_flops_per_token
 
 
@@ -59,12 +59,12 @@ class ThroughputMFU(L.Callback):
         self._batch_tokens = 0
         self._start: float | None = None
         self._flops_per_token: float | None = None
-        self._last_step = -1
+        self._step = OncePerStep()
         self.last_metrics: dict[str, float] = {}  # the newest values logged (the progress bar shows tokens/s)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak_flops = self.peak_flops or device_peak_flops(pl_module.device)
-        self._last_step = trainer.global_step
+        self._step.seen = trainer.global_step
         self._restart_window()
 
     def _restart_window(self) -> None:
@@ -79,7 +79,7 @@ class ThroughputMFU(L.Callback):
         self._batch_tokens = input_ids.numel()
         if self._flops_per_token is None:
             self._flops_per_token = training_flops_per_token(pl_module.model_config, input_ids.shape[1])
-        if new_optimizer_step(self, trainer) and trainer.global_step % self.log_every_n_steps == 0:
+        if self._step.first(trainer.global_step) and trainer.global_step % self.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

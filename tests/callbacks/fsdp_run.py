@@ -50,7 +50,7 @@ def main(out_dir: str) -> None:
     rank = trainer.global_rank
     result = {"rank": rank, "count": detector.count, "last_spike_step": detector.last_spike_step,
               "stats": detector.grad_stats.state_dict(), "reference_norms": module.norms,
-              "monitor_last_step": monitor._last_step,
+              "monitor_last_step": monitor._step.seen,
               "first_weight_sum": float(module.model.norm.weight.full_tensor().sum())}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
