@@ -86,6 +86,9 @@ def ablation_plan(dry: bool) -> list[TrainingRun]:
                                 one_step + ["--model.kernels", "liger"]))
         runs.append(TrainingRun(f"{size}-diffv2 kernels liger, compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                 one_step + ["--model.kernels", "liger", "--model.compile", "false"]))
+        for recipe in ("tensorwise", "rowwise"):  # torchao float8 projections (issue 23.4)
+            runs.append(TrainingRun(f"{size}-diffv2 float8 {recipe}", f"{size}-diffv2", "8gpu-fsdp2", steps,
+                                    one_step + ["--model.float8", recipe]))
     return runs
 
 

@@ -32,6 +32,7 @@ from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.checkpoint.atomic_io import MarkShardedSaves
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
+from diffv2_lit.training.float8 import all_gathers_in_float8, float8_problem, precompute_scales
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.optim import (ScheduleName, apply_optimizer_settings, check_optimization, lr_multiplier,
                                       parameter_groups)
@@ -103,6 +104,7 @@ class DecoderLM(L.LightningModule):
         loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto",
         kernels: Literal["torch", "liger"] = "torch",
         init_from: str | None = None,
+        float8: bool | Literal["tensorwise", "rowwise"] = False,
     ) -> None:
         """
         Args:
@@ -131,6 +133,9 @@ class DecoderLM(L.LightningModule):
             init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
                 `diffv2-lit export` folder, with a fresh optimizer and schedule (to continue the same
                 run, use `--ckpt_path` instead). Its model config must match this one.
+            float8: torchao float8 training of the blocks' attention and SwiGLU projections (`true` or
+                `tensorwise`, `rowwise`); checkpoints stay those of the unconverted model
+                (diffv2_lit/training/float8.py). GPUs of compute capability 8.9+ (H100, H200).
         """
         super().__init__()
         if activation_checkpointing < 0:  # bools are ints: False 0, True 1
@@ -166,7 +171,8 @@ class DecoderLM(L.LightningModule):
         if self.model is not None:  # called again by validate/test after fit
             return
         self._handshake_with_the_data()
-        problem = kernels_problem(self.hparams.kernels, self._init_device().type)
+        problem = kernels_problem(self.hparams.kernels, self._init_device().type) or \
+            float8_problem(self.hparams.float8, self._init_device())
         if problem:
             raise UsageError(problem)
         with torch.device("meta"):
@@ -190,7 +196,9 @@ class DecoderLM(L.LightningModule):
             model, device_mesh=self._device_mesh, activation_checkpointing=self.hparams.activation_checkpointing,
             compile=self.hparams.compile, param_dtype=self.hparams.fsdp_param_dtype,
             reduce_dtype=self.hparams.fsdp_reduce_dtype, cpu_offload=self.hparams.cpu_offload,
+            float8=self.hparams.float8,
         )
+        self._float8_scales = all_gathers_in_float8(model)
 
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self._init_device())
@@ -362,6 +370,11 @@ class DecoderLM(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=result.step)
         self._refuse_non_finite_update(optimizer, result)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if getattr(self, "_float8_scales", False):
+            precompute_scales(self.model)  # FSDP2 float8 all-gather: all weights' scales in one all-reduce
 
     def _is_logging_step(self) -> bool:
         """Lightning's rule for `log_every_n_steps`, at the step about to be taken."""

@@ -1,6 +1,8 @@
 """Parallelism applied from outside the model, in one function called from `DecoderLM.configure_model()`.
 
 The order is fixed and matters:
+0. float8 (`model.float8`, training/float8.py): the converted linear layers are what gets checkpointed,
+   compiled and sharded (FSDP2 then all-gathers their weights in float8);
 1. activation checkpointing per block: it wraps the block, so it must be inside what gets compiled
    and sharded (recompute happens inside the compiled, sharded unit);
 2. torch.compile per block: compiling blocks (not the whole model) keeps graphs small and identical
@@ -19,19 +21,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffv2_lit.training.float8 import apply_float8, recipe_name
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bool | int = False,
                 compile: bool = False, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
-                cpu_offload: bool = False) -> nn.Module:
+                cpu_offload: bool = False, float8: bool | str = False) -> nn.Module:
     """Apply activation checkpointing, compile and FSDP2 to a `Transformer` (in that order), in place.
 
     activation_checkpointing: False, True (every block) or N (every N-th block: 0, N, 2N, ...).
     device_mesh: the data-parallel mesh from Lightning's `ModelParallelStrategy` (None: no sharding).
     param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in fp32);
         the sharded master parameters stay in fp32 (run the Trainer with precision "32-true").
+    float8: torchao float8 training of the blocks' projections (False, True = "tensorwise", "rowwise").
     """
+    if recipe_name(float8):
+        apply_float8(model, float8, sharded=device_mesh is not None)
     every = int(activation_checkpointing or 0)  # True: every block (DecoderLM refuses a negative N)
     if every:
         apply_activation_checkpointing(model, every)
