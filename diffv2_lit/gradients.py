@@ -7,7 +7,8 @@ ranks in one all-reduce of a scalar. That holds for every way gradients are laid
 - plain gradients (one device, DDP): every rank holds the whole, already averaged gradient, so the
   local square is the global one and nothing is reduced;
 - FSDP1 flat shards and FSDP2 DTensor shards: each rank holds a disjoint part, so the global square
-  is the sum of the local ones. Working on `to_local()` tensors keeps DTensor from issuing one
+  is the sum of the local ones. Under hybrid sharding (HSDP, a 2-D mesh) each part is held by every
+  replica group, so each rank adds its square divided by the number of replicas. Working on `to_local()` tensors keeps DTensor from issuing one
   collective per parameter, and keeps CPU-offloaded shards (`model.cpu_offload`) out of the
   collective: the reduction gets one scalar on the compute device, which NCCL accepts.
 
@@ -35,19 +36,34 @@ def _local(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def replicas(tensor: Tensor) -> int:
+    """How many ranks hold each local part of a DTensor: the product of its replicated mesh dimensions
+    (HSDP's replicate dimension; 1 for plain FSDP2 shards)."""
+    count = 1
+    for size, placement in zip(tensor.device_mesh.shape, tensor.placements):
+        count *= size if placement.is_replicate() else 1
+    return count
+
+
 def local_squared_norms(parameters, device: torch.device, plain_grads_sharded: bool = False) -> tuple[Tensor, Tensor]:
     """(sharded, replicated): this rank's sum of squared gradient entries, as 0-d fp32 tensors on `device`.
 
     `sharded` holds the parts other ranks do not hold (DTensor shards; plain gradients when
     `plain_grads_sharded`, FSDP1's flat shards): sum it over ranks. `replicated` is already global.
     No collective, no host sync."""
-    sharded, replicated = [], []
+    sharded, replicated, by_replicas = [], [], {}
     for p in parameters:
         if p.grad is None:
             continue
         grad = p.grad
-        (sharded if is_dtensor(grad) or plain_grads_sharded else replicated).append(_local(grad))
-    return _sum_of_squares(sharded, device), _sum_of_squares(replicated, device)
+        if is_dtensor(grad) and replicas(grad) > 1:  # HSDP: the replica groups hold the same shards
+            by_replicas.setdefault(replicas(grad), []).append(_local(grad))
+        else:
+            (sharded if is_dtensor(grad) or plain_grads_sharded else replicated).append(_local(grad))
+    sharded_square = _sum_of_squares(sharded, device)
+    for count, grads in by_replicas.items():
+        sharded_square = sharded_square + _sum_of_squares(grads, device) / count
+    return sharded_square, _sum_of_squares(replicated, device)
 
 
 def _sum_of_squares(grads: list[Tensor], device: torch.device) -> Tensor:
@@ -84,8 +100,10 @@ def per_parameter_norms(named_parameters, device: torch.device, plain_grads_shar
     squares = []
     for _, p in named:
         local = _local(p.grad).detach().float().square().sum().to(device)
-        shared = is_dtensor(p.grad) or plain_grads_sharded
-        squares.append(local if shared else local / world)  # replicated: every rank adds its 1/world share
+        if is_dtensor(p.grad):
+            squares.append(local / replicas(p.grad))  # a shard: 1 holder, or one per HSDP replica group
+        else:  # replicated plain gradients: every rank adds its 1/world share
+            squares.append(local if plain_grads_sharded else local / world)
     vector = torch.stack(squares).double()
     if reduce:
         dist.all_reduce(vector, op=dist.ReduceOp.SUM)

@@ -88,7 +88,7 @@ def plan_from_config(config) -> Plan:
         reduce = model.fsdp_reduce_dtype
     loss_impl, loss_note = _loss_impl(model.loss_impl, trainer.accelerator)
     layout = Layout(
-        micro_batch=micro_batch, seq_len=seq_len, n_gpus=_shard_count(trainer.strategy, world_size), strategy=strategy,
+        micro_batch=micro_batch, seq_len=seq_len, n_gpus=_shard_count(trainer.strategy, world_size, model, devices), strategy=strategy,
         accumulation=accumulation, sync_every_micro_batch=bool(model.fsdp_sync_every_micro_batch),
         activation_checkpointing=model.activation_checkpointing, loss_impl=loss_impl,
         cpu_offload=bool(model.cpu_offload) and strategy == "fsdp2", master_dtype=master, compute_dtype=compute,
@@ -182,8 +182,12 @@ def _strategy_kind(strategy, world_size: int) -> str:
                      "and one device.")
 
 
-def _shard_count(strategy, world_size: int) -> int:
-    """FSDP2 shards over ModelParallelStrategy's data-parallel size (the world size when it is "auto")."""
+def _shard_count(strategy, world_size: int, model, devices_per_node: int) -> int:
+    """FSDP2 shards over ModelParallelStrategy's data-parallel size (the world size when it is "auto"), or
+    under hybrid sharding over `model.fsdp_shard_size` ranks (`node`: the devices of a node)."""
+    hybrid = getattr(model, "fsdp_shard_size", None)
+    if hybrid is not None:
+        return devices_per_node if hybrid == "node" else int(hybrid)
     size = getattr(_init_args(strategy), "data_parallel_size", None) if not isinstance(strategy, str) else None
     return size if isinstance(size, int) and size > 0 else world_size
 

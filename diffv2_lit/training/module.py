@@ -105,6 +105,7 @@ class DecoderLM(L.LightningModule):
         kernels: Literal["torch", "liger"] = "torch",
         init_from: str | None = None,
         float8: bool | Literal["tensorwise", "rowwise"] = False,
+        fsdp_shard_size: int | Literal["node"] | None = None,
     ) -> None:
         """
         Args:
@@ -136,6 +137,10 @@ class DecoderLM(L.LightningModule):
             float8: torchao float8 training of the blocks' attention and SwiGLU projections (`true` or
                 `tensorwise`, `rowwise`); checkpoints stay those of the unconverted model
                 (diffv2_lit/training/float8.py). GPUs of compute capability 8.9+ (H100, H200).
+            fsdp_shard_size: FSDP2 only. None (default) shards parameters, gradients and optimizer state
+                over every rank; N (or `node`: the GPUs per node) shards within groups of N consecutive
+                ranks and replicates across them (hybrid sharding, HSDP): all-gathers and reduce-scatters
+                stay inside a node and only one gradient all-reduce per step crosses the network.
         """
         super().__init__()
         if activation_checkpointing < 0:  # bools are ints: False 0, True 1
@@ -196,9 +201,13 @@ class DecoderLM(L.LightningModule):
             model, device_mesh=self._device_mesh, activation_checkpointing=self.hparams.activation_checkpointing,
             compile=self.hparams.compile, param_dtype=self.hparams.fsdp_param_dtype,
             reduce_dtype=self.hparams.fsdp_reduce_dtype, cpu_offload=self.hparams.cpu_offload,
-            float8=self.hparams.float8,
+            float8=self.hparams.float8, shard_size=self._fsdp_shard_size(),
         )
         self._float8_scales = all_gathers_in_float8(model)
+
+    def _fsdp_shard_size(self) -> int | None:
+        size = self.hparams.get("fsdp_shard_size")
+        return self.trainer.num_devices if size == "node" else size
 
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self._init_device())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffv2_lit.errors import UsageError
 from diffv2_lit.training.float8 import apply_float8, recipe_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bool | int = False,
                 compile: bool = False, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
-                cpu_offload: bool = False, float8: bool | str = False) -> nn.Module:
+                cpu_offload: bool = False, float8: bool | str = False, shard_size: int | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and FSDP2 to a `Transformer` (in that order), in place.
 
     activation_checkpointing: False, True (every block) or N (every N-th block: 0, N, 2N, ...).
@@ -36,6 +37,8 @@ def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bo
     param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in fp32);
         the sharded master parameters stay in fp32 (run the Trainer with precision "32-true").
     float8: torchao float8 training of the blocks' projections (False, True = "tensorwise", "rowwise").
+    shard_size: None shards over every rank of the mesh (FSDP2); N shards within groups of N ranks and
+        replicates across the groups (HSDP: N = the GPUs of a node keeps all-gathers inside the node).
     """
     if recipe_name(float8):
         apply_float8(model, float8, sharded=device_mesh is not None)
@@ -46,7 +49,7 @@ def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bo
         for block in model.layers:
             block.compile()  # in place: parameter names stay as they were (no `_orig_mod.`)
     if device_mesh is not None:
-        apply_fsdp2(model, device_mesh, param_dtype, reduce_dtype, cpu_offload)
+        apply_fsdp2(model, fsdp_mesh(device_mesh, shard_size), param_dtype, reduce_dtype, cpu_offload)
     return model
 
 
@@ -68,7 +71,7 @@ def apply_fsdp2(model: nn.Module, device_mesh, param_dtype: str | None, reduce_d
     """fully_shard each block, then the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    mesh = _data_parallel_mesh(device_mesh)
+    mesh = device_mesh
     policy = MixedPrecisionPolicy(param_dtype=DTYPES.get(param_dtype), reduce_dtype=DTYPES.get(reduce_dtype))
     kwargs = {"mesh": mesh, "mp_policy": policy}
     if cpu_offload:
@@ -80,6 +83,22 @@ def apply_fsdp2(model: nn.Module, device_mesh, param_dtype: str | None, reduce_d
     # The root's parameters (embeddings, final norm, lm_head) are needed again right at the start of
     # backward, so keeping them gathered after forward saves one all-gather per step.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+def fsdp_mesh(device_mesh, shard_size: int | None = None):
+    """The mesh FSDP2 shards over: Lightning's data-parallel mesh (1-D), or for hybrid sharding a 2-D
+    ("replicate", "shard") mesh over the same ranks, shard groups of `shard_size` consecutive ranks (one node
+    when ranks are numbered node by node, as torchrun and SLURM do)."""
+    mesh = _data_parallel_mesh(device_mesh)
+    if shard_size is None or shard_size == mesh.size():
+        return mesh
+    if shard_size < 1 or mesh.size() % shard_size:
+        raise UsageError(f"model.fsdp_shard_size={shard_size} must divide the {mesh.size()} data-parallel ranks "
+                         "(the GPUs per node, or null to shard over every rank).")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(mesh.device_type, (mesh.size() // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def _data_parallel_mesh(device_mesh):
