@@ -1,5 +1,7 @@
-"""The README cannot drift: its preset table comes from `count_parameters`, and its commands run, in the
-order it gives them, on the quickstart with few steps (GPU-only commands are listed, with the reason)."""
+"""The README and docs/*.md cannot drift: the README's preset table comes from `count_parameters`, its commands
+run in the order it gives them on the quickstart with few steps, then every `diffv2-lit` command of docs/*.md that
+runs on a CPU runs as written in the same folder, and every path the documents name for those runs exists
+(GPU-only and network commands are listed, each with the reason)."""
 
 import os
 import re
@@ -115,14 +117,22 @@ def test_every_readme_command_is_run_or_named_as_gpu_only():
         assert _key(command, RUN) or _key(command, NOT_RUN_HERE), f"README command with no test: {command}"
 
 
-@pytest.mark.slow
-def test_readme_commands_run_in_order(tmp_path):
-    cwd = _workdir(tmp_path)
+@pytest.fixture(scope="module")
+def readme_walk(tmp_path_factory) -> tuple[Path, dict]:
+    """The README's commands run in order in a user's checkout, once: (that folder, each command's result).
+    The docs' commands below run in the same folder, on the same quickstart runs."""
+    cwd = _workdir(tmp_path_factory.mktemp("readme_walk"))
     outputs = {}
     for command in bash_commands(README.read_text()):
         key = _key(command, RUN)
         if key is not None:
             outputs[key] = _run(command, RUN[key], cwd)
+    return cwd, outputs
+
+
+@pytest.mark.slow
+def test_readme_commands_run_in_order(readme_walk):
+    cwd, outputs = readme_walk
     assert "resuming from runs/quickstart/version_0/checkpoints/" in \
         outputs["diffv2-lit fit --config recipes/quickstart.yaml --ckpt_path last"].stdout
     assert "resuming from runs/quickstart/version_1/checkpoints/" in \
@@ -159,3 +169,131 @@ def test_the_walk_from_own_text_to_a_125m_run(tmp_path):
     fitted = _run(commands[2], tiny, cwd)
     assert "logs and resolved config: runs/125m/version_0" in fitted.stdout
     assert (cwd / "runs" / "125m" / "version_0" / "checkpoints").is_dir()
+
+
+# ---- docs/*.md: their commands, as written, after the README's --------------------------------------
+
+DOCS = ROOT / "docs"
+# The order a reader follows them (each may use what the earlier ones wrote); the other pages hold no command.
+DOC_ORDER = ("training.md", "data.md", "inference.md", "monitoring.md")
+# docs command (its first words) -> what the test appends; it runs as written otherwise, in the README walk's folder.
+DOC_RUN = {
+    "diffv2-lit fit --config recipes/quickstart.yaml --print_config": [],
+    "diffv2-lit plan --config recipes/": [],  # the planner builds the model on the meta device: any recipe, CPU
+    "diffv2-lit prepare --input data/raw/ --input extra.jsonl.gz --output data/mycorpus": [],
+    "diffv2-lit train-tokenizer --input data/raw/ --output tokenizers/my-8k.json": [],
+    "diffv2-lit prepare --input data/raw/ --output data/my-8k": [],
+    "diffv2-lit generate --ckpt runs/quickstart/version_0/checkpoints/last.ckpt": [],
+    "diffv2-lit generate --ckpt export/": [],
+}
+DOC_NOT_RUN = {
+    "diffv2-lit fit --config recipes/125m-diffv2.yaml": "8 GPUs (or one, with configs/hardware/1gpu.yaml)",
+    "diffv2-lit fit --config recipes/125m-diffv2.yaml --config configs/hardware/1gpu.yaml --data.init_args.tokenizer":
+        "run on the CPU with a tiny model by test_the_walk_from_own_text_to_a_125m_run",
+    "diffv2-lit train-tokenizer --input my_texts/": "run by test_the_walk_from_own_text_to_a_125m_run",
+    "diffv2-lit prepare --input my_texts/ --output data/pretrain": "run by test_the_walk_from_own_text_to_a_125m_run",
+    "diffv2-lit consolidate runs/125m/": "needs the 125m run's sharded checkpoint (consolidate runs on a real sharded "
+                                         "folder in tests/faults/test_damaged_checkpoints.py and test_fsdp2.py)",
+    "diffv2-lit prepare --input data/raw/ --output s3://": "needs an S3 endpoint and credentials (network)",
+    "diffv2-lit generate --ckpt runs/125m/": "CUDA (--device cuda) and the 125m run's checkpoint",
+    "diffv2-lit compare runs/125m-diffv2 runs/125m-baseline": "needs the two 125m GPU runs",
+}
+# Paths the documents name in code that the walk does not write, with the reason.
+PATHS_NOT_WRITTEN = {
+    "data/": "diffv2_lit/data/, the package folder (docs/architecture.md)",
+    "data/sources.py": "diffv2_lit/data/sources.py (docs/architecture.md)",
+    "data/code": "a weighted mix's example folders (docs/data.md)",
+    "data/web": "a weighted mix's example folders (docs/data.md)",
+    "data/raw/": "the user's own text: written by this test as the input",
+    "data/pretrain": "the GPU recipes' data (GPT-2 tokenizer); test_the_walk_from_own_text_to_a_125m_run writes it",
+    "data/mine": "README's prepare: checked by the README walk",
+    "tokenizers/gpt2.json": "GPT-2's tokenizer.json, which the user downloads",
+    "tokenizers/mine.json": "written by test_the_walk_from_own_text_to_a_125m_run",
+}
+GPU_RUNS = ("runs/125m", "runs/<size>/")  # the GPU recipes' run folders
+
+
+def doc_commands(markdown: str) -> list[str]:
+    """The `diffv2-lit` commands of the ```bash blocks, as the shell splits them (comments dropped, words
+    joined by one space); other programs (python, sbatch, export VAR=...) are not this project's CLI."""
+    commands = []
+    for command in bash_commands(markdown):
+        words = shlex.split(command, comments=True)
+        if words and words[0] == "diffv2-lit":
+            commands.append(shlex.join(words))
+    return commands
+
+
+def _doc_plan() -> list[tuple[str, str, list[str] | str]]:
+    """(page, command, extra args to run it with | why it is not run here), in DOC_ORDER."""
+    readme = {shlex.join(shlex.split(c, comments=True)) for c in bash_commands(README.read_text()) if _key(c, RUN)}
+    plan = []
+    for page in DOC_ORDER:
+        for command in doc_commands((DOCS / page).read_text()):
+            if command in readme:
+                plan.append((page, command, "the README walk runs it"))
+                continue
+            keys = [k for k in (*DOC_RUN, *DOC_NOT_RUN) if command == k or command.startswith(k)]
+            key = max(keys, key=len) if keys else None
+            plan.append((page, command, None if key is None else DOC_RUN.get(key, DOC_NOT_RUN.get(key))))
+    return plan
+
+
+def test_every_docs_command_is_run_or_listed_with_a_reason():
+    pages = {p.name for p in DOCS.glob("*.md") if doc_commands(p.read_text())}
+    assert pages <= set(DOC_ORDER), f"docs pages with commands the test does not walk: {sorted(pages - set(DOC_ORDER))}"
+    for page, command, how in _doc_plan():
+        assert how is not None, f"docs/{page} command with no test (add it to DOC_RUN or DOC_NOT_RUN): {command}"
+
+
+def _user_inputs(cwd: Path) -> None:
+    """What docs/data.md and docs/inference.md take from the user: a text folder, a gzipped jsonl, prompts."""
+    import gzip
+    import json
+
+    raw = cwd / "data" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for text in (cwd / "my_texts").iterdir():
+        shutil.copy(text, raw / text.name)
+    lines = [json.dumps({"text": paragraph}) for paragraph in README.read_text().split("\n\n")]
+    with gzip.open(cwd / "extra.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    (cwd / "prompts.txt").write_text("ROMEO:\nJULIET:\n")
+
+
+def documented_paths() -> dict[str, set[str]]:
+    """Run-relative paths (runs/..., export/, report/, data/..., tokenizers/...) named in code in the README and
+    docs/*.md, -> the pages naming them."""
+    found: dict[str, set[str]] = {}
+    for page in (README, *sorted(DOCS.glob("*.md"))):
+        text = page.read_text()
+        code = re.findall(r"```\w*\n(.*?)```", text, re.S)
+        code += re.findall(r"`([^`\n]+)`", re.sub(r"```\w*\n.*?```", "", text, flags=re.S))
+        for span in code:
+            for path in re.findall(r"(?<![\w/.])((?:runs|export|report|data|tokenizers)/[\w./<>=*-]*)", span):
+                found.setdefault(path, set()).add(page.name)
+    return found
+
+
+@pytest.mark.slow
+def test_docs_commands_run_as_written_and_their_paths_exist(readme_walk):
+    cwd, _ = readme_walk
+    _user_inputs(cwd)
+    outputs = {}
+    for page, command, how in _doc_plan():
+        if isinstance(how, list):
+            outputs[command] = _run(command, how, cwd)
+    printed = next(r.stdout for c, r in outputs.items() if c.endswith("--print_config"))
+    assert "max_steps: 1200" in printed and "data_dir: builtin:shakespeare" in printed
+    assert all("peak per GPU:" in r.stdout for c, r in outputs.items() if c.startswith("diffv2-lit plan"))
+    for c, r in outputs.items():
+        if c.startswith("diffv2-lit generate"):
+            assert "ROMEO:" in r.stdout, (c, r.stdout[-500:])
+    missing = []
+    for path, pages in sorted(documented_paths().items()):
+        if path in PATHS_NOT_WRITTEN or path.startswith(GPU_RUNS):
+            continue
+        pattern = re.sub(r"<\w+>", "*", path.rstrip("/"))
+        if not list(cwd.glob(pattern)):
+            missing.append(f"{path} ({', '.join(sorted(pages))})")
+    assert not missing, f"paths the documents name that the walk did not write: {missing}"

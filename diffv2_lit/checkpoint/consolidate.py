@@ -23,19 +23,24 @@ from pathlib import Path
 
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_sharded
-from diffv2_lit.checkpoint.safe_load import load_file, load_sharded, trusting
+from diffv2_lit.checkpoint.layout import DCP_METADATA, is_sharded
+from diffv2_lit.checkpoint.safe_load import (DamagedCheckpointError, load_meta_pt, load_sharded, looks_sharded,
+                                            missing_index_error, trusting)
 
 
 def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: bool = False) -> Path:
     """Merge a distributed checkpoint folder into one `torch.save` file; returns the output path."""
     sharded_dir, output = Path(sharded_dir), Path(output)
+    if not sharded_dir.exists():
+        raise CheckpointError(f"checkpoint folder {sharded_dir} does not exist.")
+    if not is_sharded(sharded_dir) and looks_sharded(sharded_dir):
+        raise missing_index_error(sharded_dir)
     if not is_sharded(sharded_dir):
         raise CheckpointError(
             f"{sharded_dir} is not a sharded checkpoint folder (no {DCP_METADATA} inside); single-file checkpoints "
             "need no consolidation."
         )
-    checkpoint = _lightning_metadata(sharded_dir)
+    checkpoint = load_meta_pt(sharded_dir)  # first: a damaged folder fails before the shards are read
     # What torch's dcp_to_torch_save does, without its unrestricted reads and the temporary file.
     # The optimizer state is about twice the model's size: read it only when it is kept.
     merged = load_sharded(sharded_dir, keys=None if with_optimizer else {"state_dict"})
@@ -45,11 +50,6 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
         checkpoint["optimizer_states"] = optimizers
     AtomicCheckpointIO().save_checkpoint(checkpoint, output)  # a killed run leaves no truncated file behind
     return output
-
-
-def _lightning_metadata(sharded_dir: Path) -> dict:
-    path = sharded_dir / LIGHTNING_META
-    return load_file(path) if path.is_file() else {}
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
@@ -64,7 +64,10 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             output = consolidate(args.checkpoint, args.output, args.with_optimizer)
-    except (CheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused, damaged or missing
+    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
+        print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused or missing
         print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
         return 2
     size_mb = output.stat().st_size / 2**20

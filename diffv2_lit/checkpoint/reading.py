@@ -26,7 +26,8 @@ import torch
 from diffv2_lit.checkpoint import hf_format
 from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_export, is_sharded
-from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, load_file, load_sharded
+from diffv2_lit.checkpoint.safe_load import (DamagedCheckpointError, UntrustedCheckpointError, error_reason, load_file,
+                                            load_meta_pt, load_sharded, looks_sharded, missing_index_error)
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.config import flash_attn_available
 # Wrappers that training may leave in parameter names: torch.compile and activation checkpointing.
@@ -69,8 +70,8 @@ def recorded_tokenizer_sha256(path) -> str | None:
     """The sha256 of the tokenizer a checkpoint was trained with (DecoderLM records it), None when unrecorded
     (an export folder, a checkpoint of an older version). Reads no tensor."""
     path = Path(path)
-    if is_sharded(path) and (path / LIGHTNING_META).is_file():
-        hparams = load_file(path / LIGHTNING_META).get("hyper_parameters") or {}
+    if is_sharded(path):
+        hparams = load_meta_pt(path).get("hyper_parameters") or {}
     elif path.is_file():
         hparams = load_file(path, mmap=True).get("hyper_parameters") or {}
     else:
@@ -100,6 +101,8 @@ def checkpoint_kind(path: Path) -> str:
         return "hf"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
+    if looks_sharded(path):
+        raise missing_index_error(path)
     raise CheckpointError(
         f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA} file) nor an exported "
         "model (no config.json). Pass a Lightning .ckpt file, a sharded checkpoint directory, or an export folder."
@@ -120,7 +123,9 @@ def _read_lightning_file(path: Path):
     except UntrustedCheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"{str(path)!r} is not a readable PyTorch/Lightning checkpoint: {error}") from error
+        raise DamagedCheckpointError(f"{str(path)!r} is not a readable PyTorch/Lightning checkpoint "
+                                     f"({error_reason(error)}): truncated, damaged or not a checkpoint; copy it again "
+                                     "from where it was saved, or use another one.") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} has no 'state_dict': not a Lightning checkpoint of a diffv2-lit model.")
     config, tokenizer_spec = _config_from_hparams(checkpoint.get("hyper_parameters", {}), path)
@@ -129,9 +134,7 @@ def _read_lightning_file(path: Path):
 
 
 def _read_dcp_dir(path: Path):
-    metadata = {}
-    if (path / LIGHTNING_META).is_file():
-        metadata = load_file(path / LIGHTNING_META)
+    metadata = load_meta_pt(path)
     config, tokenizer_spec = _config_from_hparams(metadata.get("hyper_parameters", {}), path / LIGHTNING_META)
     # Only the model's keys: the optimizer states beside them are twice the model's size.
     loaded = load_sharded(path, keys={"state_dict"})

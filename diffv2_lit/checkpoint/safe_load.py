@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, checkpoint_problem, unreadable_message
+from diffv2_lit.checkpoint.layout import (DCP_METADATA, LIGHTNING_META, checkpoint_problem, sibling_checkpoints,
+                                         unreadable_message)
 
 TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
 TRUE_VALUES = ("1", "true", "yes", "on")
@@ -65,6 +66,35 @@ class UntrustedCheckpointError(CheckpointError, pickle.UnpicklingError):
     def __init__(self, source, offending: list[str]) -> None:
         self.source, self.offending = str(source), list(offending)
         super().__init__(refusal_message(self.source, self.offending))
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint that is there but cannot be read (random bytes, a cut-off or missing part): a runtime fault,
+    exit 1 in every tool (docs/faults.md). The message names the damaged file and what to do."""
+
+
+def damaged_message(what, path, reason: str, part: str = "") -> str:
+    """One line: which part of which checkpoint is damaged, why it cannot be read, what complete.json says
+    about the folder (unless it names the same missing `part`), and what to use instead."""
+    checkpoint = Path(path).parent if Path(path).name in (DCP_METADATA, LIGHTNING_META) else Path(path)
+    message = f"{what} is damaged: {reason}"
+    problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else None
+    if problem and not (part and problem.startswith(part)):
+        message += f"; {problem}"
+    others = [p for p in sibling_checkpoints(checkpoint) if os.path.abspath(p) != os.path.abspath(checkpoint)]
+    message += "; copy the checkpoint again from where it was saved, or use another one"
+    return message + (f", e.g. {others[0]} (the newest complete one next to it)." if others else ".")
+
+
+def error_reason(error: BaseException) -> str:
+    """'UnicodeDecodeError: ...': the first line of an exception, for a one-line message."""
+    text = str(error).strip()
+    if _WEIGHTS_ONLY_DETAIL in text:  # torch's weights-only advice first, the actual reason further down
+        text = text.split(_WEIGHTS_ONLY_DETAIL, 1)[1].strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+_WEIGHTS_ONLY_DETAIL = "WeightsUnpickler error:"
 
 
 def refusal_message(source: str, offending: list[str]) -> str:
@@ -182,19 +212,37 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_dcp_metadata(path) -> Any:
-    """A sharded checkpoint's `.metadata` (torch's `Metadata` index), unpickled with the allow-list."""
+    """A sharded checkpoint's `.metadata` (torch's `Metadata` index), unpickled with the allow-list. Damaged
+    bytes raise DamagedCheckpointError naming the file (pickle itself fails on random bytes with any of
+    UnpicklingError, UnicodeDecodeError, EOFError, ValueError, ... or returns something else than an index)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     with open(path, "rb") as file:
         try:
-            return _RestrictedUnpickler(file, dcp_metadata_globals()).load()
+            metadata = _RestrictedUnpickler(file, dcp_metadata_globals()).load()
         except pickle.UnpicklingError as error:
-            offending = _globals_in_message(str(error))
-            if not offending:
-                raise
+            offending = [name for name in _globals_in_message(str(error)) if _PYTHON_NAME.fullmatch(name)]
+            if not offending:  # not a refused type (or garbage bytes that happen to spell a GLOBAL opcode)
+                raise DamagedCheckpointError(_damaged_index(path, error)) from error
             if not checkpoints_trusted():
                 raise UntrustedCheckpointError(path, offending) from None
             _warn_trusted(path, offending)
             file.seek(0)
-            return pickle.load(file)
+            metadata = pickle.load(file)
+        except Exception as error:  # noqa: BLE001 - whatever random bytes make pickle raise
+            raise DamagedCheckpointError(_damaged_index(path, error)) from error
+    if not isinstance(metadata, Metadata):
+        raise DamagedCheckpointError(_damaged_index(path, f"it holds a {type(metadata).__name__}, not an index"))
+    return metadata
+
+
+_PYTHON_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")  # module.name, as a real pickle names a global
+
+
+def _damaged_index(path, error) -> str:
+    reason = error if isinstance(error, str) else f"it cannot be read as the index of the shards ({error_reason(error)})"
+    return damaged_message(f"{path} (the sharded checkpoint's index, torch.distributed.checkpoint's {DCP_METADATA})",
+                           path, reason)
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,13 +317,46 @@ def load_complete(path, target=None, **load_kwargs) -> Any:
         raise CheckpointError(unreadable_message(path, f"torch.load failed: {message}")) from err
 
 
+def load_meta_pt(folder) -> dict:
+    """A sharded folder's `meta.pt` (Lightning's hyper-parameters and loop state), as data; missing or
+    damaged is a DamagedCheckpointError naming it."""
+    path = Path(folder) / LIGHTNING_META
+    what = f"{path} (Lightning's hyper-parameters and loop state, written beside the shards)"
+    if not path.is_file():
+        raise DamagedCheckpointError(damaged_message(f"sharded checkpoint {folder}", folder, f"{what} is missing",
+                                                     part=LIGHTNING_META))
+    try:
+        meta = load_file(path)
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch.load's zip / pickle errors on damaged bytes
+        raise DamagedCheckpointError(damaged_message(what, path, f"it cannot be read ({error_reason(error)})")) from error
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(damaged_message(what, path, f"it holds a {type(meta).__name__}, not a dict"))
+    return meta
+
+
+def missing_index_error(folder) -> DamagedCheckpointError:
+    """A folder with shards or a meta.pt but no `.metadata`: a sharded checkpoint that lost its index."""
+    return DamagedCheckpointError(damaged_message(
+        f"sharded checkpoint {folder}", folder,
+        f"its {DCP_METADATA} (the index of its shards, written after them) is missing", part=DCP_METADATA))
+
+
+def looks_sharded(path) -> bool:
+    """A folder with the parts of a sharded checkpoint (shards or meta.pt), whether or not its index is there."""
+    path = Path(path)
+    return path.is_dir() and ((path / DCP_METADATA).exists() or (path / LIGHTNING_META).exists()
+                              or any(path.glob("*.distcp")))
+
+
 def load_sharded(path, keys: set[str] | None = None) -> dict[str, Any]:
     """The state dict of a sharded checkpoint folder (only `keys`, e.g. {"state_dict"}, if given), read in
     this process alone. Replaces torch's `dcp_to_torch_save` / `_load_state_dict_from_keys`."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    with _refusals_unwrapped():
+    with _refusals_unwrapped(path):
         reader, planner = _reader_and_planner(path, keys, whole=True)
         _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     return state
@@ -285,24 +366,33 @@ def distributed_load(state: dict[str, Any], path) -> None:
     """Lightning's `_distributed_checkpoint_load(state, path)` with the safe reader and planner."""
     from torch.distributed.checkpoint import load
 
-    with _refusals_unwrapped():
+    with _refusals_unwrapped(path, shards_damaged=False):  # into a given state dict: a mismatch is not damage
         reader, planner = _reader_and_planner(path)
         load(state, checkpoint_id=path, storage_reader=reader, planner=planner)
 
 
 @contextlib.contextmanager
-def _refusals_unwrapped() -> Iterator[None]:
+def _refusals_unwrapped(path, shards_damaged: bool = True) -> Iterator[None]:
     """torch.distributed.checkpoint wraps every error of a load step in a CheckpointException (a
-    BaseException listing each rank's traceback); surface a refusal as itself."""
+    BaseException listing each rank's traceback); surface a refusal as itself, anything else as one
+    DamagedCheckpointError naming the folder."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
     except CheckpointException as wrapped:
-        for error, _ in wrapped.failures.values():
-            if isinstance(error, UntrustedCheckpointError):
+        errors = [error for error, _ in wrapped.failures.values()]
+        for error in errors:
+            if isinstance(error, CheckpointError):
                 raise error from None
-        raise
+        if not shards_damaged:
+            raise
+        # A shard torch could not read: random bytes in a tensor's torch.save record, a cut-off file.
+        shards = sorted(p.name for p in Path(path).glob("*.distcp"))
+        which = f"its shard {shards[0]}" if len(shards) == 1 else f"one of its {len(shards)} shards (*.distcp)"
+        raise DamagedCheckpointError(damaged_message(
+            f"sharded checkpoint {path}", path,
+            f"{which} cannot be read ({error_reason(errors[0]) if errors else wrapped})")) from None
 
 
 def verify(path) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from diffv2_lit.checkpoint import hf_format
 from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
-from diffv2_lit.checkpoint.safe_load import trusting
+from diffv2_lit.checkpoint.safe_load import DamagedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             folder = export(args.ckpt, args.output, args.tokenizer, DTYPES.get(args.dtype), args.overwrite)
+    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
+        print(f"diffv2-lit export: error: {error}", file=sys.stderr)
+        return 1
     except (CheckpointError, TokenizerError, FileExistsError, ValueError) as error:
         print(f"diffv2-lit export: error: {error}", file=sys.stderr)
         return 2

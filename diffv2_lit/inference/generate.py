@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference, recorded_tokenizer_sha256
-from diffv2_lit.checkpoint.safe_load import trusting
+from diffv2_lit.checkpoint.safe_load import DamagedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
 from diffv2_lit.model.generation import DECODE_MODES
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trusting(args.trust_checkpoint):
             run(args)
+    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
+        print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
+        return 1
     except (CheckpointError, TokenizerError, GenerateError, ConfigError) as error:
         print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
         return 2
