@@ -20,3 +20,14 @@ def test_lightning_model_checkpoint_last_saved_step():
         callback.state_dict(), (
         f"lightning {lightning.__version__}: ModelCheckpoint._last_global_step_saved changed; check whether a resumed "
         "run still saves again at its first micro-batch and update callbacks/resume.py")
+
+
+def test_lightning_model_parallel_save_distributed_checkpoint_flag():
+    """checkpoint/atomic_io.py reads it to write sharded saves in the background as Lightning would."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for flag in (True, False):
+        strategy = ModelParallelStrategy(save_distributed_checkpoint=flag)
+        assert getattr(strategy, "_save_distributed_checkpoint", None) is flag, (
+            f"lightning {lightning.__version__}: ModelParallelStrategy._save_distributed_checkpoint changed; update "
+            "MarkShardedSaves._writes_sharded in checkpoint/atomic_io.py")

@@ -36,8 +36,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffv2_lit.checkpoint.errors import CheckpointError
-from diffv2_lit.checkpoint.layout import (PARTIAL_MARK, checkpoint_problem, is_sharded, remove_complete_marker,
-                                          write_complete_marker)
+from diffv2_lit.checkpoint.layout import (LIGHTNING_META, PARTIAL_MARK, checkpoint_problem, is_sharded,
+                                          remove_complete_marker, write_complete_marker)
 from diffv2_lit.checkpoint.safe_load import load_complete
 
 
@@ -167,27 +167,116 @@ def _is_running(pid: int) -> bool:
 
 class MarkShardedSaves:
     """Wraps `strategy.save_checkpoint` so that a sharded (FSDP2) folder carries `complete.json` exactly when its
-    save finished on every rank: rank 0 removes the folder's marker before the save (the path broadcast
-    that opens ModelParallelStrategy's save orders it before any rank writes), and writes it after
-    (torch.distributed.checkpoint's save returns on rank 0 once every rank's shards are written, and rank 0
-    writes meta.pt itself). A class, not a closure: strategies are pickled for spawned workers."""
+    save finished on every rank, and (`asynchronous`, the default) writes sharded saves in the background.
 
-    def __init__(self, save_checkpoint) -> None:
+    Synchronous: rank 0 removes the folder's marker before the save (the path broadcast that opens
+    ModelParallelStrategy's save orders it before any rank writes), and writes it after
+    (torch.distributed.checkpoint's save returns on rank 0 once every rank's shards are written, and rank 0
+    writes meta.pt itself).
+
+    Asynchronous (`torch.distributed.checkpoint.async_save`): each rank copies its shards to host memory,
+    which is all the training step waits for, and a background thread writes them, coordinated over a gloo
+    group of its own (NCCL collectives must not run from a second thread). Rank 0's write finishes only after
+    every rank's has (DCP gathers the ranks' write results before rank 0 writes `.metadata`), so rank 0 writes
+    the marker when its write is done: at the next step end (`poll`), before a later save (one step's saves
+    in flight at a time, and never two into one folder) and when training ends (`wait`). Until then the folder
+    has no marker: `--ckpt_path last` never picks a save in flight, and a process killed during the write
+    leaves the previous checkpoint as the one that resumes.
+
+    A class, not a closure: strategies are pickled for spawned workers."""
+
+    def __init__(self, save_checkpoint, asynchronous: bool = False) -> None:
         self.save_checkpoint = save_checkpoint
         self.strategy = save_checkpoint.__self__
+        self.asynchronous = asynchronous
+        self.storage_writer = None  # a FileSystemWriter class; tests inject a slow one (tests/faults/inject.py)
+        self.in_flight: list[_SaveInFlight] = []
+        self._groups: list = []  # gloo process groups for the background writes, one per save slot of a step
+        self._saves_this_step = (None, -1)
 
     @classmethod
-    def install(cls, strategy) -> None:
+    def install(cls, strategy, asynchronous: bool = False) -> "MarkShardedSaves":
         if not isinstance(strategy.save_checkpoint, cls):
-            strategy.save_checkpoint = cls(strategy.save_checkpoint)
+            strategy.save_checkpoint = cls(strategy.save_checkpoint, asynchronous)
+        strategy.save_checkpoint.asynchronous = asynchronous
+        return strategy.save_checkpoint
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "in_flight": [], "_groups": []}
 
     def __call__(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.asynchronous and self._writes_sharded():
+            return self._save_in_background(checkpoint, filepath)
+        self.wait()
         step, rank_zero = checkpoint.get("global_step", 0), self.strategy.global_rank == 0
         if rank_zero and os.path.isdir(filepath):
             remove_complete_marker(filepath)
         self.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
         if rank_zero and os.path.isdir(filepath):  # a sharded save (a file save replaces a folder by a file)
             write_complete_marker(filepath, step)
+
+    def _writes_sharded(self) -> bool:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # tests/test_private_apis.py: Lightning keeps the choice in a private attribute
+        return isinstance(self.strategy, ModelParallelStrategy) and self.strategy._save_distributed_checkpoint
+
+    def _save_in_background(self, checkpoint: dict[str, Any], filepath) -> None:
+        """ModelParallelStrategy.save_checkpoint's sharded branch, with async_save instead of save."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        path = Path(self.strategy.broadcast(str(filepath)))
+        step = checkpoint.get("global_step", 0)
+        self.wait(lambda save: save.step != step or save.path == path)
+        rank_zero = self.strategy.global_rank == 0
+        if rank_zero:
+            if path.is_file():
+                path.unlink()
+            path.mkdir(parents=True, exist_ok=True)
+            remove_complete_marker(path)
+        self.strategy.barrier("diffv2_lit_async_save")  # the folder exists and is unmarked before any rank writes
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        # Each save in flight writes from its own thread; two threads sharing one process group could
+        # interleave their collectives differently on two ranks and hang. The k-th save of a step uses group
+        # k: the same on every rank (saves of earlier steps were waited for above), created collectively here.
+        self._saves_this_step = (step, self._saves_this_step[1] + 1 if self._saves_this_step[0] == step else 0)
+        slot = self._saves_this_step[1]
+        while len(self._groups) <= slot:
+            self._groups.append(dist.new_group(backend="gloo"))
+        writer = (self.storage_writer or FileSystemWriter)(path)
+        future = dcp.async_save(state, storage_writer=writer, process_group=self._groups[slot])
+        if rank_zero:
+            torch.save(checkpoint, path / LIGHTNING_META)
+        self.in_flight.append(_SaveInFlight(path, step, future))
+
+    def poll(self) -> None:
+        """Mark every background save that has finished (no waiting, no collective)."""
+        for save in [s for s in self.in_flight if s.future.done()]:
+            self._finish(save)
+
+    def wait(self, which=lambda save: True) -> None:
+        """Block until the chosen background saves are written, and mark them."""
+        for save in [s for s in self.in_flight if which(s)]:
+            self._finish(save)
+
+    def _finish(self, save: "_SaveInFlight") -> None:
+        self.in_flight.remove(save)
+        try:
+            save.future.result()
+        except Exception as err:
+            raise CheckpointError(f"the background save of checkpoint {save.path} (step {save.step}) failed: "
+                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. "
+                                  f"It does not count as a checkpoint; the previous complete one resumes.") from err
+        if self.strategy.global_rank == 0:
+            write_complete_marker(save.path, save.step)
+
+
+class _SaveInFlight:
+    def __init__(self, path: Path, step: int, future) -> None:
+        self.path, self.step, self.future = path, step, future
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -23,6 +23,7 @@ import os
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
@@ -31,6 +32,7 @@ from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
 from diffv2_lit.checkpoint.atomic_io import MarkShardedSaves
+from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
 from diffv2_lit.training.float8 import all_gathers_in_float8, float8_problem, precompute_scales
 from diffv2_lit.training.handshake import check_data_fits_model
@@ -106,6 +108,7 @@ class DecoderLM(L.LightningModule):
         init_from: str | None = None,
         float8: bool | Literal["tensorwise", "rowwise"] = False,
         fsdp_shard_size: int | Literal["node"] | None = None,
+        async_checkpoints: bool = True,
     ) -> None:
         """
         Args:
@@ -141,6 +144,9 @@ class DecoderLM(L.LightningModule):
                 over every rank; N (or `node`: the GPUs per node) shards within groups of N consecutive
                 ranks and replicates across them (hybrid sharding, HSDP): all-gathers and reduce-scatters
                 stay inside a node and only one gradient all-reduce per step crosses the network.
+            async_checkpoints: FSDP2 sharded checkpoints are written in the background (training waits only
+                for the copy to host memory); a checkpoint counts once its write finished on every rank
+                (diffv2_lit/checkpoint/atomic_io.py). False: every save blocks until written.
         """
         super().__init__()
         if activation_checkpointing < 0:  # bools are ints: False 0, True 1
@@ -170,7 +176,7 @@ class DecoderLM(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # A sharded (FSDP2) save counts as complete only once every rank wrote its part (checkpoint/layout.py).
-        MarkShardedSaves.install(self.trainer.strategy)
+        self._sharded_saves = MarkShardedSaves.install(self.trainer.strategy, self.hparams.get("async_checkpoints", True))
 
     def configure_model(self) -> None:
         if self.model is not None:  # called again by validate/test after fit
@@ -384,6 +390,22 @@ class DecoderLM(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if getattr(self, "_float8_scales", False):
             precompute_scales(self.model)  # FSDP2 float8 all-gather: all weights' scales in one all-reduce
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_sharded_saves", None) is not None:
+            self._sharded_saves.poll()  # mark the background saves that have finished
+
+    def on_fit_end(self) -> None:
+        if getattr(self, "_sharded_saves", None) is not None:
+            self._sharded_saves.wait()  # the run's last checkpoints are written and marked before it ends
+
+    def teardown(self, stage: str) -> None:
+        saves = getattr(self, "_sharded_saves", None)
+        if saves is not None and saves.in_flight:  # a run that stopped on an error: finish what can be finished
+            try:
+                saves.wait()
+            except CheckpointError as err:
+                rank_zero_warn(str(err))
 
     def _is_logging_step(self) -> bool:
         """Lightning's rule for `log_every_n_steps`, at the step about to be taken."""

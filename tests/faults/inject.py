@@ -119,3 +119,30 @@ class SignalAtStep(L.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             self.step = -1  # once
             os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class SlowShardedWrites(L.Callback):
+    """Makes every background (async) sharded save of optimizer step `at_step` (every step when None) sleep
+    `seconds` in its writing thread, after touching `marker`; when the write is done it appends
+    `{"save_step", "training_step"}` to `record` (JSON lines), the training step reached meanwhile."""
+
+    def __init__(self, seconds: float, marker: str, record: str, at_step: int | None = None) -> None:
+        self.seconds, self.marker, self.record, self.at_step = seconds, marker, record, at_step
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        saves = trainer.strategy.save_checkpoint  # diffv2_lit.checkpoint.atomic_io.MarkShardedSaves
+        callback = self
+
+        class SlowWriter(FileSystemWriter):
+            def write_data(self, plan, planner):
+                save_step = trainer.global_step
+                if callback.at_step is None or save_step == callback.at_step:
+                    Path(callback.marker).touch()
+                    time.sleep(callback.seconds)
+                with open(callback.record, "a") as f:
+                    f.write(json.dumps({"save_step": save_step, "training_step": trainer.global_step}) + "\n")
+                return super().write_data(plan, planner)
+
+        saves.storage_writer = SlowWriter
