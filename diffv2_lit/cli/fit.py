@@ -23,6 +23,7 @@ DIFFV2_LIT_TRUST_CHECKPOINTS=1; `--weights_only false` is refused in its favour.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -73,12 +74,61 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped b
 
 
 class _ConciseParser(LightningArgumentParser):
-    """jsonargparse prints the whole usage (a hundred lines) before an error; print only the error."""
+    """jsonargparse prints the whole usage (a hundred lines) before an error; print only the error. No
+    abbreviations: argparse would silently read `--trainer.max_step` as `--trainer.max_steps`."""
+
+    typed: list[str] = []  # the command line being parsed (build_cli), to name a key as the user wrote it
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def dump(self, cfg, *args, **kwargs):
+        """`--print_config` (the one dump of a run given it; it exits after) shows what the preset resolves to."""
+        if _printing_config(_ConciseParser.typed):
+            cfg = _with_resolved_architecture(cfg)
+        return super().dump(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, ex)
-        _exit(EXIT_USAGE, f"{usage.one_line_parser_error(message)}  (`diffv2-lit fit --help` lists the options)")
+        line = usage.one_line_parser_error(message, _ConciseParser.typed, _option_strings(self))
+        _exit(EXIT_USAGE, line if ".help " in line else f"{line}  (`diffv2-lit fit --help` lists the options)")
+
+
+def _printing_config(args: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] == "--print_config" for arg in args)
+
+
+def _with_resolved_architecture(cfg):
+    """`model.architecture: {preset: quickstart, n_layers: null, ...}` -> the preset's n_layers, dim, ... in place of
+    the nulls (a copy; the file written that way builds the same model). A spec that does not resolve stays as
+    it is: the run itself then names the key."""
+    key = "model.architecture"
+    architecture = cfg.get(key) if hasattr(cfg, "get") else None
+    if hasattr(architecture, "get") and architecture.get("init_args") is not None:
+        key, architecture = f"{key}.init_args", architecture.get("init_args")  # how jsonargparse holds it to dump
+    if not hasattr(architecture, "as_dict"):
+        return cfg  # a plain preset name, or not a fit config
+    try:
+        resolved = resolve_model_config(architecture.as_dict())
+    except (ConfigError, TypeError, ValueError):
+        return cfg
+    cfg = cfg.clone()
+    for name, value in dataclasses.asdict(resolved).items():
+        if cfg.get(f"{key}.{name}", "absent") is None:
+            cfg[f"{key}.{name}"] = value
+    return cfg
+
+
+def _option_strings(parser) -> list[str]:
+    """Every flag of a parser and of its subcommands' parsers (`fit`'s when the error is the main parser's)."""
+    options = []
+    for action in parser._actions:
+        options += action.option_strings
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            options += _option_strings(sub)
+    return options
 
 
 class DiffV2CLI(LightningCLI):
@@ -255,6 +305,7 @@ class _ParseOnlyCLI(DiffV2CLI):
 
 
 def build_cli(argv: list[str] | None, run: bool = True, cli_class: type[LightningCLI] = DiffV2CLI) -> LightningCLI:
+    _ConciseParser.typed = list(sys.argv[1:] if argv is None else argv)
     return cli_class(
         DecoderLM,
         L.LightningDataModule,
