@@ -68,6 +68,13 @@ TRAINER_DEFAULTS = {
 DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
 
 
+# The end of `fit --help`: the nested classes' options are not listed above, only their class paths.
+HELP_EPILOG = ("Options of the nested classes: `--data.help TokenDataModule` (or the data module's class, e.g. "
+               "SyntheticDataModule) and `--model.architecture.help Architecture` (preset and ModelConfig fields); "
+               "`--trainer.callbacks.help ModelCheckpoint` for a callback. `--print_config` prints the resolved YAML "
+               "(docs/training.md).")
+
+
 EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
 EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped by Ctrl-C (after its checkpoint)
@@ -314,6 +321,7 @@ def build_cli(argv: list[str] | None, run: bool = True, cli_class: type[Lightnin
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={subcommand: {"epilog": HELP_EPILOG} for subcommand in ("fit", "validate")},
         args=argv,
         run=run,
     )
