@@ -196,6 +196,8 @@ class DiffV2CLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "validate":
+            self.save_config_callback = None  # validate starts no run folder (before_validate), so no config.yaml
         kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
         callbacks = _as_list(trainer_config.get("callbacks"))
         added = [] if any(isinstance(c, PreemptionCheckpoint) for c in callbacks) else [PreemptionCheckpoint()]
@@ -226,13 +228,25 @@ class DiffV2CLI(LightningCLI):
     def before_fit(self) -> None:
         self._refuse_unrestricted_loading("fit")
         self._resolve_last("fit")
-        self._check_checkpoint("fit")
+        self._check_checkpoint("fit")  # a finished run stops here, before any line says it resumes
+        self._say_which_checkpoint("fit", "resuming from")
         _report_outputs(self.trainer, at_start=True)  # where to look while it runs, not only at the end
 
     def before_validate(self) -> None:
         self._refuse_unrestricted_loading("validate")
         self._resolve_last("validate")
         self._check_checkpoint("validate")
+        self._say_which_checkpoint("validate", "validating")
+        # A validation is not a run: in a new version_<n> its loss would sit at step 0 beside the training curves
+        # (`compare`, TensorBoard) and the folder would hold no checkpoint. Lightning prints its numbers.
+        self.trainer.loggers = []
+
+    def _say_which_checkpoint(self, subcommand: str, verb: str) -> None:
+        path = self.config_init[subcommand].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path):
+            return
+        step = resume.read_recorded(path).step
+        _print_rank_zero(f"{verb} {path}" + (f" (step {step})" if step is not None else ""))
 
     def _refuse_unrestricted_loading(self, subcommand: str) -> None:
         """Lightning's `--weights_only false` would unpickle anything: the one opt-in is the environment
@@ -256,8 +270,7 @@ class DiffV2CLI(LightningCLI):
         for path, problem in choice.incomplete:
             rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
         if choice.path:
-            self.config_init[subcommand]["ckpt_path"] = choice.path
-            _print_rank_zero(f"resuming from {choice.path} (step {choice.step})")
+            self.config_init[subcommand]["ckpt_path"] = choice.path  # named by _say_which_checkpoint
             return
         if choice.other_runs:
             raise usage.UsageError(resume.other_run_message(choice, where))
@@ -369,7 +382,8 @@ def _checked_run(args: list[str], argv: list[str] | None) -> LightningCLI:
 def _run(argv: list[str] | None) -> LightningCLI:
     # LightningCLI warns when given args that also sit in sys.argv (the console-script case).
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
-    _report_outputs(cli.trainer)
+    if cli.subcommand == "fit":
+        _report_outputs(cli.trainer)  # validate wrote no folder: Lightning's table of its numbers is the report
     if any(isinstance(c, PreemptionCheckpoint) and c.saved_path and c.received == signal.SIGINT
            for c in cli.trainer.callbacks):
         sys.exit(EXIT_INTERRUPTED)  # saved and stopped by Ctrl-C: not a finished run, whatever Lightning says
@@ -563,7 +577,7 @@ def _report_outputs(trainer: L.Trainer, at_start: bool = False) -> None:
     callback = trainer.checkpoint_callback
     dirpath = getattr(callback, "dirpath", None) or (os.path.join(log_dir, "checkpoints") if callback and log_dir
                                                      else None)
-    if dirpath:
+    if dirpath and (at_start or os.path.isdir(dirpath)):  # at the end, only a folder that was written
         last = getattr(callback, "last_model_path", "")
         lines.append(f"checkpoints: {dirpath}" + (f"  (last: {last})" if last and not at_start else ""))
     for line in lines:
