@@ -129,12 +129,15 @@ def _with_resolved_architecture(cfg):
 
 
 def _option_strings(parser) -> list[str]:
-    """Every flag of a parser and of its subcommands' parsers (`fit`'s when the error is the main parser's)."""
+    """Every flag of a parser and of its subcommands' parsers (`fit`'s when the error is the main parser's).
+    argparse keeps them in private attributes: if those change, the error line only loses its suggestion
+    (tests/cli/test_typos.py notices)."""
     options = []
-    for action in parser._actions:
+    for action in getattr(parser, "_actions", ()):
         options += action.option_strings
-        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
-            options += _option_strings(sub)
+        if hasattr(action, "_name_parser_map"):  # the subcommands action: its choices are their parsers
+            for subcommand_parser in action.choices.values():
+                options += _option_strings(subcommand_parser)
     return options
 
 
@@ -245,8 +248,7 @@ class DiffV2CLI(LightningCLI):
         path = self.config_init[subcommand].get("ckpt_path")
         if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path):
             return
-        step = resume.read_recorded(path).step
-        _print_rank_zero(f"{verb} {path}" + (f" (step {step})" if step is not None else ""))
+        _print_rank_zero(f"{verb} {path} (step {resume.read_recorded(path).step})")
 
     def _refuse_unrestricted_loading(self, subcommand: str) -> None:
         """Lightning's `--weights_only false` would unpickle anything: the one opt-in is the environment
