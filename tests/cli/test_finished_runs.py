@@ -4,7 +4,9 @@
 import re
 from pathlib import Path
 
-from tests.faults.helpers import diffv2_lit, output, TINY
+import pytest
+
+from tests.faults.helpers import TINY, diffv2_lit, output
 
 RUNS = Path("runs") / "faults"
 LAST = RUNS / "version_0" / "checkpoints" / "last.ckpt"
@@ -14,6 +16,7 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+@pytest.mark.slow  # four runs one after the other
 def test_validate_and_a_finished_resume_leave_no_new_folder(tmp_path):
     fitted = diffv2_lit(tmp_path, "fit", "--config", str(TINY), "--trainer.max_steps", "3")
     assert fitted.returncode == 0, output(fitted)[-3000:]
