@@ -649,7 +649,7 @@ def _run_line(run: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffv2-lit compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="diffv2-lit compare", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding runs")
     parser.add_argument("--output", type=Path, required=True, help="report folder (report.md + PNG charts)")

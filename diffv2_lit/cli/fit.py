@@ -23,6 +23,7 @@ DIFFV2_LIT_TRUST_CHECKPOINTS=1; `--weights_only false` is refused in its favour.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -67,18 +68,77 @@ TRAINER_DEFAULTS = {
 DEFAULT_DATA_MODULE = "diffv2_lit.data.datamodule.TokenDataModule"
 
 
+# The end of `fit --help`: the nested classes' options are not listed above, only their class paths.
+HELP_EPILOG = ("Options of the nested classes: `--data.help TokenDataModule` (or the data module's class, e.g. "
+               "SyntheticDataModule) and `--model.architecture.help Architecture` (preset and ModelConfig fields); "
+               "`--trainer.callbacks.help ModelCheckpoint` for a callback. `--print_config` prints the resolved YAML "
+               "(docs/training.md).")
+
+
 EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
 EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped by Ctrl-C (after its checkpoint)
 
 
 class _ConciseParser(LightningArgumentParser):
-    """jsonargparse prints the whole usage (a hundred lines) before an error; print only the error."""
+    """jsonargparse prints the whole usage (a hundred lines) before an error; print only the error. No
+    abbreviations: argparse would silently read `--trainer.max_step` as `--trainer.max_steps`."""
+
+    typed: list[str] = []  # the command line being parsed (build_cli), to name a key as the user wrote it
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def dump(self, cfg, *args, **kwargs):
+        """`--print_config` (the one dump of a run given it; it exits after) shows what the preset resolves to."""
+        if _printing_config(_ConciseParser.typed):
+            cfg = _with_resolved_architecture(cfg)
+        return super().dump(cfg, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             return super().error(message, ex)
-        _exit(EXIT_USAGE, f"{usage.one_line_parser_error(message)}  (`diffv2-lit fit --help` lists the options)")
+        line = usage.one_line_parser_error(message, _ConciseParser.typed, _option_strings(self))
+        _exit(EXIT_USAGE, line if ".help " in line else f"{line}  (`diffv2-lit fit --help` lists the options)")
+
+
+def _printing_config(args: list[str]) -> bool:
+    return any(arg.split("=", 1)[0] == "--print_config" for arg in args)
+
+
+def _with_resolved_architecture(cfg):
+    """`model.architecture: {preset: quickstart, n_layers: null, ...}` -> the preset's n_layers, dim, ... in place of
+    the nulls (a copy; the file written that way builds the same model). A spec that does not resolve stays as
+    it is: the run itself then names the key."""
+    key = "model.architecture"
+    architecture = cfg.get(key) if hasattr(cfg, "get") else None
+    if hasattr(architecture, "get") and architecture.get("init_args") is not None:
+        key, architecture = f"{key}.init_args", architecture.get("init_args")  # how jsonargparse holds it to dump
+    if not hasattr(architecture, "as_dict"):
+        return cfg  # a plain preset name, or not a fit config
+    try:
+        resolved = resolve_model_config(architecture.as_dict())
+    except (ConfigError, TypeError, ValueError):
+        return cfg
+    cfg = cfg.clone()
+    for name, value in dataclasses.asdict(resolved).items():
+        if cfg.get(f"{key}.{name}", "absent") is None:
+            cfg[f"{key}.{name}"] = value
+    return cfg
+
+
+def _option_strings(parser) -> list[str]:
+    """Every flag of a parser and of its subcommands' parsers (`fit`'s when the error is the main parser's).
+    argparse keeps them in private attributes: if those change, the error line only loses its suggestion
+    (tests/cli/test_typos.py notices)."""
+    options = []
+    for action in getattr(parser, "_actions", ()):
+        options += action.option_strings
+        if hasattr(action, "_name_parser_map"):  # the subcommands action: its choices are their parsers
+            for subcommand_parser in action.choices.values():
+                options += _option_strings(subcommand_parser)
+    return options
 
 
 class DiffV2CLI(LightningCLI):
@@ -139,6 +199,8 @@ class DiffV2CLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "validate":
+            self.save_config_callback = None  # validate starts no run folder (before_validate), so no config.yaml
         kwargs.setdefault("plugins", _with_atomic_io(trainer_config.get("plugins"), trainer_config.get("strategy")))
         callbacks = _as_list(trainer_config.get("callbacks"))
         added = [] if any(isinstance(c, PreemptionCheckpoint) for c in callbacks) else [PreemptionCheckpoint()]
@@ -169,13 +231,24 @@ class DiffV2CLI(LightningCLI):
     def before_fit(self) -> None:
         self._refuse_unrestricted_loading("fit")
         self._resolve_last("fit")
-        self._check_checkpoint("fit")
+        self._check_checkpoint("fit")  # a finished run stops here, before any line says it resumes
+        self._say_which_checkpoint("fit", "resuming from")
         _report_outputs(self.trainer, at_start=True)  # where to look while it runs, not only at the end
 
     def before_validate(self) -> None:
         self._refuse_unrestricted_loading("validate")
         self._resolve_last("validate")
         self._check_checkpoint("validate")
+        self._say_which_checkpoint("validate", "validating")
+        # A validation is not a run: in a new version_<n> its loss would sit at step 0 beside the training curves
+        # (`compare`, TensorBoard) and the folder would hold no checkpoint. Lightning prints its numbers.
+        self.trainer.loggers = []
+
+    def _say_which_checkpoint(self, subcommand: str, verb: str) -> None:
+        path = self.config_init[subcommand].get("ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path):
+            return
+        _print_rank_zero(f"{verb} {path} (step {resume.read_recorded(path).step})")
 
     def _refuse_unrestricted_loading(self, subcommand: str) -> None:
         """Lightning's `--weights_only false` would unpickle anything: the one opt-in is the environment
@@ -199,8 +272,7 @@ class DiffV2CLI(LightningCLI):
         for path, problem in choice.incomplete:
             rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
         if choice.path:
-            self.config_init[subcommand]["ckpt_path"] = choice.path
-            _print_rank_zero(f"resuming from {choice.path} (step {choice.step})")
+            self.config_init[subcommand]["ckpt_path"] = choice.path  # named by _say_which_checkpoint
             return
         if choice.other_runs:
             raise usage.UsageError(resume.other_run_message(choice, where))
@@ -255,6 +327,7 @@ class _ParseOnlyCLI(DiffV2CLI):
 
 
 def build_cli(argv: list[str] | None, run: bool = True, cli_class: type[LightningCLI] = DiffV2CLI) -> LightningCLI:
+    _ConciseParser.typed = list(sys.argv[1:] if argv is None else argv)
     return cli_class(
         DecoderLM,
         L.LightningDataModule,
@@ -263,6 +336,7 @@ def build_cli(argv: list[str] | None, run: bool = True, cli_class: type[Lightnin
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults=TRAINER_DEFAULTS,
+        parser_kwargs={subcommand: {"epilog": HELP_EPILOG} for subcommand in ("fit", "validate")},
         args=argv,
         run=run,
     )
@@ -310,7 +384,8 @@ def _checked_run(args: list[str], argv: list[str] | None) -> LightningCLI:
 def _run(argv: list[str] | None) -> LightningCLI:
     # LightningCLI warns when given args that also sit in sys.argv (the console-script case).
     cli = build_cli(None if argv is None or list(argv) == sys.argv[1:] else argv)
-    _report_outputs(cli.trainer)
+    if cli.subcommand == "fit":
+        _report_outputs(cli.trainer)  # validate wrote no folder: Lightning's table of its numbers is the report
     if any(isinstance(c, PreemptionCheckpoint) and c.saved_path and c.received == signal.SIGINT
            for c in cli.trainer.callbacks):
         sys.exit(EXIT_INTERRUPTED)  # saved and stopped by Ctrl-C: not a finished run, whatever Lightning says
@@ -504,7 +579,7 @@ def _report_outputs(trainer: L.Trainer, at_start: bool = False) -> None:
     callback = trainer.checkpoint_callback
     dirpath = getattr(callback, "dirpath", None) or (os.path.join(log_dir, "checkpoints") if callback and log_dir
                                                      else None)
-    if dirpath:
+    if dirpath and (at_start or os.path.isdir(dirpath)):  # at the end, only a folder that was written
         last = getattr(callback, "last_model_path", "")
         lines.append(f"checkpoints: {dirpath}" + (f"  (last: {last})" if last and not at_start else ""))
     for line in lines:

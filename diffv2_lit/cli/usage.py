@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
+import inspect
 import re
 
 import torch
@@ -65,15 +68,22 @@ The model, batch and sequence length do not fit this device. Knobs, cheapest fir
 `diffv2_lit.model.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
 
 
-def one_line_parser_error(message: str) -> str:
+def one_line_parser_error(message: str, typed: list[str] = (), options: list[str] = ()) -> str:
     """jsonargparse's nested error report (a Union of subtypes, a Namespace dump) -> one line naming the key,
     the value and the choices, or the innermost message that one of our own __init__ checks raised.
 
-    Two shapes come out of jsonargparse: a bad value for a typed key ("Parser key "model.model": ... Parser key
-    "attention": ... Expected a typing.Literal[...] ... Given value: diffv3"), and a class whose __init__
-    refused its arguments ("Errors: - data.batch_size must be >= 1, got 0 - Expected a <class 'NoneType'>").
-    Anything else is returned unchanged.
+    Shapes that come out of jsonargparse: an unknown key under a class ("Parser key "data": ... Problem with
+    given class_path '...TokenDataModule': Option 'tokeniser' is not accepted"), an unknown top-level flag
+    ("unrecognized arguments: --trainer.max_stepz 3") or YAML key ("Subcommand 'fit' does not accept option
+    'trainer.max_step'"), a bad value for a typed key ("Parser key "model.model": ... Parser key "attention":
+    ... Expected a typing.Literal[...] ... Given value: diffv3"), and a class whose __init__ refused its
+    arguments ("Errors: - data.batch_size must be >= 1, got 0 - Expected a <class 'NoneType'>"). Anything
+    else is returned unchanged. `typed` is the command line (to name a key as the user spelled it), `options`
+    the parser's own flags (to suggest the closest one).
     """
+    unknown = _unknown_nested_key(message, typed) or _unknown_flag(message, options)
+    if unknown:
+        return unknown
     keys = re.findall(r'Parser key "([^"]+)"', message)
     own = [m for m in re.findall(r"^\s*- (.+)$", message, re.M)
            if not m.startswith(("Expected a ", "Problem with given class_path"))]
@@ -100,3 +110,62 @@ def _nested_key(keys: list[str]) -> str:
     for key in keys[1:]:
         full = key if key.startswith(full + ".") else f"{full}.{key}"
     return full
+
+
+def _unknown_nested_key(message: str, typed: list[str]) -> str | None:
+    """`--data.tokeniser x` (or `tokeniser:` under `data:` in YAML): jsonargparse's "Option 'tokeniser' is not
+    accepted" by the class behind `data`, which it buries under a Union report ending in "expected NoneType"."""
+    found = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not found or not keys:
+        return None
+    class_path, option = found.groups()
+    parent = _nested_key(keys)
+    names = _init_parameters(class_path)
+    close = difflib.get_close_matches(option, names, n=1, cutoff=0.6)
+    class_name = class_path.rsplit(".", 1)[-1]
+    hint = f"did you mean '{close[0]}'?" if close else f"its options: {', '.join(names)}"
+    return (f"{_as_typed(parent, option, typed, message)}: {class_name} has no option '{option}'; {hint}  "
+            f"(`diffv2-lit fit --{parent}.help {class_name}` describes them)")
+
+
+def _as_typed(parent: str, option: str, typed: list[str], message: str) -> str:
+    """The key as the user wrote it: `data.tokeniser` or `data.init_args.tokeniser` on the command line;
+    from a YAML file, with `init_args` where the file's value had it."""
+    for arg in typed:
+        name = arg.split("=", 1)[0]
+        if name.startswith(f"--{parent}.") and name.endswith(f".{option}"):
+            return name[2:]
+    given = re.findall(r"Given value: (.*)$", message, re.M)
+    if given and "'init_args':" in given[-1]:
+        return f"{parent}.init_args.{option}"
+    return f"{parent}.{option}"
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The keyword arguments a class accepts (what jsonargparse offers under its key)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(cls).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _unknown_flag(message: str, options: list[str]) -> str | None:
+    """An unknown flag or YAML key, with the closest one the parser has."""
+    flags = re.match(r"unrecognized arguments: (.*)$", message)
+    yaml_key = re.match(r"Subcommand '[^']+' does not accept option '([^']+)'", message)
+    if flags:
+        unknown = next((word for word in flags.group(1).split() if word.startswith("--")), None)
+        name = unknown.split("=", 1)[0] if unknown else None
+        known = [o for o in options if o.startswith("--")]
+    elif yaml_key:
+        name, known = yaml_key.group(1), [o[2:] for o in options if o.startswith("--")]
+    else:
+        return None
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8) if name else []
+    if not close:
+        return None
+    return f"{message}; did you mean {close[0] if flags else repr(close[0])}?"

@@ -64,7 +64,7 @@ class PrepareError(RuntimeError):
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=PROG,
+        prog=PROG, allow_abbrev=False,  # `--out` is a typo, not `--output`
         description="Tokenize text into LitData streaming chunks with a train/validation split.",
     )
     p.add_argument("--input", action="append", required=True,

@@ -136,7 +136,7 @@ def _sha256(data: bytes) -> str:
 
 def _parse_train_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="diffv2-lit train-tokenizer",
+        prog="diffv2-lit train-tokenizer", allow_abbrev=False,  # `--out` is a typo, not `--output`
         description="Train a byte-level BPE tokenizer (Hugging Face `tokenizers`) and write tokenizer.json.",
     )
     parser.add_argument("--input", action="append", required=True,

@@ -38,7 +38,7 @@ SPECIAL_TOKEN_ROLES = {"eos_token": "<|endoftext|>", "bos_token": "<|bos|>", "pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffv2-lit export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="diffv2-lit export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")

@@ -39,7 +39,7 @@ class GenerateError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffv2-lit generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="diffv2-lit generate", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
