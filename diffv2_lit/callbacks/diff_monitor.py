@@ -139,8 +139,12 @@ class DiffMonitor(L.Callback):
                 hooks = [block.register_forward_hook(self._layer_hook(records[i], per_layer[i]))
                          for i, block in enumerate(model.layers)]
                 try:
-                    # Eager, even when blocks are torch.compile'd: the diagnostics path records Python dicts.
-                    torch.compiler.disable(lambda ids: forward(ids))(tokens)
+                    # Eager, even when blocks are compiled in place (`block.compile()`): the diagnostics path
+                    # records Python dicts and [B, Hq, T, S] maps. `torch.compiler.disable` around the call does
+                    # not reach a block compiled in place (its own compiled call re-enters dynamo), and would
+                    # compile the diagnostic graphs; the force_eager stance runs every compiled code as written.
+                    with torch.compiler.set_stance("force_eager"):
+                        forward(tokens)
                 finally:
                     for hook in hooks:
                         hook.remove()
