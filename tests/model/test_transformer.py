@@ -239,3 +239,34 @@ def test_a_decoder_reuses_its_static_cache_reset_between_calls():
     assert [buffer.data_ptr() for buffer in cache.keys + cache.values] == addresses
     assert torch.equal(first, model.generate(first_prompt, 6, temperature=0))  # the growing cache, fresh
     assert torch.equal(second, model.generate(second_prompt, 6, temperature=0))
+
+
+def counting_find_spec(monkeypatch) -> list[str]:
+    """Every importlib.util.find_spec call from now on, by module name (a measurement: the real one runs)."""
+    import importlib.util
+
+    names, real_find_spec = [], importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        names.append(name)
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return names
+
+
+def test_availability_probes_are_asked_once_per_process(monkeypatch):
+    """Whether flash-attn and liger-kernel are installed is asked once (attn_backend auto asks when the model
+    is built), not in every attention call (eager, activation-checkpoint recomputes) or every loss: find_spec
+    walks sys.path. On the CPU a training forward reaches neither probe (both need CUDA inputs first), so the
+    probes themselves are counted too: three calls, at most one find_spec each (before: one per call)."""
+    from diffv2_lit.model.attention import flash_installed
+    from diffv2_lit.model.loss import liger_available
+
+    probes = counting_find_spec(monkeypatch)
+    model = tiny("diffv2", attn_backend="auto").float().train()
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids, targets=ids, loss_impl="auto").backward()
+    for _ in range(3):
+        flash_installed(), liger_available()
+    assert probes.count("flash_attn") <= 1 and probes.count("liger_kernel") <= 1, probes
