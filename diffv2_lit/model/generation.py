@@ -255,7 +255,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (always at least the top one)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token reaches top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
