@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_decode.py                      # CPU, float32, the default table
     PYTHONPATH=. python benchmarks/bench_decode.py --device cuda --dtype bfloat16 --decodes eager,cuda-graphs
 
-Decode modes (`Transformer.generate(decode=...)`): `eager` grows a KVCache, `static` fills a StaticKVCache
+Decode modes (`Transformer.generate(decode=...)`, `generation.Decoder`): `eager` grows a KVCache, `static` fills a StaticKVCache
 (every step the same shapes), `compile` / `cuda-graphs` also compile the one-token step (CUDA graphs replay
 it with one launch). Each mode is compared with the same variant's `eager` and each variant with the
 baseline in the same mode.
@@ -27,13 +27,14 @@ step reads it through two attention calls (q1 over k1, q2 over k2, each with 2d-
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
 from diffv2_lit.model import KVCache, ModelConfig, Transformer
-from diffv2_lit.model.generation import new_decode_cache
+from diffv2_lit.model.generation import Decoder
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,10 +69,10 @@ def build(shape: str, attention: str, context: int, device, dtype) -> Transforme
     return model.to(dtype).eval()
 
 
-def filled_cache(model: Transformer, decode: str, batch: int, prompt_len: int, new_tokens: int):
+def filled_cache(model: Transformer, decoder: Decoder, batch: int, prompt_len: int, new_tokens: int):
     """A cache holding `prompt_len` positions of random keys and values (see the module docstring)."""
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
-    cache = new_decode_cache(model.config, decode, batch, prompt_len + new_tokens, device)
+    cache = decoder.new_cache(model.config, batch, prompt_len + new_tokens, device)
     shape = (batch, prompt_len, model.config.n_kv_heads, model.config.head_dim)
     cache.begin(prompt_len)
     for layer in range(model.config.n_layers):
@@ -117,8 +118,10 @@ def bench_case(shape: str, batch: int, args, new_tokens: int) -> list[dict]:
     decodes = args.decodes.split(",")
     models = {v: build(shape, v, context, device, dtype) for v in VARIANTS}
     cases = [(v, d) for v in VARIANTS for d in decodes]
-    steps = {(v, d): models[v].decode_step(d) for v, d in cases}
-    caches = {(v, d): filled_cache(models[v], d, batch, args.prompt_len, new_tokens + 1) for v, d in cases}
+    decoders = {(v, d): Decoder(d) for v, d in cases}
+    steps = {case: functools.partial(decoders[case].logits, models[case[0]]) for case in cases}
+    caches = {case: filled_cache(models[case[0]], decoders[case], batch, args.prompt_len, new_tokens + 1)
+              for case in cases}
     times = {case: [] for case in cases}
     for _ in range(args.reps):
         for case in cases:  # interleaved: noise from other processes hits all of them alike

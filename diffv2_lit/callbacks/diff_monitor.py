@@ -38,6 +38,16 @@ from torch import Tensor, nn
 from diffv2_lit.callbacks.protocol import OncePerStep, model_call
 
 PROBES = ("batch", "random")
+
+
+def needs_every_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+    """Whether a forward outside the training step must run on every rank: where parameters are sharded
+    (FSDP1's wrapper, FSDP2's DTensors) each forward gathers them with a collective. With whole parameters
+    on every rank (DDP, one device) rank 0 can run it alone."""
+    from torch.distributed.tensor import DTensor
+
+    wrapped = model_call(trainer, pl_module) is not pl_module.model  # FSDP1
+    return wrapped or any(isinstance(p, DTensor) for p in pl_module.model.parameters())
 PEAK_METRICS = ("max_hidden", "max_logit")
 
 
@@ -102,7 +112,9 @@ class DiffMonitor(L.Callback):
             return
         if self.probe_tokens is None:
             self.probe_tokens = self.make_probe(batch, pl_module.model)
-        # Every rank runs the forward (FSDP2 all-gathers parameters inside it, a collective); rank 0 logs.
+        if not trainer.is_global_zero and not needs_every_rank(trainer, pl_module):
+            return  # whole parameters on rank 0 (DDP): the others would compute the same numbers for nothing
+        # Under sharding every rank runs the forward (FSDP all-gathers parameters inside it); rank 0 logs.
         with trainer.precision_plugin.forward_context():
             scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device),
                                                forward=model_call(trainer, pl_module))
@@ -137,8 +149,12 @@ class DiffMonitor(L.Callback):
                 hooks = [block.register_forward_hook(self._layer_hook(records[i], per_layer[i]))
                          for i, block in enumerate(model.layers)]
                 try:
-                    # Eager, even when blocks are torch.compile'd: the diagnostics path records Python dicts.
-                    torch.compiler.disable(lambda ids: forward(ids))(tokens)
+                    # Eager, even when blocks are compiled in place (`block.compile()`): the diagnostics path
+                    # records Python dicts and [B, Hq, T, S] maps. `torch.compiler.disable` around the call does
+                    # not reach a block compiled in place (its own compiled call re-enters dynamo), and would
+                    # compile the diagnostic graphs; the force_eager stance runs every compiled code as written.
+                    with torch.compiler.set_stance("force_eager"):
+                        forward(tokens)
                 finally:
                     for hook in hooks:
                         hook.remove()

@@ -10,7 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from diffv2_lit.callbacks.diff_monitor import needs_every_rank
 from diffv2_lit.callbacks.protocol import OncePerStep, decode_mode, model_call
+
 
 def decode_tokens(ids: list[int], tokenizer: str | None) -> str:
     """Token ids -> text: the data's tokenizer if it can be loaded, else the byte tokenizer (ids < 256)."""
@@ -39,7 +41,8 @@ class SampleText(L.Callback):
     """Every `every_n_steps` optimizer steps, generate text (KV-cache `generate`) and log it to
     TensorBoard under `samples/text`; with `print_at_end`, also print one sample when fit ends.
 
-    All ranks generate (under FSDP every forward needs every rank); only rank 0 logs and prints.
+    Under FSDP all ranks generate (every forward needs every rank); with whole parameters on every rank
+    (DDP) only rank 0 does. Only rank 0 logs and prints.
     Sampling uses its own seeded generator so it never disturbs the training RNG streams.
     """
 
@@ -93,6 +96,8 @@ class SampleText(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._step.first(trainer.global_step) or trainer.global_step % self.every_n_steps:
             return
+        if not trainer.is_global_zero and not needs_every_rank(trainer, pl_module):
+            return
         text = self.sample(pl_module, trainer)
         self._log_text(trainer, text)
 
@@ -105,7 +110,7 @@ class SampleText(L.Callback):
                                            trainer.global_step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not self.print_at_end:
+        if not self.print_at_end or not (trainer.is_global_zero or needs_every_rank(trainer, pl_module)):
             return
         text = self.sample(pl_module, trainer)
         if trainer.is_global_zero:

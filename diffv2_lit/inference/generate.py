@@ -9,7 +9,7 @@ One prompt streams its continuation to the terminal token by token. Several prom
 or one per non-empty line of --prompt-file) are decoded in batches of prompts with the same token
 count (the model has no padding mask, so batching equal lengths keeps every result exact); each
 continuation is printed when its batch finishes. Generation stops at max-new-tokens or, per prompt, at
-the tokenizer's end-of-text token. On CUDA the default dtype is bfloat16, on CPU float32.
+the tokenizer's end-of-text token (a batch stops decoding within 32 tokens of its last prompt's end). On CUDA the default dtype is bfloat16, on CPU float32.
 
 A request longer than the model's context is refused. One longer than the sequences the model was
 trained on (when the checkpoint records it) is served with a warning: past that length the model has
@@ -191,46 +191,82 @@ def _equal_length_groups(encoded: list[list[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+EOS_CHECK_EVERY = 32  # batch mode reads "has every prompt ended?" back from the device once per this many tokens
+
+
 def _generate_group(model, tokenizer, prompts, encoded, indices, args, generator, eos_id) -> int:
     """Decode one batch of equal-length prompts; returns the number of tokens generated."""
     device = model.embed_tokens.weight.device
     input_ids = torch.tensor([encoded[i] for i in indices], dtype=torch.long, device=device)
-    live = len(prompts) == 1  # one prompt: stream to the terminal as it is sampled
-    streams = [_TextStream(tokenizer) for _ in indices]
-    if live:
-        _write(prompts[indices[0]])
-    finished = [False] * len(indices)
     decode = args.decode if args.decode != "auto" else ("cuda-graphs" if device.type == "cuda" else "eager")
     steps = model.stream(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=generator, decode=decode)
-    for step, tokens in enumerate(steps):
-        for row, token in enumerate(tokens.tolist()):
-            finished[row] = finished[row] or token == eos_id
-            if not finished[row]:
-                text = streams[row].push(token)
-                if live:
-                    _write(text)
-        if all(finished):
+    if len(prompts) == 1:  # one prompt: stream to the terminal as it is sampled
+        _write(prompts[indices[0]])
+        return _stream_one(steps, _TextStream(tokenizer), eos_id)
+    rows, n_steps = _decode_batch(steps, eos_id)
+    for row, index in zip(rows, indices):
+        _write(f"=== prompt {index + 1} ===\n{prompts[index]}{tokenizer.decode(row)}\n")
+    return n_steps * len(indices)
+
+
+def _stream_one(steps, stream: _TextStream, eos_id: int | None) -> int:
+    """Print each token's text as it arrives (one host read per token: the terminal needs it); stop at EOS."""
+    n_tokens = 0
+    for tokens in steps:
+        n_tokens += 1
+        token = int(tokens[0])
+        if token == eos_id:
             break
-    if not live:
-        for row, index in enumerate(indices):
-            _write(f"=== prompt {index + 1} ===\n{prompts[index]}{streams[row].text}\n")
-    return (step + 1) * len(indices)
+        _write(stream.push(token))
+    _write(stream.flush())
+    return n_tokens
+
+
+def _decode_batch(steps, eos_id: int | None) -> tuple[list[list[int]], int]:
+    """(every prompt's new token ids, each cut before its first EOS; the decode steps run). The tokens stay on the device: whether
+    all prompts have ended is read back once per EOS_CHECK_EVERY tokens, the ids once at the end (a read per
+    token would drain a GPU's launch queue every step)."""
+    sampled, ended = [], None
+    for step, tokens in enumerate(steps):
+        sampled.append(tokens)
+        if eos_id is None:
+            continue
+        ended = tokens == eos_id if ended is None else ended | (tokens == eos_id)
+        if (step + 1) % EOS_CHECK_EVERY == 0 and bool(ended.all()):
+            break
+    rows = torch.stack(sampled, dim=1).tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows], len(sampled)
 
 
 class _TextStream:
-    """Incremental detokenisation: emits only completed text (a multi-byte character split across
-    byte tokens is held back until its last byte arrives)."""
+    """Incremental detokenisation: emits only completed text (a multi-byte character split across byte
+    tokens is held back until its last byte arrives), and `flush` emits the rest; the pieces joined are
+    `tokenizer.decode(ids)`. Each push decodes only the ids since the last emitted piece (plus the piece
+    before it, so a tokenizer that drops a leading space at the start of a decode drops it there), not the
+    whole list: the work per token stays bounded however long the text grows (vLLM's incremental
+    detokenisation)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self._prefix = self._read = 0  # ids[prefix:read] decode to text already emitted; ids[read:] pending
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """The held-back rest (a character whose bytes never completed decodes to U+FFFD, as in a full decode)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
-        new, self.text = text[len(self.text):], text
+        new = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += new
         return new
 
 

@@ -21,6 +21,7 @@ groups: the documented wrong implementation, which tests/model/test_attention.py
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -123,6 +124,14 @@ def check_flash_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"on a GPU, or set {CONFIG_PATH}.attn_backend sdpa (or auto).")
 
 
+@functools.cache
+def flash_installed() -> bool:
+    """`flash_attn_available()`, asked once per process (Attention asks when the model is built):
+    resolve_backend runs in every attention call, eager and activation-checkpoint recomputes included, and
+    importlib's find_spec walks sys.path each time."""
+    return flash_attn_available()
+
+
 def resolve_backend(requested: str, q: Tensor, masked: bool = False) -> str:
     """`auto` means flash-attn when installed, on CUDA, in fp16/bf16; otherwise SDPA. flash-attn takes no
     mask, so a masked call (a static KV cache) goes to SDPA."""
@@ -130,7 +139,7 @@ def resolve_backend(requested: str, q: Tensor, masked: bool = False) -> str:
         return "sdpa"
     if requested != "auto":
         return requested
-    flash_ok = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    flash_ok = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_installed()
     return "flash" if flash_ok else "sdpa"
 
 
@@ -165,6 +174,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        if config.attn_backend == "auto":
+            flash_installed()  # resolved now, when the model is configured, not in the first forward
         # Set to a dict by Transformer.diagnostics(); then forward runs the eager kernel and stores
         # its internals here. None (the default) costs one attribute check per call.
         self.diagnostics: dict | None = None

@@ -10,13 +10,16 @@ Two caches with one interface (`length`, `update`, `mask`, `advance`):
 - `KVCache` hands attention the filled part of its buffers; shapes grow by one token per step.
 - `StaticKVCache` hands over all S slots and a [T, S] mask of the filled ones, and keeps its position in
   a device tensor, so a decode step has the same shapes, addresses and no host values every time: the
-  step can be captured once and replayed (`DecodeStep`: torch.compile, CUDA graphs on GPUs). A 125m
+  step can be captured once and replayed (`DecodeStep`: torch.compile, CUDA graphs on GPUs). `Decoder`
+  keeps the compiled step and its caches between calls (`shared_decoder`: one per model and mode). A 125m
   decode step is ~100 kernel launches for ~0.05 ms of memory traffic on an H200; replaying a captured
   graph removes the launch cost that otherwise sets the speed.
 """
 
 from __future__ import annotations
 
+import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -100,8 +103,15 @@ class StaticKVCache:
         self._offsets = self.length + torch.arange(n_tokens, device=self.length.device)  # [T] positions
         self.mask = self.slots[None, :] <= self._offsets[:, None]  # [T, S]
 
+    def reset(self) -> None:
+        """Empty again, in place: the buffers keep their addresses (a captured step wrote into them)."""
+        self.length.zero_()
+        for buffer in self.keys + self.values:
+            if buffer is not None:
+                buffer.zero_()
+
     def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.keys[layer_idx] is None:
+        if self.keys[layer_idx] is None or self.keys[layer_idx].dtype != k.dtype:  # first use, or a new dtype
             self.keys[layer_idx] = _mark_static(torch.zeros(self.shape, dtype=k.dtype, device=k.device))
             self.values[layer_idx] = _mark_static(torch.zeros(self.shape, dtype=v.dtype, device=v.device))
         self.keys[layer_idx].index_copy_(1, self._offsets, k)
@@ -118,33 +128,46 @@ def _mark_static(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _last_logits(forward: Callable[[Tensor, StaticKVCache], Tensor], tokens: Tensor, cache: StaticKVCache) -> Tensor:
+    return forward(tokens, cache)[:, -1]
+
+
+def _with_own_code(function: Callable) -> Callable:
+    """A copy of `function` with a code object of its own. Dynamo stores compiled graphs, and counts them against
+    its recompile limit (8), per code object: steps compiled from one shared function for several models, modes
+    and batch sizes exhaust it, and with fullgraph=True the next one raises FailOnRecompileLimitHit."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+
 class DecodeStep:
-    """`step(tokens [B, 1]) -> logits [B, V]` against a StaticKVCache, compiled once and replayed.
+    """`step(forward, tokens [B, 1], cache) -> logits [B, V]` against a StaticKVCache, compiled once and replayed.
 
     mode: "eager" (no compilation), "compile" (torch.compile's default mode), "cuda-graphs"
     (`mode="reduce-overhead"`: the step is captured into a CUDA graph and replayed, CUDA only).
-    The compiled function is kept per DecodeStep, so build one per model and reuse it: each new batch size
-    or cache length compiles once more.
+    Each DecodeStep compiles its own copy of the step function, so its graphs (one per batch size the first
+    time, then one with a dynamic batch; one per dtype) count against no other step's recompile limit.
+    Build one per model and mode and keep it (`Decoder` does): a new one compiles again.
+    backend: torch.compile's backend, inductor unless told (e.g. "aot_eager" to debug a wrong result).
+    The model is an argument rather than an attribute so that a step kept per model (`shared_decoder`'s
+    weak registry) does not keep that model alive.
     """
 
     MODES = ("eager", "compile", "cuda-graphs")
 
-    def __init__(self, forward: Callable[[Tensor, StaticKVCache], Tensor], mode: str = "eager") -> None:
+    def __init__(self, mode: str = "eager", backend: str = "inductor") -> None:
         if mode not in self.MODES:
             raise ValueError(f"decode mode {mode!r} is unknown; choose one of {self.MODES}.")
-        self.forward, self.mode = forward, mode
-        step = self._step
-        if mode == "compile":
-            step = torch.compile(step, fullgraph=True)
-        elif mode == "cuda-graphs":
-            step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        self.mode = mode
+        step = _with_own_code(_last_logits)
+        if mode != "eager":
+            compile_mode = "reduce-overhead" if mode == "cuda-graphs" else None
+            step = torch.compile(step, fullgraph=True, backend=backend, mode=compile_mode)
         self._compiled = step
 
-    def _step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
-        return self.forward(tokens, cache)[:, -1]
-
-    def __call__(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
-        logits = self._compiled(tokens, cache)
+    def __call__(self, forward: Callable[[Tensor, StaticKVCache], Tensor], tokens: Tensor,
+                 cache: StaticKVCache) -> Tensor:
+        logits = self._compiled(forward, tokens, cache)
         # A CUDA-graph replay writes into the same output buffer each time: copy before the next replay.
         return logits.clone() if self.mode == "cuda-graphs" else logits
 
@@ -153,15 +176,65 @@ DECODE_MODES = ("eager", "static", "compile", "cuda-graphs")
 STATIC_CACHE_BUCKET = 256  # static caches come in multiples of this, so one compiled step serves many lengths
 
 
-def new_decode_cache(config: ModelConfig, decode: str, batch_size: int, n_tokens: int,
-                     device: torch.device) -> KVCache | StaticKVCache:
-    """The cache a decode mode needs: "eager" grows a KVCache; the others fill a StaticKVCache."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r} is unknown; choose one of {DECODE_MODES}.")
-    if decode == "eager":
-        return KVCache(config, batch_size, n_tokens, None, device)
-    slots = min(config.max_seq_len, -(-n_tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
-    return StaticKVCache(config, batch_size, slots, device)
+class Decoder:
+    """What decoding keeps between calls, for one decode mode: the compiled step and the static caches.
+
+    "eager" grows a new KVCache per call and keeps nothing. The other modes fill a StaticKVCache of a
+    multiple of STATIC_CACHE_BUCKET slots; one per (batch, slots, device) is kept and reset at its next use,
+    so a later call with the same batch and bucket hands the compiled step the same buffers, at the same
+    addresses: a CUDA graph captured over them is replayed, not recorded again. A cache in use by an
+    unfinished stream is not handed out twice (the second caller gets a fresh one). `backend`: DecodeStep's.
+    """
+
+    def __init__(self, mode: str = "eager", backend: str = "inductor") -> None:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode={mode!r} is unknown; choose one of {DECODE_MODES}.")
+        self.mode = mode
+        self.step = DecodeStep(mode, backend) if mode in DecodeStep.MODES[1:] else None
+        self.caches: dict[tuple, StaticKVCache] = {}
+        self._busy: set[int] = set()
+
+    def new_cache(self, config: ModelConfig, batch_size: int, n_tokens: int,
+                  device: torch.device) -> KVCache | StaticKVCache:
+        """A cache for `n_tokens` positions, empty; `release` it when the stream ends."""
+        if self.mode == "eager":
+            return KVCache(config, batch_size, n_tokens, None, device)
+        slots = min(config.max_seq_len, -(-n_tokens // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET)
+        key = (batch_size, slots, torch.device(device))
+        cache = self.caches.get(key)
+        if cache is None or id(cache) in self._busy:
+            fresh = StaticKVCache(config, batch_size, slots, device)
+            if cache is not None:
+                return fresh
+            cache = self.caches[key] = fresh
+        cache.reset()
+        self._busy.add(id(cache))
+        return cache
+
+    def release(self, cache: KVCache | StaticKVCache) -> None:
+        self._busy.discard(id(cache))
+
+    def logits(self, forward: Callable[[Tensor, StaticKVCache], Tensor], tokens: Tensor,
+               cache: KVCache | StaticKVCache) -> Tensor:
+        """One decode step: tokens [B, 1] -> logits [B, V] of the last position."""
+        if self.step is None:
+            return forward(tokens, cache)[:, -1]
+        return self.step(forward, tokens, cache)
+
+
+_SHARED_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_decoder(forward: Callable, mode: str) -> Decoder:
+    """The Decoder kept for `forward` (a model, or the wrapper that runs it) and `mode`, for as long as
+    `forward` lives: `Transformer.generate(decode="cuda-graphs")` called twice compiles and captures once.
+    Kept here, weakly keyed, rather than on the model, so the model holds no compile state."""
+    if mode == "eager":
+        return Decoder("eager")  # nothing worth keeping
+    decoders = _SHARED_DECODERS.setdefault(forward, {})
+    if mode not in decoders:
+        decoders[mode] = Decoder(mode)
+    return decoders[mode]
 
 
 def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -182,7 +255,7 @@ def sample_next_token(logits: Tensor, temperature: float = 1.0, top_k: int | Non
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (always at least the top one)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token reaches top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -22,6 +22,7 @@ forward only: one matmul per chunk, no gradient buffers.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -32,8 +33,10 @@ IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "plain", "chunked", "liger")
 
 
+@functools.cache
 def liger_available() -> bool:
-    """The one availability check for the optional liger-kernel (never imported at top level)."""
+    """The one availability check for the optional liger-kernel (never imported at top level); asked once
+    per process, not in every training step's loss."""
     return importlib.util.find_spec("liger_kernel") is not None
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from diffv2_lit.model.attention import build_attention
 from diffv2_lit.model.config import ModelConfig
-from diffv2_lit.model.generation import DecodeStep, KVCache, StaticKVCache, new_decode_cache, sample_next_token
+from diffv2_lit.model.generation import Decoder, KVCache, sample_next_token, shared_decoder
 from diffv2_lit.model.loss import linear_cross_entropy
 from diffv2_lit.model.norm import RMSNorm
 from diffv2_lit.model.rope import rope_cos_sin
@@ -74,7 +74,6 @@ class Transformer(nn.Module):
         # Tied embeddings reuse embed_tokens.weight in forward instead of sharing a Parameter between
         # two modules: a shared Parameter is silently untied by meta-device `to_empty`.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self._decode_steps: dict[tuple, DecodeStep] = {}  # compiled decode steps, kept for reuse (generation.py)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
                 loss_impl: str = "plain") -> Tensor:
@@ -157,11 +156,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               forward: Callable[[Tensor, KVCache], Tensor] | None = None, decode: str = "eager") -> Iterator[Tensor]:
+               forward: Callable[[Tensor, KVCache], Tensor] | None = None,
+               decode: str | Decoder = "eager") -> Iterator[Tensor]:
         """Yields the next token [B] per step: one prefill over the prompt, then one token at a time.
 
         decode: "eager" (a growing KVCache), "static" (a StaticKVCache), "compile" or "cuda-graphs" (a
-            StaticKVCache and a compiled, on GPUs captured, one-token step: generation.DecodeStep).
+            StaticKVCache and a compiled, on GPUs captured, one-token step), or a `generation.Decoder`. A mode
+            name uses the Decoder kept for this forward and mode (`generation.shared_decoder`, outside the
+            model), so later calls replay the compiled step over the same cache buffers.
         forward: `forward(input_ids, cache) -> logits` replaces this model's own call, for a wrapper that
             must run around it (FSDP1 wraps the module that holds this model, and only its forward unshards).
         """
@@ -172,31 +174,23 @@ class Transformer(nn.Module):
                 f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                 f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
             )
-        cache = new_decode_cache(self.config, decode, input_ids.shape[0], total, self.embed_tokens.weight.device)
-        step_logits = self.decode_step(decode, forward)
-        logits = forward(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
-        for step in range(max_new_tokens):
-            token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            yield token
-            if step + 1 < max_new_tokens:
-                logits = step_logits(token[:, None], cache)
-
-    def decode_step(self, decode: str, forward: Callable | None = None
-                    ) -> Callable[[Tensor, KVCache | StaticKVCache], Tensor]:
-        """`step(tokens [B, 1], cache) -> logits [B, V]` for a decode mode (see `stream`); compiled steps are
-        kept per mode and forward, so later calls replay them."""
-        forward = forward or self
-        if decode in ("eager", "static"):
-            return lambda tokens, cache: forward(tokens, cache)[:, -1]
-        key = (decode, id(forward))
-        if key not in self._decode_steps:  # compile once per model and mode, replay in every later call
-            self._decode_steps[key] = DecodeStep(forward, decode)
-        return self._decode_steps[key]
+        decoder = decode if isinstance(decode, Decoder) else shared_decoder(forward, decode)
+        cache = decoder.new_cache(self.config, input_ids.shape[0], total, self.embed_tokens.weight.device)
+        try:
+            logits = forward(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
+            for step in range(max_new_tokens):
+                token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                yield token
+                if step + 1 < max_new_tokens:
+                    logits = decoder.logits(forward, token[:, None], cache)
+        finally:
+            decoder.release(cache)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 forward: Callable[[Tensor, KVCache], Tensor] | None = None, decode: str = "eager") -> Tensor:
+                 forward: Callable[[Tensor, KVCache], Tensor] | None = None,
+                 decode: str | Decoder = "eager") -> Tensor:
         """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache (see `stream`)."""
         new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, forward,
                                       decode))

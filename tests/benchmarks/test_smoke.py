@@ -23,6 +23,7 @@ SMOKE = {
     "bench_data.py": (["--corpus", "{corpus}", "--seq-len", "32", "--batch-size", "2", "--bpe-vocab", "300",
                        "--stream-batches", "5"], "streaming vs training step"),
     "bench_async_save.py": (["--preset", "quickstart", "--repeats", "1"], "stall ratio background / synchronous"),
+    "bench_subtraction.py": (["--preset", "quickstart", "--seq-len", "32", "--repeats", "1"], "| cancel | fp32 |"),
     "study.py": (["--models", "diffv2", "--lrs", "3e-3", "--seeds", "1", "--steps", "2", "--dry-run"], "fit"),
 }
 COVERED_ELSEWHERE = {"gpu_suite.py": "tests/benchmarks/test_gpu_suite.py runs its --dry mode"}

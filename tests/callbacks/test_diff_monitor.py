@@ -187,3 +187,24 @@ def test_fit_start_rejects_a_module_without_a_transformer(tmp_path):
 
     with pytest.raises(TypeError, match="pl_module.model"):
         DiffMonitor().on_fit_start(None, NoModel())
+
+
+def test_measure_runs_blocks_compiled_in_place_eagerly():
+    """Training compiles each block in place (`block.compile()`); a diagnostic forward must not compile its
+    own graphs (Python dicts and [B, Hq, T, S] maps as outputs): 0 new dynamo graphs, the numbers of the
+    uncompiled model. dynamo's "eager" backend keeps the compile that training does cheap here."""
+    from torch._dynamo.utils import counters
+
+    plain, compiled = build(n_layers=2), build(n_layers=2)
+    tokens = distinct_tokens(2, 16, compiled.config.vocab_size)
+    for block in compiled.layers:
+        block.compile(backend="eager")
+    compiled(tokens)  # the training-path graphs, compiled before the monitor runs
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    scalars, _ = DiffMonitor().measure(compiled, tokens)
+    assert counters["stats"]["unique_graphs"] == graphs
+    expected, _ = DiffMonitor().measure(plain, tokens)
+    assert scalars.keys() == expected.keys()
+    for tag, value in expected.items():
+        assert scalars[tag] == pytest.approx(value, rel=1e-6, abs=1e-9), tag

@@ -104,6 +104,89 @@ def test_text_stream_holds_back_split_characters():
     assert pieces == ["", "é", "!"]
 
 
+class CountingTokenizer:
+    """The byte tokenizer, counting the ids it is asked to decode (the streaming decoder's work)."""
+
+    def __init__(self) -> None:
+        from diffv2_lit.data.tokenizer import ByteTokenizer
+
+        self.inner, self.decoded_ids = ByteTokenizer(), 0
+
+    def decode(self, ids) -> str:
+        self.decoded_ids += len(ids)
+        return self.inner.decode(ids)
+
+
+def test_text_stream_pieces_join_to_the_full_decode_with_bounded_work():
+    """Random ids (invalid UTF-8, split characters and specials included): the pieces plus the flush are
+    exactly one full decode of all ids, and the ids decoded per token stay a small constant (re-decoding the
+    whole list every token would be n^2 / 2 = 2 million here)."""
+    ids = torch.randint(0, 260, (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids[100:104] = list("é€".encode())[:4]  # a 2-byte and the start of a 3-byte character, split across tokens
+    tokenizer = CountingTokenizer()
+    stream = generate._TextStream(tokenizer)
+    text = "".join(stream.push(token) for token in ids) + stream.flush()
+    assert text == tokenizer.inner.decode(ids)
+    assert tokenizer.decoded_ids < 20 * len(ids)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor -> Python conversions (each one a device-to-host copy and a sync on a GPU)."""
+
+    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_batch_generation_reads_the_device_once_per_32_tokens(capsys):
+    """Several prompts print when their batch ends, so nothing needs the tokens on the host per step:
+    64 tokens for 2 prompts take 64 / 32 "all ended?" reads and one read of the ids (before: one per token)."""
+    from tests.inference.conftest import tiny_config, tiny_model
+
+    from diffv2_lit.data.tokenizer import ByteTokenizer
+
+    model, tokenizer = tiny_model(tiny_config(max_seq_len=128)), ByteTokenizer()
+    args = generate.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "64",
+                                               "--temperature", "0"])
+    prompts, encoded = ["ab", "cd"], [list(b"ab"), list(b"cd")]
+    eos_id = model.config.vocab_size  # never sampled: both prompts run all 64 tokens
+    reads = HostReads()
+    with reads:
+        n_tokens = generate._generate_group(model, tokenizer, prompts, encoded, [0, 1], args, None, eos_id)
+    assert n_tokens == 128 and reads.count <= 64 // generate.EOS_CHECK_EVERY + 1
+    out = capsys.readouterr().out
+    expected = model.generate(torch.tensor(encoded), 64, temperature=0)[:, 2:].tolist()
+    assert out == "".join(f"=== prompt {i + 1} ===\n{p}{tokenizer.decode(ids)}\n"
+                          for i, (p, ids) in enumerate(zip(prompts, expected)))
+
+
+def test_batch_generation_cuts_each_prompt_at_its_end_of_text(capsys):
+    """A prompt that samples EOS prints what came before it; the count is the steps the batch ran."""
+    from tests.inference.conftest import tiny_config, tiny_model
+
+    from diffv2_lit.data.tokenizer import ByteTokenizer
+
+    model = tiny_model(tiny_config())
+    encoded = [list(b"ab"), list(b"cd")]
+    greedy = model.generate(torch.tensor(encoded), 8, temperature=0)[:, 2:].tolist()
+    eos_id = greedy[0][3]  # prompt 1 ends at its 4th token
+    args = generate.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "8",
+                                               "--temperature", "0"])
+    n_tokens = generate._generate_group(model, ByteTokenizer(), ["ab", "cd"], encoded, [0, 1], args, None, eos_id)
+    out = capsys.readouterr().out
+    first = greedy[0][:greedy[0].index(eos_id)]
+    second = greedy[1][:greedy[1].index(eos_id)] if eos_id in greedy[1] else greedy[1]
+    assert n_tokens == 16
+    assert out == (f"=== prompt 1 ===\nab{ByteTokenizer().decode(first)}\n"
+                   f"=== prompt 2 ===\ncd{ByteTokenizer().decode(second)}\n")
+
+
 # ---- requests past the training length ------------------------------------------------------------
 
 

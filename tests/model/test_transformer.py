@@ -170,21 +170,103 @@ def test_static_decoding_generates_what_the_growing_cache_does(attention):
 @pytest.mark.slow
 def test_compiled_decode_step_equals_the_uncompiled_one():
     """The captured step (torch.compile here; CUDA graphs on GPUs) gives the uncompiled step's logits, token
-    after token, and a second generate call reuses it (no recompilation for another length)."""
+    after token, and a second generate call, for another length in the same cache bucket, compiles no new graph."""
+    from torch._dynamo.utils import counters
+
     from diffv2_lit.model import DecodeStep, StaticKVCache
 
     model = tiny("diffv2").float()
     prompt = torch.randint(0, 97, (2, 6))
     caches = {mode: StaticKVCache(model.config, batch_size=2, max_len=32) for mode in ("eager", "compile")}
-    steps = {mode: DecodeStep(model, mode) for mode in caches}
+    steps = {mode: DecodeStep(mode) for mode in caches}
     tokens = {mode: model(prompt, cache)[:, -1].argmax(-1, keepdim=True) for mode, cache in caches.items()}
     for _ in range(8):
-        logits = {mode: steps[mode](tokens[mode], caches[mode]) for mode in caches}
+        logits = {mode: steps[mode](model, tokens[mode], caches[mode]) for mode in caches}
         torch.testing.assert_close(logits["compile"], logits["eager"], rtol=1e-5, atol=1e-5)
         tokens = {mode: logits[mode].argmax(-1, keepdim=True) for mode in caches}
     assert int(caches["compile"].length) == 14
 
     eager = model.generate(prompt, max_new_tokens=9, temperature=0)
     assert torch.equal(model.generate(prompt, max_new_tokens=9, temperature=0, decode="compile"), eager)
-    assert torch.equal(model.generate(prompt, max_new_tokens=5, temperature=0, decode="compile"), eager[:, :11])
-    assert len(model._decode_steps) == 1
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = model.generate(prompt, max_new_tokens=5, temperature=0, decode="compile")
+    assert torch.equal(again, eager[:, :11]) and counters["stats"]["unique_graphs"] == graphs
+
+
+def test_decoders_for_many_models_modes_and_batches_stay_within_the_recompile_limit():
+    """3 variants x 2 compiled modes x 2 batch sizes in one process: 12 (model, mode, batch) cases, more than
+    dynamo's recompile limit of 8 graphs per code object. Each Decoder compiles its own copy of the step, so
+    none hits the limit (fullgraph=True would raise), and a second round compiles 0 new graphs. The backend
+    is dynamo's "eager" (graphs traced, guarded and counted as with inductor, minus inductor's code
+    generation, minutes on 2 cores); the inductor path is the slow test above."""
+    from torch._dynamo.utils import counters
+
+    from diffv2_lit.model import Decoder
+
+    models = {variant: tiny(variant, n_layers=1).float() for variant in VARIANTS}
+    decoders = {(variant, mode): Decoder(mode, backend="eager") for variant in VARIANTS
+                for mode in ("compile", "cuda-graphs")}
+    prompts = {batch: torch.randint(0, 97, (batch, 5)) for batch in (1, 2)}
+
+    def decode_all():
+        return {(variant, mode, batch): models[variant].generate(prompt, 3, temperature=0, decode=decoder)
+                for (variant, mode), decoder in decoders.items() for batch, prompt in prompts.items()}
+
+    first = decode_all()
+    compiled = counters["stats"]["unique_graphs"]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = decode_all()
+    assert counters["stats"]["unique_graphs"] == compiled  # every graph reused
+    for (variant, mode, batch), out in first.items():
+        eager = models[variant].generate(prompts[batch], 3, temperature=0)
+        assert torch.equal(out, eager) and torch.equal(second[variant, mode, batch], eager)
+
+
+def test_a_decoder_reuses_its_static_cache_reset_between_calls():
+    """The same (batch, bucket) gets the same buffers back, emptied: a second generate decodes as the first
+    did (stale keys from the first call would change its logits), and a captured step sees the same addresses."""
+    from diffv2_lit.model import Decoder
+
+    model = tiny("diffv2")
+    decoder = Decoder("static")
+    first_prompt, second_prompt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 4))
+    first = model.generate(first_prompt, 6, temperature=0, decode=decoder)
+    (cache,) = decoder.caches.values()
+    addresses = [buffer.data_ptr() for buffer in cache.keys + cache.values]
+    second = model.generate(second_prompt, 6, temperature=0, decode=decoder)
+    assert list(decoder.caches.values()) == [cache]
+    assert [buffer.data_ptr() for buffer in cache.keys + cache.values] == addresses
+    assert torch.equal(first, model.generate(first_prompt, 6, temperature=0))  # the growing cache, fresh
+    assert torch.equal(second, model.generate(second_prompt, 6, temperature=0))
+
+
+def counting_find_spec(monkeypatch) -> list[str]:
+    """Every importlib.util.find_spec call from now on, by module name (a measurement: the real one runs)."""
+    import importlib.util
+
+    names, real_find_spec = [], importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        names.append(name)
+        return real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    return names
+
+
+def test_availability_probes_are_asked_once_per_process(monkeypatch):
+    """Whether flash-attn and liger-kernel are installed is asked once (attn_backend auto asks when the model
+    is built), not in every attention call (eager, activation-checkpoint recomputes) or every loss: find_spec
+    walks sys.path. On the CPU a training forward reaches neither probe (both need CUDA inputs first), so the
+    probes themselves are counted too: three calls, at most one find_spec each (before: one per call)."""
+    from diffv2_lit.model.attention import flash_installed
+    from diffv2_lit.model.loss import liger_available
+
+    probes = counting_find_spec(monkeypatch)
+    model = tiny("diffv2", attn_backend="auto").float().train()
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids, targets=ids, loss_impl="auto").backward()
+    for _ in range(3):
+        flash_installed(), liger_available()
+    assert probes.count("flash_attn") <= 1 and probes.count("liger_kernel") <= 1, probes
