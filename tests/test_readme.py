@@ -135,7 +135,7 @@ def test_readme_commands_run_in_order(readme_walk):
     cwd, outputs = readme_walk
     assert "resuming from runs/quickstart/version_0/checkpoints/" in \
         outputs["diffv2-lit fit --config recipes/quickstart.yaml --ckpt_path last"].stdout
-    assert "resuming from runs/quickstart/version_1/checkpoints/" in \
+    assert "validating runs/quickstart/version_1/checkpoints/" in \
         outputs["diffv2-lit validate --config recipes/quickstart.yaml --ckpt_path last"].stdout
     assert outputs["diffv2-lit generate --ckpt runs/quickstart/version_0/checkpoints/last.ckpt"].stdout.startswith("ROMEO:")
     first = load_file(cwd / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")["hyper_parameters"]
@@ -197,6 +197,10 @@ DOC_NOT_RUN = {
     "diffv2-lit prepare --input data/raw/ --output s3://": "needs an S3 endpoint and credentials (network)",
     "diffv2-lit generate --ckpt runs/125m/": "CUDA (--device cuda) and the 125m run's checkpoint",
     "diffv2-lit compare runs/125m-diffv2 runs/125m-baseline": "needs the two 125m GPU runs",
+    "diffv2-lit fit --config recipes/quickstart.yaml --data.init_args.data_dir data/mine":
+        "the CPU walk from one's own text: run as written by tests/cli/test_cpu_walk.py",
+    "diffv2-lit validate --config recipes/quickstart.yaml --data.init_args.data_dir data/mine":
+        "the CPU walk from one's own text: run as written by tests/cli/test_cpu_walk.py",
 }
 # Paths the documents name in code that the walk does not write, with the reason.
 PATHS_NOT_WRITTEN = {

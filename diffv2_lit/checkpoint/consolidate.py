@@ -53,7 +53,7 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffv2-lit consolidate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="diffv2-lit consolidate", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="sharded checkpoint folder (e.g. .../checkpoints/last.ckpt)")
     parser.add_argument("output", help="single-file checkpoint to write")
