@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--resume-from")
+    parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH)
+    parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -48,10 +50,12 @@ def main() -> None:
     saves = ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1)
     trainer = tiny_trainer(max_steps=args.max_steps, callbacks=[recorder, norms, saves], devices=args.devices,
                            enable_checkpointing=True,
-                           strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1))
+                           strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
+                           accumulate_grad_batches=args.accumulate)
     module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
                          fsdp_shard_size=args.shard_size)
-    trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices), ckpt_path=args.resume_from)
+    micro_batch = args.global_batch // args.devices // args.accumulate
+    trainer.fit(module, tiny_data(batch_size=micro_batch), ckpt_path=args.resume_from)
     mesh = module.model.layers[0].self_attn.q_proj.weight.device_mesh
     if trainer.is_global_zero:
         with open(args.out, "w") as f:

@@ -45,6 +45,17 @@ def test_hsdp_two_by_two_equals_one_process_and_resumes_under_fsdp2_and_hsdp(tmp
     assert again["losses"] == pytest.approx(single["losses"][4:], rel=1e-5)
 
 
+def test_hsdp_accumulates_without_syncing_and_equals_one_process(tmp_path):
+    """No-sync accumulation (the default): 4 ranks x 2 micro-batches of 1 = one process's batch of 8."""
+    (tmp_path / "single").mkdir()
+    single = run(tmp_path / "single", "single", "--devices", "1", "--max-steps", "3", "--global-batch", "8")
+    hsdp = run(tmp_path, "hsdp", "--devices", "4", "--shard-size", "2", "--max-steps", "3", "--global-batch", "8",
+               "--accumulate", "2")
+    per_step = [sum(hsdp["losses"][i:i + 2]) for i in range(0, 6, 2)]  # the recorder sees each micro-batch's share
+    assert per_step == pytest.approx(single["losses"], rel=1e-5)
+    assert hsdp["grad_norms"] == pytest.approx(single["grad_norms"], rel=1e-5)
+
+
 def _states_gib(capsys, *configs: str) -> float:
     from diffv2_lit.cli import plan
 
