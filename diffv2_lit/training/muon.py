@@ -37,11 +37,13 @@ MUON_KEYS = ("momentum", "nesterov", "ns_steps", "adjust_lr_fn")  # a Muon group
 
 
 def newton_schulz(matrix: Tensor, steps: int, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
-                  eps: float = NS_EPS) -> Tensor:
-    """The quintic Newton-Schulz iteration in bf16 (an approximate U V^T of the SVD U S V^T): torch.optim.Muon's
-    `_zeropower_via_newtonschulz`. It works on the wide orientation (fewer rows), so X X^T is the small Gram."""
+                  eps: float = NS_EPS, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The quintic Newton-Schulz iteration (an approximate U V^T of the SVD U S V^T), in bf16 as
+    torch.optim.Muon's `_zeropower_via_newtonschulz`. It works on the wide orientation (fewer rows), so X X^T
+    is the small Gram. Its slope at 0 (a = 3.4, ~470 after 5 steps) amplifies bf16 rounding along the small
+    singular directions: two bf16 implementations agree to a few % on a full-rank matrix, not on a low-rank one."""
     a, b, c = coefficients
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     tall = matrix.size(0) > matrix.size(1)
     if tall:
         x = x.T
@@ -68,13 +70,13 @@ def lr_scale(shape: torch.Size, rule: str) -> float:
     raise ValueError(f"model.muon_adjust_lr={rule!r} is not one of: {', '.join(MUON_SCALES)}")
 
 
-def orthogonalised(update: Tensor, steps: int) -> Tensor:
+def orthogonalised(update: Tensor, steps: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Newton-Schulz of a whole matrix; a DTensor shard is all-gathered first and its own shard kept."""
     if not is_dtensor(update):
-        return newton_schulz(update, steps)
+        return newton_schulz(update, steps, dtype=dtype)
     from torch.distributed.tensor import DTensor, Replicate
 
-    full = newton_schulz(update.full_tensor(), steps)
+    full = newton_schulz(update.full_tensor(), steps, dtype=dtype)
     mesh = update.device_mesh
     # Replicate -> the parameter's placements: each rank slices its own shard out, no communication.
     return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
@@ -85,11 +87,15 @@ class MuonAdamW(torch.optim.Optimizer):
     """Groups with `use_muon: True` get Muon (2-D parameters only); the others AdamW.
 
     A parameter whose `.grad` is None is skipped by both (the spike detector's skip drops the gradients).
+    `ns_dtype`: Newton-Schulz's precision (bf16 as torch.optim.Muon; float32 for comparisons in tests). It is
+    an attribute, not a group key, so that checkpoints hold plain values only.
     """
 
     def __init__(self, groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 adjust_lr_fn: MuonScale = "original", fused: bool | None = None) -> None:
+                 adjust_lr_fn: MuonScale = "original", fused: bool | None = None,
+                 ns_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.ns_dtype = ns_dtype
         adamw_groups = [g for g in groups if not g.get("use_muon")]
         muon_defaults = {"momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
                          "adjust_lr_fn": adjust_lr_fn}
@@ -101,10 +107,12 @@ class MuonAdamW(torch.optim.Optimizer):
                     raise ValueError(f"Muon orthogonalises matrices; a parameter of shape {tuple(p.shape)} "
                                      "belongs in an AdamW group")
         # AdamW fills its groups' keys (betas, eps, fused, ...); this optimizer holds those same dicts.
-        self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
-        for group in self._adamw.param_groups:
+        self._adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused) \
+            if adamw_groups else None
+        for group in self._adamw.param_groups if self._adamw else ():
             group["use_muon"] = False
-        super().__init__([*self._adamw.param_groups, *muon_groups], {"lr": lr, "weight_decay": 0.0})
+        super().__init__([*(self._adamw.param_groups if self._adamw else ()), *muon_groups],
+                         {"lr": lr, "weight_decay": 0.0})
         for group in self.param_groups:
             group.setdefault("use_muon", False)
 
@@ -115,9 +123,10 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # load_state_dict replaces the group dicts and the state: AdamW steps the current ones.
-        self._adamw.param_groups = [g for g in self.param_groups if not g["use_muon"]]
-        self._adamw.state = self.state
-        self._adamw.step()
+        if self._adamw is not None:
+            self._adamw.param_groups = [g for g in self.param_groups if not g["use_muon"]]
+            self._adamw.state = self.state
+            self._adamw.step()
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_step(group)
@@ -134,6 +143,6 @@ class MuonAdamW(torch.optim.Optimizer):
             buffer = state["momentum_buffer"]
             buffer.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-            update = orthogonalised(update, group["ns_steps"])
+            update = orthogonalised(update, group["ns_steps"], self.ns_dtype)
             p.mul_(1 - lr * decay)
             p.add_(update.to(p.dtype), alpha=-lr * lr_scale(p.shape, group["adjust_lr_fn"]))
