@@ -165,11 +165,20 @@ def test_parameter_groups_put_each_parameter_in_exactly_one_group(attention):
 
 # ---- resume and sharding ----------------------------------------------------------------------------
 
-def _fit_in_process(max_steps: int, ckpt_dir: Path, resume: bool = False, **kwargs) -> tuple[list[float], dict]:
+class RecordGroups(L.Callback):
+    def __init__(self) -> None:
+        self.groups = []  # per step: (lr, momentum) of every group, as the optimizer is about to use them
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.groups.append([(g["lr"], g.get("momentum")) for g in optimizer.param_groups])
+
+
+def _fit_in_process(max_steps: int, ckpt_dir: Path, resume: bool = False, groups: RecordGroups | None = None,
+                    **kwargs) -> tuple[list[float], dict]:
     L.seed_everything(0)
     recorder = LossRecorder()
     trainer = tiny_trainer(max_steps=max_steps, enable_checkpointing=True, callbacks=[
-        recorder, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_last=True)])
+        recorder, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_last=True), *filter(None, [groups])])
     module = tiny_module(max_steps=6, **{**MUON, **kwargs})
     trainer.fit(module, tiny_data(), ckpt_path="last" if resume else None)
     return recorder.losses, {n: p.detach().clone() for n, p in module.model.named_parameters()}
@@ -190,6 +199,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(ResumeError, match="was trained with model.optimizer=muon and this run uses adamw"):
         _fit_in_process(6, tmp_path / "interrupted", resume=True, optimizer="adamw")
+
+
+def test_resume_applies_this_runs_muon_settings(tmp_path):
+    """A resume with another muon_lr and momentum continues with them (the checkpoint's are replaced), the
+    schedule's multiplier applied: step 4 of cosine(warmup 2, 6 steps, min 0.1) is 0.1 + 0.9 * (1 + cos(pi/2)) / 2."""
+    _fit_in_process(4, tmp_path)
+    groups = RecordGroups()
+    _fit_in_process(5, tmp_path, resume=True, groups=groups, muon_lr=0.08, muon_momentum=0.5)
+    multiplier = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
+    (decayed, plain, muon), = groups.groups
+    assert muon == pytest.approx((0.08 * multiplier, 0.5)) and decayed[0] == pytest.approx(3e-3 * multiplier)
 
 
 def _run(tmp_path: Path, name: str, *args: str) -> dict:
