@@ -28,7 +28,7 @@ from diffv2_lit.checkpoint.safe_load import load_complete
 
 # The settings that make two checkpoints of one model shape parts of different runs. Batch size, device
 # count, workers and max_steps are left out: a resume may change them and continue exactly.
-OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio",
+OPTIMIZER_FIELDS = ("optimizer", "lr", "betas", "eps", "weight_decay", "schedule", "warmup_steps", "min_lr_ratio",
                     "decay_fraction")
 DATA_FIELDS = ("data_dir", "mix", "seq_len", "seed", "shuffle", "pack", "tokenizer")
 

@@ -36,7 +36,9 @@ from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
 from diffv2_lit.training.float8 import all_gathers_in_float8, float8_problem, precompute_scales
 from diffv2_lit.training.handshake import check_data_fits_model
-from diffv2_lit.training.optim import (ScheduleName, apply_optimizer_settings, check_optimization, lr_multiplier,
+from diffv2_lit.training.muon import MuonAdamW, MuonScale
+from diffv2_lit.training.optim import (OptimizerName, ScheduleName, apply_optimizer_settings, check_muon,
+                                      check_optimization, check_same_optimizer, lr_multiplier, muon_settings,
                                       parameter_groups)
 from diffv2_lit.training.parallel import parallelize
 from diffv2_lit.training.step_stats import StepResult, StepStatistics
@@ -109,6 +111,13 @@ class DecoderLM(L.LightningModule):
         float8: bool | Literal["tensorwise", "rowwise"] = False,
         fsdp_shard_size: int | Literal["node"] | None = None,
         async_checkpoints: bool = True,
+        optimizer: OptimizerName = "adamw",
+        muon_lr: float = 0.02,
+        muon_weight_decay: float = 0.0,
+        muon_momentum: float = 0.95,
+        muon_nesterov: bool = True,
+        muon_ns_steps: int = 5,
+        muon_adjust_lr: MuonScale = "original",
     ) -> None:
         """
         Args:
@@ -147,6 +156,13 @@ class DecoderLM(L.LightningModule):
             async_checkpoints: FSDP2 sharded checkpoints are written in the background (training waits only
                 for the copy to host memory); a checkpoint counts once its write finished on every rank
                 (diffv2_lit/checkpoint/atomic_io.py). False: every save blocks until written.
+            optimizer: `adamw` (default) for every parameter, or `muon`: Muon for the blocks' 2-D matrices
+                (q/k/v/o, SwiGLU gate/up/down) and AdamW (`lr`, `betas`, ...) for the rest: embeddings,
+                output layer, norms, lambdas (optim.py, muon.py). The LR schedule scales both.
+            muon_lr, muon_weight_decay, muon_momentum, muon_nesterov, muon_ns_steps, muon_adjust_lr: Muon's
+                settings (peak LR, decoupled decay, momentum, Nesterov, Newton-Schulz steps, per-matrix LR
+                scale). Defaults are Keller Jordan's Muon (0.02, 0, 0.95, true, 5, `original`:
+                sqrt(max(1, fan_out/fan_in))); `match_rms_adamw` (Moonshot) is meant for AdamW's LR and decay.
         """
         super().__init__()
         if activation_checkpointing < 0:  # bools are ints: False 0, True 1
@@ -157,6 +173,7 @@ class DecoderLM(L.LightningModule):
         if kernels not in KERNELS:
             raise ValueError(f"model.kernels={kernels!r} is not one of: {', '.join(KERNELS)}")
         check_optimization(lr, betas, eps, weight_decay, schedule, warmup_steps, min_lr_ratio, decay_fraction, max_steps)
+        check_muon(optimizer, muon_lr, muon_weight_decay, muon_momentum, muon_ns_steps, muon_adjust_lr, cpu_offload)
         self.model_config = resolve_model_config(architecture)
         self.save_hyperparameters(ignore=["architecture"])
         # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config, which
@@ -293,6 +310,7 @@ class DecoderLM(L.LightningModule):
 
         saved = checkpoint.get("hyper_parameters", {}) or {}
         check_resume(saved, self.model_config, "the checkpoint")
+        check_same_optimizer(saved, self.hparams, "the checkpoint")
         # on_train_start applies this run's optimizer settings over the restored state (Lightning restores
         # the optimizer and scheduler after this hook).
         recorded = checkpoint.get(RESUME_KEY) or {}
@@ -459,14 +477,15 @@ class DecoderLM(L.LightningModule):
     # ---- optimizer and schedule --------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = parameter_groups(self.model, self.hparams.weight_decay)
+        muon = self.hparams.get("optimizer", "adamw") == "muon"
+        groups = parameter_groups(self.model, self.hparams.weight_decay, muon_settings(self.hparams) if muon else None)
         for group in groups:
             group.pop("names")  # kept out of the optimizer state (distributed checkpoints flatten it)
         fused = self.hparams.fused_adamw
         if fused is None:
             fused = all(p.is_cuda for g in groups for p in g["params"]) or None
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                      eps=self.hparams.eps, fused=fused)
+        adamw = {"lr": self.hparams.lr, "betas": tuple(self.hparams.betas), "eps": self.hparams.eps, "fused": fused}
+        optimizer = MuonAdamW(groups, **adamw) if muon else torch.optim.AdamW(groups, **adamw)
         multiplier = functools.partial(
             lr_multiplier, schedule=self.hparams.schedule, max_steps=self.schedule_steps(),
             warmup_steps=self.hparams.warmup_steps, min_lr_ratio=self.hparams.min_lr_ratio,

@@ -8,6 +8,11 @@ lm_head). No decay on:
 - embeddings (a choice, as in Llama/OLMo-style recipes): each row only gets gradient when its token
   appears, so decay would shrink rare tokens towards zero between their updates. With tied
   embeddings the shared matrix is an embedding and is not decayed either.
+
+`model.optimizer: muon` moves the blocks' 2-D matrices (q/k/v/o, gate/up/down; `muon_parameter_names`) into
+a third group that Muon steps (training/muon.py) with `muon_lr` and `muon_weight_decay`; AdamW keeps the
+embeddings, the output layer, the norms and the lambdas (DIFF V2's `lambda_proj` is a [h, D] matrix but a
+gate, not a hidden layer: kept off Muon).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 NO_DECAY_LINEARS = ("lambda_proj",)
 
 ScheduleName = Literal["cosine", "wsd", "constant"]
+OptimizerName = Literal["adamw", "muon"]
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
@@ -34,17 +40,81 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices and everything else (names kept for tests and logs)."""
+def muon_parameter_names(model: nn.Module) -> set[str]:
+    """The hidden matrices Muon steps: the 2-D weights of the linear layers inside the blocks (`layers.*`),
+    except the lambda gates. Wrappers (activation checkpointing, compile) keep `layers` first in the names."""
+    names = set()
+    for module_name, module in model.named_modules():
+        parts = module_name.split(".")
+        if isinstance(module, nn.Linear) and parts[0] == "layers" and parts[-1] not in NO_DECAY_LINEARS \
+                and module.weight.ndim == 2:
+            names.add(f"{module_name}.weight")
+    return names
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, muon: dict | None = None) -> list[dict]:
+    """Two AdamW groups: decayed matrices and everything else (names kept for tests and logs). With `muon`
+    (the Muon group's settings: lr, weight_decay, ...) a third group, `use_muon: True`, takes the blocks'
+    matrices out of the first; the AdamW groups stay first (group 0 is the decayed one)."""
     decay_names = decay_parameter_names(model)
-    decay, no_decay = [], []
+    muon_names = muon_parameter_names(model) if muon is not None else set()
+    decay, no_decay, hidden = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if name in decay_names else no_decay).append((name, param))
-    return [
+            (hidden if name in muon_names else decay if name in decay_names else no_decay).append((name, param))
+    groups = [
         {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
         {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
     ]
+    if muon is not None:
+        groups.append({"params": [p for _, p in hidden], "names": [n for n, _ in hidden], "use_muon": True, **muon})
+    return groups
+
+
+def muon_settings(hparams) -> dict:
+    """The Muon group's keys (MuonAdamW's group format) from DecoderLM's hyper-parameters."""
+    return {"lr": hparams["muon_lr"], "weight_decay": hparams["muon_weight_decay"],
+            "momentum": hparams["muon_momentum"], "nesterov": hparams["muon_nesterov"],
+            "ns_steps": hparams["muon_ns_steps"], "adjust_lr_fn": hparams["muon_adjust_lr"]}
+
+
+def check_muon(optimizer: str, muon_lr: float, muon_weight_decay: float, muon_momentum: float, muon_ns_steps: int,
+               muon_adjust_lr: str, cpu_offload: bool = False) -> None:
+    """The optimizer choice and Muon's settings, each refusal naming its key (checked for AdamW runs too, so a
+    typo does not wait for the day the recipe switches to Muon)."""
+    from diffv2_lit.training.muon import MUON_SCALES
+
+    problems = []
+    if optimizer not in ("adamw", "muon"):
+        problems.append(f"model.optimizer={optimizer!r} is not one of: adamw, muon")
+    if not muon_lr > 0:
+        problems.append(f"model.muon_lr={muon_lr} must be > 0 (e.g. 0.02 with muon_adjust_lr: original)")
+    if not muon_weight_decay >= 0:
+        problems.append(f"model.muon_weight_decay={muon_weight_decay} must be >= 0")
+    if not 0 <= muon_momentum < 1:
+        problems.append(f"model.muon_momentum={muon_momentum} must be in [0, 1), e.g. 0.95")
+    if isinstance(muon_ns_steps, bool) or not isinstance(muon_ns_steps, int) or not 1 <= muon_ns_steps < 100:
+        problems.append(f"model.muon_ns_steps={muon_ns_steps!r} must be an integer in [1, 100), e.g. 5")
+    if muon_adjust_lr not in MUON_SCALES:
+        problems.append(f"model.muon_adjust_lr={muon_adjust_lr!r} is not one of: {', '.join(MUON_SCALES)}")
+    if optimizer == "muon" and cpu_offload:
+        problems.append("model.optimizer=muon cannot run with model.cpu_offload=true (Newton-Schulz gathers each "
+                        "matrix on the accelerator): set one of them back")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_same_optimizer(saved: dict, current: dict, where: str) -> None:
+    """A resume keeps the optimizer: AdamW's state (two moments per parameter) cannot continue as Muon's (one
+    buffer per matrix) or the reverse. Checkpoints from before `model.optimizer` existed are AdamW's."""
+    from diffv2_lit.checkpoint.errors import ResumeError
+
+    if not isinstance(saved.get("model_config"), dict):
+        return  # not a diffv2-lit checkpoint: Lightning's own load reports what it finds
+    before, now = saved.get("optimizer", "adamw"), current.get("optimizer", "adamw")
+    if before != now:
+        raise ResumeError(f"{where} was trained with model.optimizer={before} and this run uses {now}: resume with "
+                         f"--model.optimizer {before}, or start {now} from its weights with --model.init_from")
 
 
 def lr_multiplier(step: int, schedule: ScheduleName, max_steps: int, warmup_steps: int,
@@ -103,22 +173,28 @@ def check_optimization(lr: float, betas, eps: float, weight_decay: float, schedu
 
 
 SCHEDULE_FIELDS = ("schedule", "warmup_steps", "min_lr_ratio", "decay_fraction")
+MUON_FIELDS = ("muon_lr", "muon_weight_decay", "muon_momentum", "muon_nesterov", "muon_ns_steps", "muon_adjust_lr")
 
 
 def apply_optimizer_settings(optimizer, scheduler, saved: dict, current: dict, saved_schedule_steps: int | None,
                              schedule_steps: int) -> list[str]:
-    """After a resume restored the checkpoint's AdamW and LambdaLR states, put this run's settings in place
-    (the schedule's shape and length already come from this run's LambdaLR function) and set the LR for
-    the resumed step. Returns one description per change."""
+    """After a resume restored the checkpoint's optimizer (AdamW or MuonAdamW) and LambdaLR states, put this
+    run's settings in place (the schedule's shape and length already come from this run's LambdaLR function)
+    and set the LR for the resumed step. Returns one description per change."""
+    muon = current.get("optimizer") == "muon"
+    names = ("lr", "betas", "eps", "weight_decay") + SCHEDULE_FIELDS + (MUON_FIELDS if muon else ())
     changes = [f"model.{name} {current[name]!r} (the checkpoint's: {saved[name]!r})"
-               for name in ("lr", "betas", "eps", "weight_decay") + SCHEDULE_FIELDS
-               if name in saved and _plain(saved[name]) != _plain(current[name])]
+               for name in names if name in saved and _plain(saved[name]) != _plain(current[name])]
     decay_group = optimizer.param_groups[0]  # parameter_groups: the decayed matrices first
     decay_group["weight_decay"] = current["weight_decay"]
     lr_before = optimizer.param_groups[0]["lr"]
     for group in optimizer.param_groups:
-        group["betas"], group["eps"], group["initial_lr"] = tuple(current["betas"]), current["eps"], current["lr"]
-    scheduler.base_lrs = [current["lr"]] * len(optimizer.param_groups)
+        if group.get("use_muon"):
+            group.update(muon_settings(current))
+            group["initial_lr"] = current["muon_lr"]
+        else:
+            group["betas"], group["eps"], group["initial_lr"] = tuple(current["betas"]), current["eps"], current["lr"]
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * multiplier(scheduler.last_epoch)
     if saved_schedule_steps is not None and saved_schedule_steps != schedule_steps:
