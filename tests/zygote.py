@@ -36,6 +36,7 @@ SERVER = r'''
 import importlib.util, json, os, signal, sys, threading, traceback
 import torch, lightning, litdata  # noqa: F401  (the imports every run pays)
 import diffv2_lit.cli, diffv2_lit.cli.fit  # noqa: F401
+import torch.utils.tensorboard  # noqa: F401  (the loggers' writer: imported by every run that logs)
 
 requests, replies = os.fdopen(int(sys.argv[1]), "r"), os.fdopen(int(sys.argv[2]), "w", buffering=1)
 pending = {}  # pid -> file for its exit status
