@@ -16,3 +16,9 @@ def fit(tmp_path: Path, *extra: str, timeout: float = 300, extra_env: dict | Non
 
 def start(tmp_path: Path, *extra: str, extra_env: dict | None = None, log_name: str = "killed.log"):
     return zygote.start(fit_args(*extra)[3:], tmp_path, {**env(tmp_path), **(extra_env or {})}, tmp_path / log_name)
+
+
+def diffv2_lit(tmp_path: Path, *args: str, extra_env: dict | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Any subcommand, as `diffv2-lit ARGS` in tmp_path (helpers.diffv2_lit runs the console script itself)."""
+    return zygote.run(list(args), tmp_path, {**env(tmp_path), **(extra_env or {})}, timeout=timeout)
