@@ -71,12 +71,22 @@ def child(request):
     os.dup2(out, 1); os.dup2(err, 2)
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    main_spec = importlib.util.find_spec("diffv2_lit.__main__")  # what Lightning's launcher reruns for rank 1..
-    sys.modules["__main__"].__spec__ = main_spec
-    sys.argv = [main_spec.origin, *request["args"]]
+    script = request.get("script")
+    if script is None:  # `python -m diffv2_lit ARGS`: what Lightning's launcher reruns for ranks 1, 2, ...
+        main_spec = importlib.util.find_spec("diffv2_lit.__main__")
+        sys.modules["__main__"].__spec__ = main_spec
+        sys.argv = [main_spec.origin, *request["args"]]
+        sys.path[0] = os.getcwd()
+    else:  # `python SCRIPT ARGS`: runpy gives it a __main__ without a spec, so the launcher reruns the script
+        sys.argv = [script, *request["args"]]
+        sys.path[0] = os.path.dirname(os.path.abspath(script))
     code = 0
     try:
-        diffv2_lit.cli.main(request["args"])
+        if script is None:
+            diffv2_lit.cli.main(request["args"])
+        else:
+            import runpy
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             code = exit_.code or 0
@@ -160,12 +170,14 @@ def _same_at_import(env: dict, reference: dict) -> bool:
 class Forked:
     """A `subprocess.Popen`-like handle on one forked `diffv2-lit` process (pid, poll, wait, send_signal)."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path | None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path | None,
+                 script: Path | None = None) -> None:
         self._folder = tempfile.mkdtemp(prefix="zygote-")
         self._status = os.path.join(self._folder, "status")
-        self.args, self.returncode = ["diffv2-lit", *args], None
+        self.args, self.returncode = [str(script) if script else "diffv2-lit", *args], None
         self.pid = _get().fork({"args": list(args), "cwd": str(cwd), "env": env, "stdout": str(stdout),
-                                "stderr": None if stderr is None else str(stderr), "status": self._status})
+                                "stderr": None if stderr is None else str(stderr), "status": self._status,
+                                "script": None if script is None else str(script)})
 
     def poll(self) -> int | None:
         if self.returncode is None and os.path.exists(self._status):
@@ -188,21 +200,25 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def start(args: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path | None = None):
-    """`python -m diffv2_lit ARGS` in `cwd` writing to `stdout` (and `stderr`, or the same file): a forked
-    child of the zygote, or a plain process where `env` differs in a variable read at import time."""
+def start(args: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path | None = None,
+          script: Path | None = None):
+    """`python -m diffv2_lit ARGS` (or `python SCRIPT ARGS`) in `cwd` writing to `stdout` (and `stderr`, or the
+    same file): a forked child of the zygote, or a plain process where `env` differs in a variable read at
+    import time."""
     if not _same_at_import(env, base_env()):
         out = open(stdout, "w")
         err = subprocess.STDOUT if stderr is None else open(stderr, "w")
-        return subprocess.Popen([sys.executable, "-m", "diffv2_lit", *args], cwd=cwd, env=env, stdout=out, stderr=err,
-                                text=True)
-    return Forked(list(args), Path(cwd), env, Path(stdout), None if stderr is None else Path(stderr))
+        command = [sys.executable, *([str(script)] if script else ["-m", "diffv2_lit"]), *args]
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+    return Forked(list(args), Path(cwd), env, Path(stdout), None if stderr is None else Path(stderr), script)
 
 
-def run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Like `subprocess.run([python, -m, diffv2_lit, *args], capture_output=True, text=True)`."""
+def run(args: list[str], cwd: Path, env: dict, timeout: float = 300,
+        script: Path | None = None) -> subprocess.CompletedProcess:
+    """Like `subprocess.run([python, -m, diffv2_lit, *args], capture_output=True, text=True)`, or with
+    `script`, `subprocess.run([python, SCRIPT, *args], ...)`."""
     folder = Path(tempfile.mkdtemp(prefix="zygote-run-"))
-    process = start(args, cwd, env, folder / "stdout", folder / "stderr")
+    process = start(args, cwd, env, folder / "stdout", folder / "stderr", script)
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
