@@ -71,6 +71,9 @@ def child(request):
     os.dup2(out, 1); os.dup2(err, 2)
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    # Lightning reads the process's rank from RANK / LOCAL_RANK / SLURM_PROCID when it is imported: read it again.
+    from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
+    rank_zero_only.rank = _get_rank() or 0
     script = request.get("script")
     if script is None:  # `python -m diffv2_lit ARGS`: what Lightning's launcher reruns for ranks 1, 2, ...
         main_spec = importlib.util.find_spec("diffv2_lit.__main__")
