@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,7 @@ class Forked:
     def poll(self) -> int | None:
         if self.returncode is None and os.path.exists(self._status):
             self.returncode = int(Path(self._status).read_text())
+            shutil.rmtree(self._folder, ignore_errors=True)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -228,5 +230,8 @@ def run(args: list[str], cwd: Path, env: dict, timeout: float = 300,
         process.kill()
         process.wait(timeout=60)
         raise
-    return subprocess.CompletedProcess(["diffv2-lit", *args], code, (folder / "stdout").read_text(),
-                                       (folder / "stderr").read_text())
+    try:
+        return subprocess.CompletedProcess(["diffv2-lit", *args], code, (folder / "stdout").read_text(),
+                                           (folder / "stderr").read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

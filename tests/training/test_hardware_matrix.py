@@ -27,10 +27,10 @@ def test_every_fragment_is_in_the_matrix():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.stem for f in FRAGMENTS])
-def test_fragment_trains_the_quickstart_with_clipping(tmp_path, fragment):
+def test_fragment_trains_the_quickstart_with_clipping(tmp_path, fragment, builtin_cache):
     twin = single_device_fragment(fragment, "cpu", tmp_path / f"{fragment.stem}-cpu.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
-           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
+           "DIFFV2_LIT_CACHE": str(builtin_cache)}  # the corpus prepared once (tests/conftest.py)
     args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--config", str(twin),
             "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--trainer.gradient_clip_val", "0.01", "--model.fused_adamw", "true",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
