@@ -20,8 +20,8 @@ Sections, each under its own time limit so one failure cannot eat the rest:
    and without compile), DIFF V2 against the baseline's FLOP rate.
 
 Every row says `ok` or what failed (the first line of the error); the exit code is 1 if any row failed.
-`--dry` shrinks everything (quickstart preset, a few steps, CPU twins of the fragments) so the whole
-script runs inside the test suite.
+`--dry` shrinks everything (a one-layer quickstart model for kernels and decode, a few steps of the
+quickstart recipes, CPU twins of the fragments) so the whole script runs inside the test suite.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
 from diffv2_lit.training.cpu_twin import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
+# --dry's model shape for the kernels and decode sections: one small layer, so the dry run checks that every
+# section runs and reports (the model tests check the numbers at more shapes), in seconds.
+DRY_SHAPE = dict(n_layers=1, dim=64, n_heads=4, n_kv_heads=2)
+
+
+def section_shape(dry: bool) -> dict:
+    return DRY_SHAPE if dry else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ def kernel_rows(device: torch.device, dry: bool) -> list[dict]:
     rows = []
     backends = ["sdpa"] + (["flash"] if device.type == "cuda" and _flash_available() else [])
     for variant in VARIANTS:
-        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256)
+        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256, **section_shape(dry))
         reference = _model(config, "cpu", torch.float64, "eager")
         ids = torch.randint(0, config.vocab_size, (2, 64 if dry else 256), generator=torch.Generator().manual_seed(0))
         expected = reference(ids).float()
@@ -150,7 +157,7 @@ def step_rows(device: torch.device, dry: bool) -> list[dict]:
         return [{"variant": "all", "path": "liger", "status": f"FAILED: {liger_problem} (benchmarks/fetch_gpu_wheels.sh)"}]
     rows = []
     for variant in VARIANTS:
-        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256)
+        config = ModelConfig.from_preset("quickstart", attention=variant, max_seq_len=256, **section_shape(dry))
         ids = torch.randint(0, config.vocab_size, (2, 64 if dry else 256), generator=torch.Generator().manual_seed(1))
         for dtype in ((torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16)):
             reference = _model(config, device, dtype, "sdpa")
@@ -292,7 +299,7 @@ def decode_rows(device: torch.device, dry: bool) -> list[dict]:
     for batch in (1, 16):
         seconds, tokens = {}, {}
         for variant in ("baseline", "diffv2"):
-            config = ModelConfig.from_preset(shape, attention=variant, attn_backend="auto")
+            config = ModelConfig.from_preset(shape, attention=variant, attn_backend="auto", **section_shape(dry))
             model = _model(config, device, dtype, "auto")
             ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
             for decode in ("eager", captured):

@@ -8,6 +8,26 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """A DIFFV2_LIT_CACHE holding the built-in corpus (byte tokenizer), prepared once per test process for the
+    runs that only read it. Tests of the first-use preparation itself (tests/data/test_builtin.py, the full-disk
+    tests) give their runs an empty cache of their own."""
+    from diffv2_lit.data.datamodule import ensure_builtin
+
+    cache = tmp_path_factory.mktemp("builtin_cache")
+    saved = os.environ.get("DIFFV2_LIT_CACHE")
+    os.environ["DIFFV2_LIT_CACHE"] = str(cache)
+    try:
+        ensure_builtin("builtin:shakespeare", "byte")
+    finally:
+        if saved is None:
+            del os.environ["DIFFV2_LIT_CACHE"]
+        else:
+            os.environ["DIFFV2_LIT_CACHE"] = saved
+    return cache
+
+
+@pytest.fixture(scope="session")
 def quickstart_twin_runs(tmp_path_factory):
     """runs/quickstart as a newcomer leaves it, from the real recipes cut to a 2-layer model and 6 steps of
     4 x 32 tokens (in process, about 10 s): the DIFF V2 run (version_0) and its baseline twin (version_1),

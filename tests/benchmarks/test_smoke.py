@@ -2,11 +2,10 @@
 unnoticed: `bench_training.py` once failed on a renamed argument and nobody saw it."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests import zygote
 
 ROOT = Path(__file__).parents[2]
 BENCHMARKS = ROOT / "benchmarks"
@@ -44,7 +43,7 @@ def test_benchmark_script_runs(script, tmp_path):
     args, expected = SMOKE[script]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
            "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *[a.format(corpus=corpus) for a in args]],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = zygote.run([a.format(corpus=corpus) for a in args], tmp_path, env, timeout=300,
+                        script=BENCHMARKS / script)  # forked after the imports (tests/zygote.py)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert expected in result.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from diffv2_lit.data.prepare import prepare
+from tests import zygote
 
 
 def make_docs(n: int, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
@@ -62,11 +63,11 @@ def write_run(tmp_path, max_steps: int = 2, val_tokens: int = 0) -> None:
 
 
 def diffv2_lit(tmp_path, command: str, *overrides: str) -> subprocess.CompletedProcess:
-    """`diffv2-lit COMMAND --config run.yaml OVERRIDES` as a real process in tmp_path."""
+    """`diffv2-lit COMMAND --config run.yaml OVERRIDES` as a real process in tmp_path (forked from the zygote,
+    tests/zygote.py: the imports paid once)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
            "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "diffv2_lit", command, "--config", "run.yaml", *overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return zygote.run([command, "--config", "run.yaml", *overrides], tmp_path, env, timeout=300)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,9 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests import zygote
 from tests.faults.helpers import scalars
 
 ROOT = Path(__file__).parents[2]
@@ -18,8 +18,7 @@ ONE_STEP = ["--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.ma
 def _fit(tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
            "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "diffv2_lit", "fit", *ONE_STEP], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return zygote.run(["fit", *ONE_STEP], tmp_path, env, timeout=300)  # forked after the imports (tests/zygote.py)
 
 
 def test_one_seed_gives_one_model_with_and_without_the_cache(tmp_path):

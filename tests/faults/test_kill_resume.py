@@ -7,7 +7,8 @@ import signal
 import time
 
 from diffv2_lit.checkpoint.safe_load import load_file
-from tests.faults.helpers import MAX_STEPS, fit, kill, output, run_dir, scalars, start, step_reached, wait_for
+from tests.faults.forked import fit, start  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import MAX_STEPS, kill, output, run_dir, scalars, step_reached, wait_for
 
 
 def _resume_and_compare(tmp_path, baseline, min_step: int) -> int:

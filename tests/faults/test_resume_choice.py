@@ -8,7 +8,8 @@ import shutil
 
 import yaml
 
-from tests.faults.helpers import fit, output, run_dir, scalars
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars
 
 CHECKPOINTS = "runs/faults/version_0/checkpoints"
 

@@ -20,7 +20,8 @@ from diffv2_lit.checkpoint.reading import load_model
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
-from tests.faults.helpers import TINY, diffv2_lit, fit, output, run_dir, tool
+from tests.faults.forked import diffv2_lit, fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import TINY, output, run_dir, tool
 from tests.faults.tamper import EVIL_GLOBAL, crafted_file, crafted_folder
 from tests.training.helpers import tiny_data, tiny_module, tiny_trainer
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from diffv2_lit.checkpoint.safe_load import load_file
-from tests.faults.helpers import MAX_STEPS, output, run_dir, scalars, start
+from tests.faults.forked import start  # both tasks forked after the imports (tests/zygote.py)
+from tests.faults.helpers import MAX_STEPS, output, run_dir, scalars
 from tests.faults.test_kill_resume import slurm_env
 
 TWO_TASKS = ("--trainer.devices", "2", "--trainer.strategy", "ddp")

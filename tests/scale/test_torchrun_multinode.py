@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.faults.forked import fit
 from tests.faults.helpers import MAX_STEPS, TINY, env, output, run_dir, scalars
 
 ROOT = Path(__file__).parents[2]
@@ -39,8 +40,7 @@ def test_two_torchrun_nodes_equal_one_process_at_the_same_global_batch(tmp_path)
     single_dir, nodes_dir = tmp_path / "single", tmp_path / "nodes"
     single_dir.mkdir()
     nodes_dir.mkdir()
-    single = subprocess.run([sys.executable, "-m", "diffv2_lit", "fit", "--config", str(TINY)], cwd=single_dir,
-                            env=env(single_dir), capture_output=True, text=True, timeout=300)
+    single = fit(single_dir)  # `diffv2-lit fit --config TINY`, forked after the imports (tests/zygote.py)
     assert single.returncode == 0, output(single)[-3000:]
 
     twin = cpu_twin_of_multinode(tmp_path / "multinode-cpu.yaml")

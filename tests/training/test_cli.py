@@ -9,6 +9,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffv2_lit.checkpoint.safe_load import load_file
+from tests import zygote
 
 ROOT = Path(__file__).parents[2]
 TINY = Path(__file__).with_name("configs") / "tiny.yaml"
@@ -41,8 +42,12 @@ def test_fit_through_the_console_script_then_resume(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]
 
     # --ckpt_path last: a new version folder, continuing at step 3 up to the schedule's 6 steps.
-    _diffv2_lit(tmp_path, "fit", "--config", str(TINY), "--trainer.max_steps", "6", "--model.max_steps", "6",
-                "--ckpt_path", "last")
+    # (The console script is what the first run checks: the resume is forked after the imports, tests/zygote.py.)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
+           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
+    resume = zygote.run(["fit", "--config", str(TINY), "--trainer.max_steps", "6", "--model.max_steps", "6",
+                         "--ckpt_path", "last"], tmp_path, env)
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     resumed = EventAccumulator(str(tmp_path / "runs" / "tiny" / "version_1"))
     resumed.Reload()
     assert [e.step for e in resumed.Scalars("train/loss")] == [3, 4, 5]

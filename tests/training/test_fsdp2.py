@@ -2,8 +2,7 @@
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from diffv2_lit.checkpoint.consolidate import consolidate
 from diffv2_lit.checkpoint.layout import is_sharded
 from diffv2_lit.checkpoint.safe_load import load_file
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("run_tiny.py")
 ROOT = SCRIPT.parents[2]
@@ -20,8 +20,8 @@ ROOT = SCRIPT.parents[2]
 def _run(tmp_path: Path, name: str, *args: str) -> dict:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    # Rank 0 forked from the zygote after the imports (tests/zygote.py); Lightning starts rank 1 as a process.
+    result = zygote.run(["--out", str(out), *args], tmp_path, env, timeout=300, script=SCRIPT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -32,11 +32,24 @@ def single(tmp_path_factory) -> dict:
     return _run(tmp_path_factory.mktemp("single"), "single", "--max-steps", "6")
 
 
+@pytest.fixture(scope="module")
+def written_on_two(tmp_path_factory) -> dict:
+    """Steps 1-4 on 2 processes under FSDP2 and their sharded checkpoints (tests resume from copies)."""
+    tmp = tmp_path_factory.mktemp("written_on_two")
+    first = _run(tmp, "first", "--devices", "2", "--strategy", "fsdp2", "--ckpt-dir", str(tmp / "ckpts"),
+                 "--max-steps", "4")
+    return {"losses": first["losses"], "ckpts": tmp / "ckpts"}
+
+
+def _copy_checkpoints(written: dict, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(written["ckpts"], tmp_path / "ckpts"))
+
+
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path, single):
-    ckpt_dir = tmp_path / "ckpts"
+def test_fsdp2_two_processes_match_single_process_and_resume(tmp_path, single, written_on_two):
+    ckpt_dir = _copy_checkpoints(written_on_two, tmp_path)
     sharded = ["--devices", "2", "--strategy", "fsdp2", "--ckpt-dir", str(ckpt_dir)]
-    first = _run(tmp_path, "first", *sharded, "--max-steps", "4")
+    first = written_on_two
 
     last = ckpt_dir / "last.ckpt"
     assert is_sharded(last), "FSDP2 must write a sharded (distributed) checkpoint folder"
@@ -93,12 +106,16 @@ def test_fsdp2_with_compile_and_activation_checkpointing_keeps_the_losses(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("written_on, resumed_on", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
-def test_sharded_checkpoint_resumes_exactly_on_another_process_count(tmp_path, single, written_on, resumed_on):
+def test_sharded_checkpoint_resumes_exactly_on_another_process_count(tmp_path, single, written_on_two, written_on,
+                                                                     resumed_on):
     """A guarantee (docs/faults.md): the same global batch on another number of processes continues the run
     exactly, in losses and gradient norm (the micro-batch per rank is GLOBAL_BATCH / processes)."""
-    ckpt_dir = tmp_path / "ckpts"
-    _run(tmp_path, "first", "--devices", str(written_on), "--strategy", "fsdp2", "--ckpt-dir", str(ckpt_dir),
-         "--max-steps", "4")
+    if written_on == 2:  # the 2-process run of test_fsdp2_two_processes_match_single_process_and_resume
+        ckpt_dir = _copy_checkpoints(written_on_two, tmp_path)
+    else:
+        ckpt_dir = tmp_path / "ckpts"
+        _run(tmp_path, "first", "--devices", str(written_on), "--strategy", "fsdp2", "--ckpt-dir", str(ckpt_dir),
+             "--max-steps", "4")
     assert len(list((ckpt_dir / "last.ckpt").glob("__*_0.distcp"))) == written_on
     resumed = _run(tmp_path, "resumed", "--devices", str(resumed_on), "--strategy", "fsdp2", "--ckpt-dir",
                    str(ckpt_dir), "--max-steps", "6", "--resume")

@@ -10,14 +10,13 @@ TensorBoard events are read back for a finite loss.
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffv2_lit.training.cpu_twin import single_device_fragment  # the same twins the GPU suite runs on CUDA
+from tests import zygote
 
 ROOT = Path(__file__).parents[2]
 FRAGMENTS = sorted((ROOT / "configs" / "hardware").glob("*.yaml"))
@@ -28,16 +27,15 @@ def test_every_fragment_is_in_the_matrix():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=[f.stem for f in FRAGMENTS])
-def test_fragment_trains_the_quickstart_with_clipping(tmp_path, fragment):
+def test_fragment_trains_the_quickstart_with_clipping(tmp_path, fragment, builtin_cache):
     twin = single_device_fragment(fragment, "cpu", tmp_path / f"{fragment.stem}-cpu.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
-           "DIFFV2_LIT_CACHE": str(tmp_path / "cache")}
+           "DIFFV2_LIT_CACHE": str(builtin_cache)}  # the corpus prepared once (tests/conftest.py)
     args = ["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--config", str(twin),
             "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--trainer.gradient_clip_val", "0.01", "--model.fused_adamw", "true",
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
-            "--trainer.callbacks.max_new_tokens", "24"]
-    result = subprocess.run([sys.executable, "-m", "diffv2_lit", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+            "--trainer.callbacks.max_new_tokens", "24", "--data.init_args.batch_size", "4"]  # small: seconds a step
+    result = zygote.run(args, tmp_path, env, timeout=300)  # a real process, forked after the imports
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "---- sample after 4 steps" in result.stdout
 

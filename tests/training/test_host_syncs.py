@@ -9,11 +9,10 @@ per-parameter norms); on rank 0 they also show that the counter sees syncs at al
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("host_sync_run.py")
 ROOT = SCRIPT.parents[2]
@@ -23,9 +22,8 @@ LOGGING_STEPS = {3, 7}  # log_every_n_steps=4: Lightning writes at steps 3, 7, 1
 
 def _counts(tmp_path: Path, devices: int, action: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "counts.json"), "--devices",
-                             str(devices), "--action", action, "--accumulate", "2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = zygote.run(["--out", str(tmp_path / "counts.json"), "--devices", str(devices), "--action", action,
+                         "--accumulate", "2"], tmp_path, env, timeout=300, script=SCRIPT)  # forked: tests/zygote.py
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads((tmp_path / f"counts.json.rank{rank}").read_text()) for rank in range(devices)]
 

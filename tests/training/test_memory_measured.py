@@ -9,8 +9,6 @@ as the GPU recipes do, with odd row counts so that the shards are padded.
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from diffv2_lit.model import count_parameters, resolve_model_config
 from diffv2_lit.model.memory import Layout, estimate_memory
 from tests.training.helpers import TINY_MODEL
 from tests.training.memory_run import ARCHITECTURE, SEQ_LEN
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("memory_run.py")
 ROOT = SCRIPT.parents[2]
@@ -30,8 +29,8 @@ SMALL = 64  # bytes: the loss, the token counts and other 0-d tensors of one mic
 def _measure(tmp_path: Path) -> list[dict]:
     out = tmp_path / "memory.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--devices", "2", "--accumulate", "2", "--out", str(out)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = zygote.run(["--devices", "2", "--accumulate", "2", "--out", str(out)], tmp_path, env, timeout=300,
+                        script=SCRIPT)  # rank 0 forked after the imports (tests/zygote.py)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads(Path(f"{out}.rank{rank}").read_text()) for rank in (0, 1)]
 

@@ -13,13 +13,43 @@ from diffv2_lit.checkpoint.safe_load import load_file
 from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer
 
 
-def test_model_spec_forms_agree():
-    from_spec = resolve_model_config(Architecture(preset="125m", attention="baseline"))
-    assert from_spec == ModelConfig.from_preset("125m", attention="baseline")
-    assert resolve_model_config({"preset": "125m", "attention": "baseline"}) == from_spec
-    assert resolve_model_config("quickstart") == ModelConfig.from_preset("quickstart")
+# GPT-3's 125M shape (Brown et al. 2020, table 2.1: 12 layers, d_model 768, 12 heads of 64) with the project's
+# choices written out by hand: 4 KV heads, tied embeddings, GPT-2's 50257 ids padded to 50304 (a multiple of 64),
+# Llama's SwiGLU width 8/3 x 768 = 2048, a 2048-token context.
+GPT3_125M_BASELINE = dict(vocab_size=50304, n_layers=12, dim=768, n_heads=12, n_kv_heads=4, head_dim=64,
+                          ffn_hidden_dim=2048, max_seq_len=2048, tie_embeddings=True, attention="baseline")
+
+
+def _fields(config: ModelConfig) -> dict:
+    return {key: getattr(config, key) for key in GPT3_125M_BASELINE}
+
+
+def test_every_form_of_a_model_spec_builds_the_shape_it_names():
+    """An Architecture, its dict (a recipe's YAML), a module's `architecture=` argument and a recipe through the
+    CLI parser: each builds GPT-3's 125M shape as written above, not merely the same thing as each other."""
+    assert _fields(resolve_model_config(Architecture(preset="125m", attention="baseline"))) == GPT3_125M_BASELINE
+    assert _fields(resolve_model_config({"preset": "125m", "attention": "baseline"})) == GPT3_125M_BASELINE
+    module = DecoderLM(architecture={"preset": "125m", "attention": "baseline"})
+    assert {k: module.hparams["model_config"][k] for k in GPT3_125M_BASELINE} == GPT3_125M_BASELINE
+    from diffv2_lit.cli.fit import parse_config
+    from tests.training.test_recipes import ROOT, _model_config
+
+    assert _fields(_model_config(parse_config([str(ROOT / "recipes" / "125m-baseline.yaml")]))) == GPT3_125M_BASELINE
+    # The string form: the quickstart's 4 x 128, 4 heads of 32 over 2 KV heads, SwiGLU 8/3 x 128 -> 512 (a multiple
+    # of 256), the byte tokenizer's 259 ids padded to 320.
+    quickstart = resolve_model_config("quickstart")
+    assert (quickstart.vocab_size, quickstart.n_layers, quickstart.dim, quickstart.n_heads, quickstart.n_kv_heads,
+            quickstart.head_dim, quickstart.ffn_hidden_dim) == (320, 4, 128, 4, 2, 32, 512)
+
+
+def test_fields_a_preset_derives_follow_the_overrides():
+    """head_dim = dim / n_heads and the SwiGLU width 8/3 x dim (rounded up to 256) from the overridden fields."""
+    wider = resolve_model_config({"preset": "125m", "dim": 1536})
+    assert (wider.head_dim, wider.ffn_hidden_dim) == (1536 // 12, 4096)
+    fewer_heads = resolve_model_config(Architecture(preset="125m", n_heads=8))
+    assert (fewer_heads.head_dim, fewer_heads.ffn_hidden_dim) == (96, 2048)
     module = DecoderLM(architecture={"preset": "125m", "n_layers": 2})
-    assert module.hparams["model_config"]["n_layers"] == 2 and module.hparams["model_config"]["dim"] == 768
+    assert (module.hparams["model_config"]["n_layers"], module.hparams["model_config"]["dim"]) == (2, 768)
 
 
 def test_refuses_a_vocabulary_larger_than_the_model():

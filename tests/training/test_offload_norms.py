@@ -3,11 +3,10 @@ the step's norm and the spike record's per-parameter norms must reduce scalars m
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("offload_norm_run.py")
 ROOT = SCRIPT.parents[2]
@@ -16,8 +15,8 @@ ROOT = SCRIPT.parents[2]
 @pytest.mark.slow
 def test_norms_of_offloaded_shards_reduce_one_vector_on_the_compute_device(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "record.json")], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = zygote.run(["--out", str(tmp_path / "record.json")], tmp_path, env, timeout=300,
+                        script=SCRIPT)  # rank 0 forked after the imports (tests/zygote.py)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["spikes"] == 1  # the injected spike was recorded, so the per-parameter path ran too

@@ -4,12 +4,11 @@ two different models. A 2-rank FSDP2 run whose ranks start from different RNG st
 single process with rank 0's state initialises."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("start_weights_run.py")
 ROOT = SCRIPT.parents[2]
@@ -18,8 +17,8 @@ ROOT = SCRIPT.parents[2]
 def _weights(tmp_path: Path, name: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / name
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--perturb-rng", *args], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = zygote.run(["--out", str(out), "--perturb-rng", *args], tmp_path, env, timeout=300,
+                        script=SCRIPT)  # rank 0 forked after the imports (tests/zygote.py)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return torch.load(f"{out}.rank0")["weights"]
 

@@ -2,8 +2,6 @@
 weigh by the tokens they count, so the applied gradient is the merged batch's, computed here by hand."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 from diffv2_lit.model import Transformer, resolve_model_config
 from tests.training.helpers import TINY_MODEL
 from tests.training.per_token_run import COUNTED, SEQ, rows
+from tests import zygote
 
 SCRIPT = Path(__file__).with_name("per_token_run.py")
 ROOT = SCRIPT.parents[2]
@@ -21,8 +20,8 @@ ROOT = SCRIPT.parents[2]
 def _run(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "grads.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = zygote.run(["--out", str(out), *args], tmp_path, env, timeout=300,
+                        script=SCRIPT)  # rank 0 forked after the imports (tests/zygote.py)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return torch.load(out)
 

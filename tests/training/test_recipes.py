@@ -1,17 +1,23 @@
 """Every YAML under recipes/ and configs/ parses with LightningCLI, and every GPU recipe's model has
-the size its name claims (within 10%) and the memory its comment states (`diffv2-lit plan`'s peak)."""
+the size its name claims (within 10%), the states' memory counted by hand, and the peak its comment quotes from
+`diffv2-lit plan`, whose estimator tests/training/test_memory_measured.py checks against a real FSDP2 run."""
 
+import contextlib
 import dataclasses
-import math
+import functools
+import io
 import re
 from pathlib import Path
 
 import pytest
 
-from diffv2_lit.model import count_parameters
+import torch
+
+from diffv2_lit.cli import plan
 from diffv2_lit.cli.fit import parse_config
-from diffv2_lit.cli.plan import DEFAULT_GPU_MEMORY_GIB, plan_from_config
-from diffv2_lit.model.memory import GIB, RECIPE_BUDGET_GIB, estimate_memory, largest_micro_batch
+from diffv2_lit.cli.plan import plan_from_config
+from diffv2_lit.model import Transformer
+from diffv2_lit.model.memory import RECIPE_BUDGET_GIB
 from diffv2_lit.training.module import resolve_model_config
 
 ROOT = Path(__file__).parents[2]
@@ -41,7 +47,7 @@ def test_there_are_recipes_and_fragments():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses(path):
-    config = parse_config([str(path)])
+    config = _parsed(path)
     assert config.model.lr > 0
     _model_config(config)  # the ModelConfig validates (heads, vocab, ...)
 
@@ -55,27 +61,57 @@ def test_fragment_composes_with_a_recipe(path):
     assert composed.model.lr == pytest.approx(3e-3)
 
 
+@functools.lru_cache(maxsize=None)  # a size's baseline, DIFF V2 and control recipes share their twin's plans
+def _twin_fits(twin: Path, micro_batch: int, accumulation: int, sync: bool) -> bool:
+    """Whether `diffv2-lit plan` fits the twin with this micro-batch in the recipes' budget (exit 0, else 1)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = plan.main(["--config", str(twin), "--gpu_memory_gib", str(RECIPE_BUDGET_GIB),
+                          "--data.init_args.batch_size", str(micro_batch),
+                          "--trainer.accumulate_grad_batches", str(accumulation),
+                          "--model.fsdp_sync_every_micro_batch", str(sync).lower()])
+    assert code in (0, 1), code
+    return code == 0
+
+
+@functools.lru_cache(maxsize=None)  # one parse per recipe for the three tests that read it (read only)
+def _parsed(path: Path):
+    return parse_config([str(path)])
+
+
+def _n_parameters(model_config) -> int:
+    with torch.device("meta"):  # counted here, without the package's own count
+        return sum(p.numel() for p in Transformer(model_config).parameters())
+
+
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
-def test_recipe_size_and_memory(path):
-    config = parse_config([str(path)])
+def test_recipe_size_states_and_the_plan_its_comment_quotes(path):
+    config = _parsed(path)
     model_config = _model_config(config)
-    n_params = count_parameters(model_config)["total"]  # built on the meta device
+    n_params = _n_parameters(model_config)
     claim = SIZE_CLAIMS[path.stem.split("-")[0]]
     assert abs(n_params / claim - 1) <= 0.10, f"{path.stem}: {n_params / 1e6:.0f}M parameters"
 
-    # The comment quotes `diffv2-lit plan`: the configuration that will run (accumulation mode, loss, checkpointing).
+    # The comment quotes the command it names (tests/training/test_plan.py checks `memory_gib` against it).
     text = path.read_text()
-    plan = plan_from_config(config)
-    peak = plan.memory.total / GIB
-    stated = float(re.search(r"^# memory_gib: ([\d.]+)$", text, re.M).group(1))
-    assert stated == math.ceil(round(peak, 1)) and peak <= DEFAULT_GPU_MEMORY_GIB
-    assert f"(peak per GPU: {peak:.1f} GiB;" in text
+    assert f"by `diffv2-lit plan --config recipes/{path.name}` (peak per GPU: " in text
+    planned = plan_from_config(config)  # what `diffv2-lit plan --config RECIPE` prints
+    out = plan.report(planned)
+    peak = re.search(r"^peak per GPU: ([\d.]+) GiB$", out, re.M).group(1)
+    assert f"(peak per GPU: {peak} GiB;" in text
+
+    # The states by hand: fp32 weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes a parameter,
+    # sharded over the GPUs (FSDP2 pads each parameter's rows to a multiple of the GPU count: under 0.5% here);
+    # without syncing every micro-batch, each GPU also keeps every parameter's whole fp32 gradient, 4 bytes each
+    # (tests/training/test_memory_measured.py measures both terms in a real FSDP2 run).
+    n_gpus = config.trainer.devices * config.trainer.num_nodes
+    memory = planned.memory
+    assert memory.states == pytest.approx(16 * n_params / n_gpus, rel=5e-3)
     sync = config.model.fsdp_sync_every_micro_batch
+    assert memory.accumulated == (0 if sync else 4 * n_params)
     assert ("reduce-scattered every micro-batch" in text) == sync
     data = config.data.init_args
-    n_gpus = config.trainer.devices * config.trainer.num_nodes
     tokens = n_gpus * data.batch_size * data.seq_len * config.trainer.accumulate_grad_batches
-    assert plan.tokens_per_step == tokens
+    assert re.search(rf"^tokens per step +{tokens:,} = ", out, re.M), out
     assert f"Tokens per step: {tokens:,}" in text
     assert model_config.max_seq_len >= data.seq_len
 
@@ -94,26 +130,25 @@ def test_twins_differ_by_one_key():
 
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
 def test_gpu_recipe_fills_its_gpus_and_compiles(path):
-    """The micro-batch is the largest power of two whose memory estimate (for the larger twin) stays within
-    the 80 GB budget in the leaner accumulation mode (reduce-scatter every micro-batch) and divides the
-    sequences each GPU sees per step; FSDP2 then accumulates without syncing (less traffic) wherever that
-    still fits, and syncs every micro-batch where its unsharded gradients would not. torch.compile is on."""
-    config = parse_config([str(path)])
-    # Sized for the DIFF V2 twin (the larger), which its baseline and control are compared with.
-    twin = path.stem.split("-")[0] + "-diffv2.yaml"
-    sizing = plan_from_config(parse_config([str(path.with_name(twin))]))
+    """The micro-batch is the largest power of two that `diffv2-lit plan` fits in the recipes' 72 GiB budget
+    (for the larger twin) in the leaner accumulation mode (reduce-scatter every micro-batch) and that divides the
+    sequences each GPU sees per step; FSDP2 then accumulates without syncing (less traffic) wherever that still
+    fits, and syncs every micro-batch where its unsharded gradients would not. torch.compile is on."""
+    config = _parsed(path)
     data, trainer = config.data.init_args, config.trainer
     per_gpu = data.batch_size * trainer.accumulate_grad_batches
-    synced = dataclasses.replace(sizing.layout, sync_every_micro_batch=True)
-    expected = largest_micro_batch(sizing.model_config, synced, per_gpu)
-    assert data.batch_size == expected
-    doubled = dataclasses.replace(synced, micro_batch=2 * expected, accumulation=max(1, per_gpu // (2 * expected)))
-    assert estimate_memory(sizing.model_config, doubled).total / GIB > RECIPE_BUDGET_GIB or 2 * expected > per_gpu
-    no_sync = dataclasses.replace(synced, micro_batch=expected, sync_every_micro_batch=False)
-    needs_sync = estimate_memory(sizing.model_config, no_sync).total / GIB > RECIPE_BUDGET_GIB
-    assert config.model.fsdp_sync_every_micro_batch == needs_sync
+    assert per_gpu % data.batch_size == 0 and data.batch_size & (data.batch_size - 1) == 0  # a power of two
+    # Sized for the DIFF V2 twin (the larger), which its baseline and control are compared with.
+    twin = path.with_name(path.stem.split("-")[0] + "-diffv2.yaml")
+
+    def fits(micro_batch: int, sync: bool) -> bool:
+        return _twin_fits(twin, micro_batch, max(1, per_gpu // micro_batch), sync)
+
+    assert config.model.fsdp_sync_every_micro_batch == (not fits(data.batch_size, sync=False))
+    assert fits(data.batch_size, sync=True)  # syncing holds less: implied where no-sync fits
+    assert 2 * data.batch_size > per_gpu or not fits(2 * data.batch_size, sync=True)
     assert config.model.compile is True
     # Validation every 1000 optimizer steps whatever the accumulation (callbacks/validation.py).
     assert trainer.val_check_interval == 1000
     assert any(c.class_path.endswith("ValidationInOptimizerSteps") for c in trainer.callbacks)
-    assert sizing.validation_every == 1000
+    assert plan_from_config(config).validation_every == 1000
