@@ -71,18 +71,21 @@ class TrainingRun:
     steps: int = 60
     extra: list[str] = field(default_factory=list)
     throughput_every: int = 10   # ThroughputMFU's window, in optimizer steps
+    count_syncs: bool = False    # host syncs per optimizer step (benchmarks/sync_count.py, issue 20)
 
 
 def ablation_plan(dry: bool) -> list[TrainingRun]:
     """Each lever of the GPU recipes on and off, at recipe settings otherwise (FSDP2 on one GPU)."""
     if dry:
         return [TrainingRun("quickstart-diffv2 loss chunked", "quickstart", "8gpu-fsdp2", steps=6, throughput_every=2,
-                            extra=["--model.loss_impl", "chunked"])]
+                            extra=["--model.loss_impl", "chunked"], count_syncs=True)]
     runs = []
     for size, steps in (("125m", 60), ("1.3b", 30)):
         one_step = ["--trainer.accumulate_grad_batches", "1"]
-        runs.append(TrainingRun(f"{size}-baseline recipe", f"{size}-baseline", "8gpu-fsdp2", steps, one_step))
-        runs.append(TrainingRun(f"{size}-diffv2 recipe", f"{size}-diffv2", "8gpu-fsdp2", steps, one_step))
+        runs.append(TrainingRun(f"{size}-baseline recipe", f"{size}-baseline", "8gpu-fsdp2", steps, one_step,
+                                count_syncs=True))
+        runs.append(TrainingRun(f"{size}-diffv2 recipe", f"{size}-diffv2", "8gpu-fsdp2", steps, one_step,
+                                count_syncs=True))
         runs.append(TrainingRun(f"{size}-diffv2 compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                 one_step + ["--model.compile", "false"]))
         for impl in ("plain", "chunked", "liger"):
@@ -113,7 +116,9 @@ def flop_rate_rows(rows: list[dict]) -> list[dict]:
 
 def training_plan(dry: bool) -> list[TrainingRun]:
     if dry:  # one autocast run, measuring throughput every 2 steps (the ablation's dry run is under FSDP2)
-        return [TrainingRun("quickstart-baseline 1gpu", "quickstart-baseline", "1gpu", steps=6, throughput_every=2)]
+        # fused AdamW as on CUDA: the CPU's for-loop AdamW reads each parameter's step counter with .item()
+        return [TrainingRun("quickstart-baseline 1gpu", "quickstart-baseline", "1gpu", steps=6, throughput_every=2,
+                            extra=["--model.fused_adamw", "true"], count_syncs=True)]
     runs = []
     eager = ["--model.compile", "false"]  # the fragments are checked without compilation, which costs a minute a run
     for fragment in ("8gpu-fsdp2", "1gpu", "8gpu-fsdp1", "8gpu-ddp"):
@@ -252,6 +257,9 @@ def training_row(run: TrainingRun, workdir: Path, accelerator: str, timeout: flo
              "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
              "--data.init_args.data_dir", "builtin:shakespeare", "--data.init_args.tokenizer", "byte",
              "--data.init_args.val_tokens", "65536", "--data.init_args.num_workers", "2", *run.extra]
+    syncs = run_dir / "syncs.json"
+    if run.count_syncs:
+        args += ["--trainer.callbacks+=benchmarks.sync_count.CountHostSyncs", f"--trainer.callbacks.out={syncs}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "LITDATA_DISABLE_VERSION_CHECK": "1", "DIFFV2_LIT_CACHE": str(workdir / "corpus-cache")}
     start = time.perf_counter()
@@ -263,6 +271,9 @@ def training_row(run: TrainingRun, workdir: Path, accelerator: str, timeout: flo
     row["wall_s"] = time.perf_counter() - start
     if result.returncode != 0:
         return {**row, "status": "FAILED: " + _last_error_line(result.stdout + result.stderr)}
+    if run.count_syncs:
+        per_step = list(json.loads(syncs.read_text())["per_step"].values())
+        row["host_syncs_per_step"] = statistics.median(per_step) if per_step else math.nan
     return {**row, **_read_metrics(run_dir / "runs"), "status": "ok"}
 
 
