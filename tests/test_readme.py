@@ -213,6 +213,7 @@ PATHS_NOT_WRITTEN = {
     "data/mine": "README's prepare: checked by the README walk",
     "tokenizers/gpt2.json": "GPT-2's tokenizer.json, which the user downloads",
     "tokenizers/mine.json": "written by test_the_walk_from_own_text_to_a_125m_run",
+    "runs/mine/version_<n>/": "the CPU walk's run folder: tests/cli/test_cpu_walk.py checks it",
 }
 GPU_RUNS = ("runs/125m", "runs/<size>/")  # the GPU recipes' run folders
 
