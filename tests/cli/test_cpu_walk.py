@@ -1,8 +1,6 @@
 """docs/training.md's walk from one's own text on a CPU, as written, into its own run folder; `fit --help` points
 to the nested classes' help, and `--print_config` shows what the preset resolves to (issue 25.2)."""
 
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import yaml
 
 from diffv2_lit.checkpoint.safe_load import load_file
 from diffv2_lit.model import ModelConfig
-from tests.test_readme import _workdir, bash_commands
+from tests.test_readme import _run, _workdir, bash_commands
 
 ROOT = Path(__file__).parents[2]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -23,19 +21,6 @@ def cpu_walk_commands() -> list[str]:
     text = (ROOT / "docs" / "training.md").read_text()
     section = text[text.index("## From your own text on a CPU"):]
     return bash_commands(section[:section.index("\n## ", 3)])
-
-
-def _run(command: str, extra: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
-    words = shlex.split(command)
-    assert words[0] == "diffv2-lit"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
-           "DIFFV2_LIT_CACHE": str(cwd / ".cache")}
-    result = subprocess.run([sys.executable, "-m", "diffv2_lit", *words[1:], *extra], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
-    return result
 
 
 @pytest.mark.slow
