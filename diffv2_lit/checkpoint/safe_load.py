@@ -7,13 +7,14 @@ through this module and refuses anything else:
 
 - `load_file`: `torch.load(weights_only=True)` plus `CHECKPOINT_GLOBALS` (a Lightning `.ckpt`, a
   sharded folder's `meta.pt`, one non-tensor item of a sharded checkpoint);
-- `load_sharded` / `distributed_load`: torch.distributed.checkpoint folders. torch reads their
-  `.metadata` with plain `pickle.load` and their non-tensor items (optimizer hyper-parameters) with
-  `torch.load(weights_only=False)`; here a reader and a planner of its own (`_dcp_safe_classes`)
-  unpickle `.metadata` with `dcp_metadata_globals()` only and the items with `load_file`;
+- `load_sharded`: torch.distributed.checkpoint folders. torch reads their `.metadata` with plain
+  `pickle.load` and their non-tensor items (optimizer hyper-parameters) with
+  `torch.load(weights_only=False)`; here torch's public reader and planner, each with one method
+  replaced (`_dcp_safe_classes`), unpickle `.metadata` with `dcp_metadata_globals()` only and the items
+  with `load_file`;
 - `verify`: every pickled part of a checkpoint, loaded and dropped (a check before handing the
   checkpoint to code that reads it its own way);
-- `guard_restore`: Lightning's own restore inside `fit` / `validate` (see there).
+- `guard_restore`: Lightning's own restore inside `fit` / `validate`, after `verify` (see there).
 
 A checkpoint that needs anything more is refused with `UntrustedCheckpointError`, one line naming the
 type. Whoever trusts the file's source opts in with `DIFFV2_LIT_TRUST_CHECKPOINTS=1` (the tools also
@@ -21,7 +22,7 @@ take `--trust-checkpoint`, Python code `with trusting(): ...`): the restricted l
 first, and only a file that needs more is then loaded with full pickle, with a warning naming what
 was trusted. docs/faults.md, "Untrusted checkpoints".
 
-Self-contained on purpose (torch, and Lightning only inside `guard_restore`): it can move as one file.
+Self-contained on purpose (torch only): it can move as one file.
 """
 
 from __future__ import annotations
@@ -247,11 +248,10 @@ def _damaged_index(path, error) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _dcp_safe_classes():
-    """(SafeFileSystemReader, SafeLoadPlanner, SafeWholeLoadPlanner), built on first use: importing
-    torch.distributed.checkpoint costs about a second, which loading a single file need not pay."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    """(SafeFileSystemReader, SafeLoadPlanner), built on first use: importing torch.distributed.checkpoint
+    costs about a second, which loading a single file need not pay. Both are torch's public reader and
+    planner with one method each replaced."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeFileSystemReader(FileSystemReader):
@@ -261,44 +261,30 @@ def _dcp_safe_classes():
 
         def __init__(self, folder) -> None:
             super().__init__(folder)
-            self._safe_metadata = read_dcp_metadata(Path(folder) / DCP_METADATA)
+            self.safe_metadata = read_dcp_metadata(Path(folder) / DCP_METADATA)
 
         def read_metadata(self, *args, **kwargs):
             if kwargs.get("rank") is not None:  # rank-local metadata: Lightning's saves never write it
                 raise FileNotFoundError(f"{self.path} has no rank-local metadata")
-            metadata = self._safe_metadata
+            metadata = self.safe_metadata
             if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    class _SafeBytes:
-        """Non-tensor items through `load_file` (DefaultLoadPlanner uses torch.load(weights_only=False))."""
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """Fills a flat {fqn: value} dict (no flattening: the keys already are the saved ones); non-tensor
+        items through `load_file`, where DefaultLoadPlanner uses torch.load(weights_only=False)."""
 
-        source = "a sharded checkpoint"
+        def __init__(self, source: str) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)  # fill the dict given
+            self.source = source
 
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             fqn = read_item.dest_index.fqn
-            loaded = load_file(value, source=f"{self.source} (item {fqn})")
-            if self.flatten_state_dict:  # where DefaultLoadPlanner.load_bytes stores it
-                set_element(self.original_state_dict, self.mappings[fqn], loaded)
-            else:
-                self.state_dict[fqn] = loaded
+            self.state_dict[fqn] = load_file(value, source=f"{self.source} (item {fqn})")
 
-    class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
-        """Fills a given state dict (the distributed load inside Lightning's restore)."""
-
-    class SafeWholeLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
-        """Rebuilds the state dict (or only some keys) from the metadata, in one process."""
-
-    return SafeFileSystemReader, SafeLoadPlanner, SafeWholeLoadPlanner
-
-
-def _reader_and_planner(path, keys: set[str] | None = None, whole: bool = False):
-    reader_class, planner_class, whole_planner_class = _dcp_safe_classes()
-    planner = whole_planner_class(keys=keys) if whole else planner_class()
-    planner.source = str(path)
-    return reader_class(path), planner
+    return SafeFileSystemReader, SafeLoadPlanner
 
 
 def load_complete(path, target=None, **load_kwargs) -> Any:
@@ -352,27 +338,58 @@ def looks_sharded(path) -> bool:
 
 def load_sharded(path, keys: set[str] | None = None) -> dict[str, Any]:
     """The state dict of a sharded checkpoint folder (only `keys`, e.g. {"state_dict"}, if given), read in
-    this process alone. Replaces torch's `dcp_to_torch_save` / `_load_state_dict_from_keys`."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    this process alone, with the allow-lists. torch's own `dcp_to_torch_save` unpickles everything."""
+    from torch.distributed.checkpoint import load
 
+    reader_class, planner_class = _dcp_safe_classes()
+    reader = reader_class(path)
+    metadata = reader.safe_metadata
+    paths = metadata.planner_data or {}  # fqn -> its path in the saved (nested) state dict
+    flat = {fqn: _empty_like_saved(item) for fqn, item in metadata.state_dict_metadata.items()
+            if keys is None or _selected(fqn, paths.get(fqn, (fqn,)), keys)}
+    with _refusals_unwrapped(path), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist=True is the intent
+        load(flat, storage_reader=reader, planner=planner_class(str(path)), no_dist=True)
     state: dict[str, Any] = {}
-    with _refusals_unwrapped(path):
-        reader, planner = _reader_and_planner(path, keys, whole=True)
-        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    for fqn, value in flat.items():
+        _set_at_path(state, paths.get(fqn, (fqn,)), value)
     return state
 
 
-def distributed_load(state: dict[str, Any], path) -> None:
-    """Lightning's `_distributed_checkpoint_load(state, path)` with the safe reader and planner."""
-    from torch.distributed.checkpoint import load
+def _empty_like_saved(item):
+    """What DCP reads a saved item into: an empty tensor of the saved shape, or None for a pickled value."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with _refusals_unwrapped(path, shards_damaged=False):  # into a given state dict: a mismatch is not damage
-        reader, planner = _reader_and_planner(path)
-        load(state, checkpoint_id=path, storage_reader=reader, planner=planner)
+    return torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
+
+
+def _selected(fqn: str, path: tuple, keys: set[str]) -> bool:
+    """`fqn` itself or one of its parents (`state_dict`, `state_dict.model`, ...) is asked for."""
+    parents = (".".join(str(part) for part in path[:depth]) for depth in range(1, len(path) + 1))
+    return fqn in keys or any(parent in keys for parent in parents)
+
+
+def _set_at_path(root: dict, path: tuple, value) -> None:
+    """root[path[0]][path[1]]... = value, creating dicts (str keys) and lists (int keys) on the way, as DCP's
+    flattening took them apart (`planner_data` holds each item's path)."""
+    container = root
+    for key, next_key in zip(path, path[1:]):
+        empty = [] if isinstance(next_key, int) else {}
+        if isinstance(container, list):
+            container.extend([None] * (key + 1 - len(container)))
+            if container[key] is None:
+                container[key] = empty
+        else:
+            container.setdefault(key, empty)
+        container = container[key]
+    last = path[-1]
+    if isinstance(container, list):
+        container.extend([None] * (last + 1 - len(container)))
+    container[last] = value
 
 
 @contextlib.contextmanager
-def _refusals_unwrapped(path, shards_damaged: bool = True) -> Iterator[None]:
+def _refusals_unwrapped(path) -> Iterator[None]:
     """torch.distributed.checkpoint wraps every error of a load step in a CheckpointException (a
     BaseException listing each rank's traceback); surface a refusal as itself, anything else as one
     DamagedCheckpointError naming the folder."""
@@ -385,8 +402,6 @@ def _refusals_unwrapped(path, shards_damaged: bool = True) -> Iterator[None]:
         for error in errors:
             if isinstance(error, CheckpointError):
                 raise error from None
-        if not shards_damaged:
-            raise
         # A shard torch could not read: random bytes in a tensor's torch.save record, a cut-off file.
         shards = sorted(p.name for p in Path(path).glob("*.distcp"))
         which = f"its shard {shards[0]}" if len(shards) == 1 else f"one of its {len(shards)} shards (*.distcp)"
@@ -419,19 +434,13 @@ def verify(path) -> None:
 def guard_restore(strategy) -> None:
     """Make `strategy.load_checkpoint` (what the Trainer calls to restore `ckpt_path`) read only data.
 
-    What Lightning 2.6.6 does by itself, and what this changes:
-    - most strategies read the file through their CheckpointIO (diffv2-lit's `AtomicCheckpointIO` uses
-      `load_file`); a CheckpointIO of your own gets `weights_only=True` and the allow-list here;
-    - `ModelParallelStrategy` (FSDP2) bypasses the CheckpointIO: `lightning.fabric.strategies.
-      model_parallel._load_checkpoint` passes fit's `weights_only` (default None) to `torch.load` of
-      `meta.pt`, which plain torch turns into False under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, and calls
-      its module-level `_distributed_checkpoint_load`, i.e. torch's default reader (`pickle.load` of
-      `.metadata`, `torch.load(weights_only=False)` of each non-tensor item). That one function is
-      replaced by `distributed_load` for the duration of the call: the narrowest point that reaches
-      the reader, as Lightning takes no reader or planner;
-    - `FSDPStrategy` (FSDP1, GPU only) reads with `FileSystemReader` and a lazy pickle loader of its
-      own: the checkpoint is `verify`-ed first.
-    With the opt-in, a refused checkpoint is restored again with Lightning's own unrestricted load.
+    Every pickled part of the checkpoint is `verify`-ed with the allow-lists first; then Lightning restores
+    it its own way (with `weights_only=True`), reading only what was just checked. That covers the reads
+    Lightning does not route through a CheckpointIO: `ModelParallelStrategy` (FSDP2) loads `meta.pt` with
+    fit's `weights_only` and the shards through torch's default DCP reader (plain `pickle.load` of
+    `.metadata`, `torch.load(weights_only=False)` of each non-tensor item); `FSDPStrategy` (FSDP1) with a
+    lazy pickle loader of its own. With the opt-in, a refused checkpoint is restored with
+    `weights_only=False` after a warning.
     """
     strategy.load_checkpoint = _GuardedRestore(strategy)
 
@@ -444,42 +453,21 @@ class _GuardedRestore:
         self.strategy = strategy
 
     def __call__(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(self.strategy, FSDPStrategy):
-            verify(checkpoint_path)
         try:
-            with _lightning_reads_safely():
-                return self._restore(checkpoint_path, weights_only=True)
-        except UntrustedCheckpointError:
-            raise
-        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) inside Lightning refused
-            offending = offending_globals(_pickled_part(checkpoint_path), error)
-            if not offending:
-                raise
+            if os.path.exists(checkpoint_path):  # else Lightning's own read says what is missing
+                verify(checkpoint_path)
+        except UntrustedCheckpointError as refused:
             if not checkpoints_trusted():
-                raise UntrustedCheckpointError(checkpoint_path, offending) from None
-            _warn_trusted(checkpoint_path, offending)
+                raise
+            _warn_trusted(checkpoint_path, refused.offending)
             return self._restore(checkpoint_path, weights_only=False)
+        except CheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged file: the read below (AtomicCheckpointIO) names the part
+            pass
+        return self._restore(checkpoint_path, weights_only=True)
 
     def _restore(self, checkpoint_path, weights_only: bool) -> dict[str, Any]:
         # The class's method, not a bound one kept from before: that would pickle as getattr(strategy, ...).
-        return type(self.strategy).load_checkpoint(self.strategy, checkpoint_path, weights_only=weights_only)
-
-
-def _pickled_part(checkpoint_path) -> Path:
-    path = Path(checkpoint_path)
-    return path / LIGHTNING_META if path.is_dir() else path
-
-
-@contextlib.contextmanager
-def _lightning_reads_safely() -> Iterator[None]:
-    from lightning.fabric.strategies import model_parallel
-
-    original = model_parallel._distributed_checkpoint_load
-    model_parallel._distributed_checkpoint_load = distributed_load
-    try:
         with torch.serialization.safe_globals(list(CHECKPOINT_GLOBALS)):
-            yield
-    finally:
-        model_parallel._distributed_checkpoint_load = original
+            return type(self.strategy).load_checkpoint(self.strategy, checkpoint_path, weights_only=weights_only)

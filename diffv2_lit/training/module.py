@@ -355,14 +355,20 @@ class DecoderLM(L.LightningModule):
         """FSDP2 gradient accumulation: reduce-scatter only after the last micro-batch of a step.
 
         Lightning's `block_backward_sync` (its no-sync for accumulating micro-batches) knows only DDP;
-        FSDP2's switch is `set_requires_gradient_sync`. `_should_accumulate()` is the loop's own answer
-        for this micro-batch (Lightning's ThroughputMonitor reads it too); the batch counter it reads has
-        already advanced when this hook runs.
+        FSDP2's switch is `set_requires_gradient_sync`.
         """
         from torch.distributed.fsdp import FSDPModule
 
         if isinstance(self.model, FSDPModule) and not self.hparams.fsdp_sync_every_micro_batch:
-            self.model.set_requires_gradient_sync(not self.trainer.fit_loop._should_accumulate())
+            self.model.set_requires_gradient_sync(self._steps_after(batch_idx))
+
+    def _steps_after(self, batch_idx: int) -> bool:
+        """Whether an optimizer step follows this micro-batch: the accumulation is complete, or the epoch ends
+        (Lightning then steps on what it has), as the fit loop decides it."""
+        trainer = self.trainer
+        epoch_ends = (batch_idx + 1 == trainer.num_training_batches
+                      or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)  # set before this hook runs
+        return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or epoch_ends
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         input_ids, targets = batch
