@@ -56,11 +56,16 @@ def hf_config(config: ModelConfig, dtype: torch.dtype, special_ids: dict, tokeni
         "torch_dtype": DTYPE_NAMES[dtype],
         **special_ids,
     }
-    if config.attention == "baseline":
+    if config.attention == "baseline" and config.qk_norm:
+        # Qwen3 is Llama plus q_norm/k_norm (RMSNorm per head over head_dim, before RoPE), with our key names.
+        head = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                "sliding_window": None, "max_window_layers": config.n_layers,
+                "layer_types": ["full_attention"] * config.n_layers}
+    elif config.attention == "baseline":
         head = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     else:
         head = {"architectures": [REMOTE_ARCHITECTURE], "model_type": REMOTE_MODEL_TYPE, "auto_map": AUTO_MAP,
-                "attention_variant": config.attention}
+                "attention_variant": config.attention, "qk_norm": config.qk_norm}
     ours = {"format_version": FORMAT_VERSION, "model_config": dataclasses.asdict(config), "tokenizer": tokenizer_spec,
             "train_seq_len": train_seq_len}
     return {**head, **fields, "diffv2_lit": ours}
@@ -82,9 +87,9 @@ def model_config_fields_from_hf(hf: dict) -> dict:
     if ours and "model_config" in ours:
         return dict(ours["model_config"])
     model_type = hf.get("model_type")
-    if model_type not in ("llama", REMOTE_MODEL_TYPE):
-        raise ValueError(f"config.json has model_type={model_type!r}; only 'llama' and {REMOTE_MODEL_TYPE!r} folders "
-                         "map onto this project's model.")
+    if model_type not in ("llama", "qwen3", REMOTE_MODEL_TYPE):
+        raise ValueError(f"config.json has model_type={model_type!r}; only 'llama', 'qwen3' and {REMOTE_MODEL_TYPE!r} "
+                         "folders map onto this project's model.")
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
         raise ValueError(f"config.json uses RoPE scaling {rope or hf.get('rope_scaling')}; only plain RoPE is supported.")
@@ -95,7 +100,7 @@ def model_config_fields_from_hf(hf: dict) -> dict:
         ffn_hidden_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False), init_std=hf.get("initializer_range", 0.02),
-        attention=hf.get("attention_variant", "baseline"),
+        attention=hf.get("attention_variant", "baseline"), qk_norm=model_type == "qwen3" or hf.get("qk_norm", False),
     )
 
 

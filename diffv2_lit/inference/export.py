@@ -74,7 +74,7 @@ def load_instructions(folder: Path) -> list[str]:
         lines.append(f"  AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)"
                      "  # runs the folder's modeling_diffv2.py")
     else:
-        lines.append(f"  LlamaForCausalLM.from_pretrained({str(folder)!r})  # no custom code")
+        lines.append(f"  {config['architectures'][0]}.from_pretrained({str(folder)!r})  # no custom code")
     if (folder / "tokenizer_config.json").is_file():
         # The tokenizer is standard; for a DIFF folder, saying False keeps AutoTokenizer from asking about
         # the model's code (transformers 5 reads config.json before the tokenizer files).

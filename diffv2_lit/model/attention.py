@@ -174,6 +174,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # QK-norm (config.qk_norm): one d-sized weight for q and one for k, shared by all heads (Qwen3's
+        # q_norm/k_norm, so the baseline exports as Qwen3). DIFF V1's two query halves q1, q2 are ordinary
+        # d-wide heads here, so both are normed by the same q_norm (and k1, k2 by k_norm).
+        self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
         if config.attn_backend == "auto":
             flash_installed()  # resolved now, when the model is configured, not in the first forward
         # Set to a dict by Transformer.diagnostics(); then forward runs the eager kernel and stores
@@ -187,6 +192,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, n_tokens, -1, self.head_dim)  # [B, T, Hq, d]
         k = self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)  # [B, T, h_kv, d]
         v = self.v_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)  # [B, T, h_kv, d]
+        if self.q_norm is not None:  # before RoPE, per head over d
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:
@@ -214,6 +221,9 @@ class Attention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
 
 class DiffV2Attention(Attention):

@@ -59,6 +59,10 @@ class ModelConfig:
     init_std: float = 0.02
     attention: AttentionVariant = "diffv2"
     attn_backend: AttentionBackend = "auto"
+    # RMSNorm over each head's d dims of q and of k, before RoPE (Qwen3's layout: one weight of size head_dim
+    # for q and one for k, shared by every head; OLMo-2 instead norms the whole h*d projection). Off by default,
+    # so checkpoints saved before the key existed load unchanged.
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         # The derived fields (ffn_hidden_dim here, head_dim in _check_heads) are computed from the fields as
@@ -73,6 +77,8 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive number.")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"qk_norm={self.qk_norm!r} must be true or false ({CONFIG_PATH}.qk_norm).")
         if self.attention not in ATTENTION_VARIANTS:
             raise ConfigError(f"attention={self.attention!r} is unknown; choose one of {ATTENTION_VARIANTS}.")
         if self.attn_backend not in ATTENTION_BACKENDS:

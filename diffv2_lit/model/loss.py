@@ -52,26 +52,31 @@ def resolve_loss_impl(requested: str, device: torch.device) -> str:
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, impl: str = "plain",
-                         chunk_size: int = 4096) -> Tensor:
+                         chunk_size: int = 4096, z_loss: float = 0.0) -> Tensor:
     """Sum over tokens of -log softmax(hidden @ weight.T)[target]: hidden [N, D], weight [V, D], targets [N].
+    With `z_loss` > 0, each counted token adds z_loss * logsumexp(logits)^2 (PaLM's z-loss; liger's
+    `lse_square_scale`), so the mean over tokens carries the coefficient times the mean squared log-normaliser.
 
     Returns a 0-d tensor in fp32 (fp64 for fp64 inputs); divide by the number of counted tokens for the mean.
     """
     impl = resolve_loss_impl(impl, hidden.device)
     if impl == "plain":
         logits = _at_least_fp32(F.linear(hidden, weight))
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if z_loss:
+            loss = loss + z_loss * (torch.logsumexp(logits, -1).square() * (targets != IGNORE_INDEX)).sum()
+        return loss
     dtype = _compute_dtype(hidden, weight)
     if not _gradient_wanted(hidden, weight):
         # Validation runs under no_grad / inference mode, where the output weight is still a Parameter with
         # requires_grad=True: both fused paths would compute a [V, D] gradient and two more matmuls per chunk
         # for nothing. The forward-only chunks give the same sum with one matmul per chunk.
-        return _chunked_loss(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
+        return _chunked_loss(hidden.to(dtype), weight.to(dtype), targets, chunk_size, z_loss)
     if impl == "chunked":
-        return _ChunkedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
+        return _ChunkedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, chunk_size, z_loss)
     from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", lse_square_scale=z_loss)
     return loss(weight.to(dtype), hidden.to(dtype), targets).float()
 
 
@@ -81,12 +86,12 @@ def _gradient_wanted(hidden: Tensor, weight: Tensor) -> bool:
     return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 
 
-def _chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+def _chunked_loss(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, z_loss: float = 0.0) -> Tensor:
     """Forward only: the summed loss, [chunk, V] logits at a time, no gradient computed or kept."""
     total = torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
-        total += _chunk_loss_and_grad(hidden[chunk], weight, targets[chunk], need_grad=False)[0]
+        total += _chunk_loss_and_grad(hidden[chunk], weight, targets[chunk], need_grad=False, z_loss=z_loss)[0]
     return total
 
 
@@ -108,7 +113,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, z_loss: float = 0.0) -> Tensor:
         need_grad = hidden.requires_grad or weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         wide = torch.promote_types(weight.dtype, torch.float32)
@@ -116,7 +121,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=wide, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            loss, grad_logits = _chunk_loss_and_grad(hidden[chunk], weight, targets[chunk], need_grad)
+            loss, grad_logits = _chunk_loss_and_grad(hidden[chunk], weight, targets[chunk], need_grad, z_loss)
             total += loss
             if need_grad:
                 grad_hidden[chunk] = grad_logits @ weight
@@ -128,10 +133,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None
+        return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None, None
 
 
-def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, targets: Tensor, need_grad: bool
+def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, targets: Tensor, need_grad: bool, z_loss: float = 0.0
                          ) -> tuple[Tensor, Tensor | None]:
     """Summed loss of one chunk [c, D] and the gradient of that sum with respect to its logits [c, V]."""
     logits = _at_least_fp32(hidden @ weight.t())
@@ -139,10 +144,12 @@ def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, targets: Tensor, need_g
     safe_targets = targets.clamp(min=0)
     log_norm = torch.logsumexp(logits, dim=-1)
     target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
-    loss = ((log_norm - target_logits) * counted).sum()
+    loss = ((log_norm - target_logits + z_loss * log_norm.square()) * counted).sum()
     if not need_grad:
         return loss, None
     grad = torch.exp_(logits.sub_(log_norm[:, None]))  # softmax, in place of the logits
+    if z_loss:  # d(z lse^2)/d logits = 2 z lse softmax
+        grad.mul_((1.0 + 2.0 * z_loss * log_norm)[:, None])
     grad[torch.arange(len(targets), device=grad.device), safe_targets] -= 1.0
     grad.mul_(counted[:, None])
     return loss, grad.to(hidden.dtype)

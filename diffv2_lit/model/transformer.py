@@ -76,7 +76,7 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
-                loss_impl: str = "plain") -> Tensor:
+                loss_impl: str = "plain", z_loss: float = 0.0) -> Tensor:
         """input_ids [B, T] -> logits [B, T, V]. With a cache, the tokens continue at cache.length.
 
         With `targets` [B, T] it returns the summed token loss instead (a 0-d fp32 tensor; -100 targets
@@ -94,7 +94,8 @@ class Transformer(nn.Module):
             cache.advance(input_ids.shape[1])
         h = self.norm(h)
         if targets is not None:
-            return linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), loss_impl)
+            return linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), loss_impl,
+                                        z_loss=z_loss)
         return F.linear(h, self.output_weight)
 
     @property

@@ -106,6 +106,7 @@ class DecoderLM(L.LightningModule):
         fsdp_sync_every_micro_batch: bool = False,
         fused_adamw: bool | None = None,
         loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto",
+        z_loss: float = 0.0,
         kernels: Literal["torch", "liger"] = "torch",
         init_from: str | None = None,
         float8: bool | Literal["tensorwise", "rowwise"] = False,
@@ -141,6 +142,8 @@ class DecoderLM(L.LightningModule):
             loss_impl: how the output layer and the cross-entropy run (diffv2_lit/model/loss.py): `plain`
                 (full logits), `chunked` (never more than a chunk of logits, plain PyTorch), `liger`
                 (liger-kernel's fused kernel, CUDA), `auto` (liger on CUDA when installed, else plain).
+            z_loss: PaLM's z-loss coefficient: training adds z_loss * logsumexp(logits)^2 per token (every
+                loss_impl; in train/loss, not in val/loss). 0 (default) is off.
             kernels: RMSNorm and SwiGLU as PyTorch ops (`torch`, fused by `compile` when it is on) or as
                 liger-kernel's Triton kernels (`liger`, CUDA); see diffv2_lit/model/fused.py.
             init_from: start from the weights of a checkpoint (.ckpt file or sharded folder) or of a
@@ -168,6 +171,8 @@ class DecoderLM(L.LightningModule):
         if activation_checkpointing < 0:  # bools are ints: False 0, True 1
             raise UsageError(f"model.activation_checkpointing={activation_checkpointing} must be false, true (every "
                              "block) or N >= 1 (every N-th block).")
+        if not z_loss >= 0:
+            raise ValueError(f"model.z_loss={z_loss!r} must be >= 0 (0 is off; PaLM uses 1e-4).")
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"model.loss_impl={loss_impl!r} is not one of: {', '.join(LOSS_IMPLS)}")
         if kernels not in KERNELS:
@@ -346,10 +351,10 @@ class DecoderLM(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
 
-    def summed_loss(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+    def summed_loss(self, input_ids: Tensor, targets: Tensor, z_loss: float = 0.0) -> Tensor:
         """Summed token cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored.
-        The model fuses its output layer with the loss (`loss_impl`)."""
-        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl)
+        The model fuses its output layer with the loss (`loss_impl`); `z_loss` adds the z term (training)."""
+        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl, z_loss=z_loss)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """FSDP2 gradient accumulation: reduce-scatter only after the last micro-batch of a step.
@@ -375,7 +380,8 @@ class DecoderLM(L.LightningModule):
         counted = (targets != IGNORE_INDEX).sum()
         # The summed loss over a constant: the gradients are made per-token once the step's global count of
         # counted tokens is known (step_stats.py), so micro-batches and ranks weigh by their tokens.
-        return self.step_statistics.loss_for_backward(self.summed_loss(input_ids, targets), counted, targets.numel())
+        summed = self.summed_loss(input_ids, targets, z_loss=self.hparams.get("z_loss", 0.0))
+        return self.step_statistics.loss_for_backward(summed, counted, targets.numel())
 
     def step_result(self) -> StepResult:
         """This optimizer step's global numbers (tokens, mean loss, gradient norm before clipping, flags),

@@ -23,10 +23,22 @@ def _tokens(vocab: int, shape=(2, 16), seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _load_hf(folder, attention: str):
+def _load_hf(folder, attention: str, qk_norm: bool = False):
+    if attention == "baseline" and qk_norm:  # Qwen3: Llama + per-head q_norm/k_norm before RoPE, no custom code
+        return transformers.Qwen3ForCausalLM.from_pretrained(folder).eval()
     if attention == "baseline":  # plain Llama: no custom code anywhere
         return transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+def _perturb_qk_norm_weights(ckpt, model) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                param.uniform_(0.5, 2.0)
+    saved = torch.load(ckpt, weights_only=False)
+    saved["state_dict"] = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    torch.save(saved, ckpt)
 
 
 def _check_cached_generation(hf_model, model, prompt: torch.Tensor) -> None:
@@ -46,12 +58,17 @@ def _check_cached_generation(hf_model, model, prompt: torch.Tensor) -> None:
     torch.testing.assert_close(picked.squeeze(-1), step_logits.max(-1).values)
 
 
-@pytest.mark.parametrize("attention,tie", [("baseline", False), ("baseline", True), ("diffv2", False),
-                                           ("diffv2", True), ("diffv1", False)])
-def test_exported_logits_generation_and_import_back(make_checkpoint, tmp_path, attention, tie):
-    ckpt, model = make_checkpoint(attention, tie_embeddings=tie)
+@pytest.mark.parametrize("attention,tie,qk_norm", [
+    ("baseline", False, False), ("baseline", True, False), ("diffv2", False, False), ("diffv2", True, False),
+    ("diffv1", False, False), ("baseline", False, True), ("baseline", True, True), ("diffv2", False, True),
+    ("diffv1", False, True)])
+def test_exported_logits_generation_and_import_back(make_checkpoint, tmp_path, attention, tie, qk_norm):
+    ckpt, model = make_checkpoint(attention, tie_embeddings=tie, qk_norm=qk_norm)
+    if qk_norm:  # norm weights away from their init of 1, so a dropped or misplaced norm shows in the logits
+        _perturb_qk_norm_weights(ckpt, model)
     folder = export(ckpt, tmp_path / "hf")
-    hf_model = _load_hf(folder, attention)
+    hf_model = _load_hf(folder, attention, qk_norm)
+    assert (type(hf_model).__name__ == "Qwen3ForCausalLM") == (attention == "baseline" and qk_norm)
     tokens = _tokens(model.config.vocab_size)
     with torch.no_grad():
         ours, theirs = model(tokens), hf_model(tokens).logits

@@ -130,3 +130,31 @@ def test_chunked_loss_with_grad_mode_still_computes_gradients_in_the_forward():
     with MatmulSpy() as spy:
         linear_cross_entropy(hidden, weight, targets, "chunked", chunk_size=8)
     assert len(spy.matmuls) == 3 * 5 and (50, 16) in spy.allocated and (37, 16) in spy.allocated
+
+
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+def test_z_loss_adds_coefficient_times_squared_logsumexp_by_hand(impl):
+    """z-loss = sum over counted tokens of z * (log sum_v exp(logit_v))^2, written out with math.log/exp."""
+    import math
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 6, -100, 0, 3])
+    z = 0.1
+    want = 0.0
+    for n in range(5):
+        if targets[n] == -100:
+            continue
+        logits = [float(hidden[n] @ weight[v]) for v in range(7)]
+        lse = math.log(sum(math.exp(l) for l in logits))
+        want += lse - logits[targets[n]] + z * lse ** 2
+    got = linear_cross_entropy(hidden, weight, targets, impl, chunk_size=2, z_loss=z)
+    assert abs(got.item() - want) < 1e-10
+    got.backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logits = h2 @ w2.T
+    keep = targets != -100
+    ref = (torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+           + z * torch.logsumexp(logits[keep], -1).square().sum())
+    ref.backward()
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-10) and torch.allclose(weight.grad, w2.grad, atol=1e-10)

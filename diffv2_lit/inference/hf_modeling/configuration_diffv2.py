@@ -30,6 +30,7 @@ class DiffV2LitConfig(PretrainedConfig):
         attention_variant: str = "diffv2",
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
+        qk_norm: bool = False,
         **kwargs,
     ):
         if attention_variant not in ATTENTION_VARIANTS:
@@ -50,6 +51,7 @@ class DiffV2LitConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.attention_variant = attention_variant
         self.use_cache = use_cache
+        self.qk_norm = qk_norm  # RMSNorm per head on q and k before RoPE (absent in older folders: off)
         self.hidden_act = "silu"
         # transformers >= 5 may move rope_theta into rope_parameters; keep both readable.
         kwargs.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": rope_theta})

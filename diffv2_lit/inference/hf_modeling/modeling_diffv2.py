@@ -149,11 +149,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(config.num_attention_heads * d, dim, bias=False)
+        # QK-norm: one d-sized weight for q and one for k, shared by every head (DIFF V1's q1 and q2 alike).
+        qk_norm = getattr(config, "qk_norm", False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache: Cache | None) -> torch.Tensor:
         batch, n_tokens, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(batch, n_tokens, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(batch, n_tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # before RoPE, per head over d
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)
         if cache is not None:  # the cache is [B, h_kv, S, d], the layout of every HF model
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
