@@ -346,9 +346,13 @@ class DecoderLM(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
 
-    def summed_loss(self, input_ids: Tensor, targets: Tensor) -> Tensor:
+    def summed_loss(self, input_ids: Tensor, targets: Tensor, *document_ids: Tensor) -> Tensor:
         """Summed token cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored.
-        The model fuses its output layer with the loss (`loss_impl`)."""
+        The model fuses its output layer with the loss (`loss_impl`). A third batch tensor (data.document_mask)
+        is the per-token document ids; without it the call is the plain causal one."""
+        if document_ids:
+            return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl,
+                              document_ids=document_ids[0])
         return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -364,12 +368,13 @@ class DecoderLM(L.LightningModule):
         if isinstance(self.model, FSDPModule) and not self.hparams.fsdp_sync_every_micro_batch:
             self.model.set_requires_gradient_sync(not self.trainer.fit_loop._should_accumulate())
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        input_ids, targets = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        input_ids, targets, *document_ids = batch
         counted = (targets != IGNORE_INDEX).sum()
         # The summed loss over a constant: the gradients are made per-token once the step's global count of
         # counted tokens is known (step_stats.py), so micro-batches and ranks weigh by their tokens.
-        return self.step_statistics.loss_for_backward(self.summed_loss(input_ids, targets), counted, targets.numel())
+        summed = self.summed_loss(input_ids, targets, *document_ids)
+        return self.step_statistics.loss_for_backward(summed, counted, targets.numel())
 
     def step_result(self) -> StepResult:
         """This optimizer step's global numbers (tokens, mean loss, gradient norm before clipping, flags),
@@ -463,9 +468,9 @@ class DecoderLM(L.LightningModule):
         self._val_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        input_ids, targets = batch
-        self._val_loss_sum += self.summed_loss(input_ids, targets).double()
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        input_ids, targets, *document_ids = batch
+        self._val_loss_sum += self.summed_loss(input_ids, targets, *document_ids).double()
         self._val_tokens += (targets != IGNORE_INDEX).sum()
 
     def on_validation_epoch_end(self) -> None:
