@@ -94,3 +94,23 @@ def test_flex_and_sdpa_equal_eager_under_a_document_mask(value_dim):
     reference = eager_attention(q, k, v, document_mask(ids))[0]
     torch.testing.assert_close(sdpa_attention(q, k, v, document_mask(ids)), reference)
     torch.testing.assert_close(flex_attention(q, k, v, flex_block_mask(ids)), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs CUDA")
+@pytest.mark.parametrize("attention", VARIANTS)
+def test_cuda_flex_path_matches_the_dense_mask_with_gradients(attention):
+    """On CUDA the model picks a BlockMask by itself (compiled flex_attention, its backward included)."""
+    model = _model(attention, "sdpa").float().cuda()
+    _, packed = _documents()
+    packed = packed.cuda()
+    ids = document_ids(packed, EOS)
+    assert not isinstance(model._document_mask(ids, None), torch.Tensor)
+    flex_logits = model(packed, document_ids=ids)
+    flex_logits.square().mean().backward()
+    flex_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    dense = _model(attention, "eager").float().cuda()  # the same weights; the dense mask, eager kernel
+    dense_logits = dense(packed, document_ids=ids)
+    dense_logits.square().mean().backward()
+    torch.testing.assert_close(flex_logits, dense_logits, rtol=2e-4, atol=2e-4)
+    for name, p in dense.named_parameters():
+        torch.testing.assert_close(flex_grads[name], p.grad, rtol=2e-3, atol=2e-5, msg=name)
