@@ -20,6 +20,8 @@ Metrics (TensorBoard tag `diff/<name>/layer_<ii>` per layer and `diff/<name>` = 
                               n = 1-based query position = number of visible keys
     sink_mass                 attention weight on the first key (effective map), mean over rows, heads
                               and query positions >= sink_warmup; sink_mass_a1 / sink_mass_a2: DIFF's maps
+                              (document masking: the first key of each query's document, queries >= sink_warmup
+                              tokens into it)
     max_hidden, max_logit     largest |hidden state| after the block; largest finite attention logit
                               (also `diff/max_hidden_peak`, `diff/max_logit_peak`: max over layers)
 """
@@ -36,6 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from diffv2_lit.callbacks.protocol import OncePerStep, model_call
+from diffv2_lit.model.documents import document_starts
 
 PROBES = ("batch", "random")
 
@@ -89,6 +92,9 @@ class DiffMonitor(L.Callback):
         self.probe_seq_len, self.seed, self.sink_warmup = probe_seq_len, seed, sink_warmup
         self.floor_margin, self.histograms = floor_margin, histograms
         self.probe_tokens: Tensor | None = None  # [B, T] long, kept on CPU and in checkpoints
+        # [B, T] per-token document ids when the batches carry them (data.document_mask), else None
+        self.probe_document_ids: Tensor | None = None
+        self._sink_keys: Tensor | None = None  # [B, T]: each query's sink key during one measure()
         self._step = OncePerStep()
 
     @property
@@ -112,12 +118,14 @@ class DiffMonitor(L.Callback):
             return
         if self.probe_tokens is None:
             self.probe_tokens = self.make_probe(batch, pl_module.model)
+            self.probe_document_ids = self.make_probe_documents(batch, self.probe_tokens)
         if not trainer.is_global_zero and not needs_every_rank(trainer, pl_module):
             return  # whole parameters on rank 0 (DDP): the others would compute the same numbers for nothing
         # Under sharding every rank runs the forward (FSDP all-gathers parameters inside it); rank 0 logs.
         with trainer.precision_plugin.forward_context():
+            documents = None if self.probe_document_ids is None else self.probe_document_ids.to(pl_module.device)
             scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device),
-                                               forward=model_call(trainer, pl_module))
+                                               forward=model_call(trainer, pl_module), document_ids=documents)
         if trainer.is_global_zero:
             self._log(trainer, scalars, histograms)
 
@@ -133,13 +141,21 @@ class DiffMonitor(L.Callback):
         length = min(self.probe_seq_len or tokens.shape[1], tokens.shape[1], config.max_seq_len)
         return tokens[: self.probe_batch_size, :length].detach().cpu().clone()
 
+    def make_probe_documents(self, batch: Any, probe: Tensor) -> Tensor | None:
+        """The document ids [B, T] of the probe rows: a batch's third tensor (data.document_mask), else None."""
+        if self.probe != "batch" or not isinstance(batch, (tuple, list)) or len(batch) < 3:
+            return None
+        return batch[2][: probe.shape[0], : probe.shape[1]].detach().cpu().clone()
+
     # ---- measuring ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, tokens: Tensor, forward: Callable[[Tensor], Tensor] | None = None
-                ) -> tuple[dict[str, float], dict[str, Tensor]]:
+    def measure(self, model: nn.Module, tokens: Tensor, forward: Callable[[Tensor], Tensor] | None = None,
+                document_ids: Tensor | None = None) -> tuple[dict[str, float], dict[str, Tensor]]:
         """One diagnostic forward of `model` on `tokens` [B, T]; returns (scalars by tag, λ values by tag).
-        `forward` runs the model where a strategy wraps it (`model_call`); default `model` itself."""
+        `forward` runs the model where a strategy wraps it (`model_call`); default `model` itself. With
+        `document_ids` [B, T] the forward is document-masked and each query's sink is its document's first
+        token, not position 0."""
         forward = forward or model
         was_training = model.training
         model.eval()
@@ -154,8 +170,13 @@ class DiffMonitor(L.Callback):
                     # not reach a block compiled in place (its own compiled call re-enters dynamo), and would
                     # compile the diagnostic graphs; the force_eager stance runs every compiled code as written.
                     with torch.compiler.set_stance("force_eager"):
-                        forward(tokens)
+                        if document_ids is None:
+                            forward(tokens)
+                        else:
+                            self._sink_keys = document_starts(document_ids)
+                            forward(tokens, document_ids=document_ids)
                 finally:
+                    self._sink_keys = None
                     for hook in hooks:
                         hook.remove()
         finally:
@@ -164,7 +185,7 @@ class DiffMonitor(L.Callback):
 
     def _layer_hook(self, record: dict, out: dict) -> Callable:
         def hook(block: nn.Module, args: Any, output: Tensor) -> None:
-            out.update(layer_stats(record, output, self.sink_warmup, self.floor_margin))
+            out.update(layer_stats(record, output, self.sink_warmup, self.floor_margin, self._sink_keys))
             record.clear()  # free this layer's attention maps before the next block runs
         return hook
 
@@ -198,10 +219,12 @@ class DiffMonitor(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The probe is saved so the curves stay on the same tokens across a resume.
-        return {"probe_tokens": self.probe_tokens, "last_step": self._step.seen}
+        return {"probe_tokens": self.probe_tokens, "probe_document_ids": self.probe_document_ids,
+                "last_step": self._step.seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_tokens = state_dict.get("probe_tokens")
+        self.probe_document_ids = state_dict.get("probe_document_ids")
         self._step.seen = state_dict.get("last_step")
 
 
@@ -210,10 +233,11 @@ class DiffMonitor(L.Callback):
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_stats(record: dict[str, Tensor], hidden: Tensor, sink_warmup: int, floor_margin: float) -> dict[str, Tensor]:
+def layer_stats(record: dict[str, Tensor], hidden: Tensor, sink_warmup: int, floor_margin: float,
+                sink_keys: Tensor | None = None) -> dict[str, Tensor]:
     stats = {**lambda_stats(record["lambda_"])} if "lambda_" in record else {}
     stats.update(context_stats(record["context"], record["values"], floor_margin))
-    stats.update(sink_stats(record, sink_warmup))
+    stats.update(sink_stats(record, sink_warmup, sink_keys))
     stats["max_hidden"] = hidden.detach().abs().amax().float()
     stats["max_logit"] = finite_max(record["logits"])
     return stats
@@ -248,17 +272,26 @@ def context_stats(context: Tensor, values: Tensor, floor_margin: float) -> dict[
             "below_floor_frac": (normalised < floor[None, :, None]).float().mean()}
 
 
-def sink_mass(probs: Tensor, sink_warmup: int) -> Tensor:
-    """Mean attention weight on key 0 over rows, heads and query positions >= sink_warmup."""
-    first = min(sink_warmup, probs.shape[2] - 1)
-    return probs[:, :, first:, 0].float().mean()
+def sink_mass(probs: Tensor, sink_warmup: int, sink_keys: Tensor | None = None) -> Tensor:
+    """Mean attention weight on key 0 over rows, heads and query positions >= sink_warmup.
+
+    With `sink_keys` [B, T] (document masking: each query's document start) the weight on that key instead,
+    over the queries at least sink_warmup tokens into their document (0 if no query is that far in)."""
+    if sink_keys is None:
+        first = min(sink_warmup, probs.shape[2] - 1)
+        return probs[:, :, first:, 0].float().mean()
+    index = sink_keys[:, None, :, None].expand(-1, probs.shape[1], -1, 1)  # [B, heads, T, 1]
+    on_sink = probs.gather(-1, index).squeeze(-1).float()  # [B, heads, T]
+    offset = torch.arange(sink_keys.shape[1], device=sink_keys.device) - sink_keys
+    counted = (offset >= sink_warmup).float()[:, None, :].expand_as(on_sink)
+    return (on_sink * counted).sum() / counted.sum().clamp_min(1.0)
 
 
-def sink_stats(record: dict[str, Tensor], sink_warmup: int) -> dict[str, Tensor]:
-    stats = {"sink_mass": sink_mass(record["effective_probs"], sink_warmup)}
+def sink_stats(record: dict[str, Tensor], sink_warmup: int, sink_keys: Tensor | None = None) -> dict[str, Tensor]:
+    stats = {"sink_mass": sink_mass(record["effective_probs"], sink_warmup, sink_keys)}
     if "probs_2" in record:  # DIFF: each of the two maps as well
-        stats["sink_mass_a1"] = sink_mass(record["probs"], sink_warmup)
-        stats["sink_mass_a2"] = sink_mass(record["probs_2"], sink_warmup)
+        stats["sink_mass_a1"] = sink_mass(record["probs"], sink_warmup, sink_keys)
+        stats["sink_mass_a2"] = sink_mass(record["probs_2"], sink_warmup, sink_keys)
     return stats
 
 

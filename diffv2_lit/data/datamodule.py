@@ -81,19 +81,31 @@ class ShiftTokens:
 
     With `pack=False` each sequence is cut at its first EOS: targets after it are IGNORE_INDEX,
     so no prediction ever uses context from a previous document (the cut-off tokens are wasted).
+
+    With `document_mask=True` the block becomes (input_ids, targets, document_ids): the model keeps each
+    query inside its document, and the target at each EOS input (the first token of the next document) is
+    IGNORE_INDEX, as torchtitan does: that query sees only the document it ends, and a document run alone
+    has no prediction of its first token either.
     """
 
-    def __init__(self, eos_id: int | None, pack: bool = True):
+    def __init__(self, eos_id: int | None, pack: bool = True, document_mask: bool = False):
         self.eos_id = eos_id
         self.pack = pack
+        self.document_mask = document_mask and eos_id is not None
 
-    def __call__(self, block) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, block) -> tuple[torch.Tensor, ...]:
         tokens = torch.from_numpy(np.asarray(block, dtype=np.int64))
         inputs, targets = tokens[:-1], tokens[1:].clone()
         if not self.pack and self.eos_id is not None:
             eos_at = (inputs == self.eos_id).nonzero()
             if len(eos_at):
                 targets[int(eos_at[0]):] = IGNORE_INDEX
+        if self.document_mask:
+            targets[inputs == self.eos_id] = IGNORE_INDEX
+            # Document ids as diffv2_lit.model.documents.document_ids counts them (the data may not import the
+            # model): each EOS closes its document, the token after it opens the next.
+            ends = (inputs == self.eos_id).long()
+            return inputs, targets, ends.cumsum(0) - ends
         return inputs, targets
 
 
@@ -213,8 +225,8 @@ class PadToRanks(Dataset):
     def __getitem__(self, index: int):
         if index < len(self.dataset):
             return self.dataset[index]
-        inputs, targets = self.dataset[0]
-        return inputs, torch.full_like(targets, IGNORE_INDEX)
+        inputs, targets, *document_ids = self.dataset[0]
+        return inputs, torch.full_like(targets, IGNORE_INDEX), *document_ids
 
 
 class TrainLoader(_Watched, StreamingDataLoader):
@@ -287,6 +299,8 @@ class TokenDataModule(L.LightningDataModule):
         tokenizer: `byte` or a tokenizer.json path; must be the tokenizer the data was prepared with.
         pack: True packs documents across EOS into full sequences; False cuts each sequence at its
             first EOS (targets after it are -100).
+        document_mask: True keeps each query inside its own document of a packed sequence (batches carry
+            per-token document ids as a third tensor; the token after each EOS is not predicted).
         cache_dir: local folder for chunks streamed from s3:// sources (default $DIFFV2_LIT_CACHE/remote,
             i.e. ~/.cache/diffv2-lit/remote); node-local disk. Partial downloads of killed runs are removed
             at start. Unused for local folders, which are read in place.
@@ -307,6 +321,7 @@ class TokenDataModule(L.LightningDataModule):
         val_tokens: int = 65536,
         tokenizer: str = "byte",
         pack: bool = True,
+        document_mask: bool = False,
         cache_dir: str | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
@@ -316,6 +331,7 @@ class TokenDataModule(L.LightningDataModule):
         self.hparams.update(data_dir=os.fspath(data_dir), tokenizer=os.fspath(tokenizer))
         self.data_dir, self.seq_len, self.batch_size = data_dir, seq_len, batch_size
         self.num_workers, self.seed, self.shuffle, self.pack = num_workers, seed, shuffle, pack
+        self.document_mask = document_mask
         self.val_tokens, self.tokenizer = val_tokens, tokenizer
         self.cache_dir, self.storage_options = cache_dir, dict(storage_options or {})
         self._check_numbers()
@@ -425,7 +441,7 @@ class TokenDataModule(L.LightningDataModule):
             # Remote chunks arrive in (and leave) the cache as LitData streams them: nothing to check there.
             str(split_dir), item_loader=(litdata.TokensLoader if folder.is_remote else TokensLoader)(
                 block_size=self.seq_len + 1), shuffle=shuffle,
-            seed=self.seed, transform=ShiftTokens(self._eos(folder), self.pack), **remote,
+            seed=self.seed, transform=ShiftTokens(self._eos(folder), self.pack, self.document_mask), **remote,
         )
 
     def train_dataloader(self):

@@ -36,7 +36,8 @@ from diffv2_lit.model.rope import apply_rope
 # Kernels. All take q [B, T, Hq, d], k [B, S, h_kv, d], v [B, S, h_kv, dv] and return
 # [B, T, Hq, dv], causal, with the T queries aligned to the *last* T keys (decoding with a cache),
 # unless `mask` [T, S] (True = may read) says which keys each query reads: a static KV cache hands
-# over all its S slots, filled or not, and the mask (generation.StaticKVCache) does the rest.
+# over all its S slots, filled or not, and the mask (generation.StaticKVCache) does the rest. A document
+# mask (documents.py) is [B, 1, T, S], or a FlexAttention BlockMask, which only `flex_attention` reads.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -58,6 +59,8 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None)
     keys_t = k.permute(0, 2, 3, 1).unsqueeze(2)  # [B, h_kv, 1, d, S]
     logits = (q_grouped @ keys_t) / math.sqrt(head_dim)  # [B, h_kv, group, T, S]
     allowed = causal_mask(n_queries, n_keys, q.device) if mask is None else mask
+    if allowed.dim() == 4:  # a document mask [B, 1, T, S]: one more axis for the query group
+        allowed = allowed.unsqueeze(2)
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=at_least_fp32(q.dtype)).to(v.dtype)
     out = probs @ v.permute(0, 2, 1, 3).unsqueeze(2)  # [B, h_kv, group, T, dv]
@@ -108,6 +111,25 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.cache
+def _compiled_flex():
+    """flex_attention compiled once per process: uncompiled it materialises the full score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, compiled: bool | None = None) -> Tensor:
+    """FlexAttention under a BlockMask (document masking on CUDA); native GQA, any value width.
+    `compiled` None compiles on CUDA only (the CPU runs the unfused reference loop, used by the tests)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex_eager
+
+    compiled = q.is_cuda if compiled is None else compiled
+    kernel = _compiled_flex() if compiled else flex_eager
+    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                 enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 def check_flash_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """flash-attn runs fp16/bf16 CUDA tensors only and fails deep inside its kernel otherwise: say which
     dtype or device arrived and the two fixes, before calling it."""
@@ -144,6 +166,8 @@ def resolve_backend(requested: str, q: Tensor, masked: bool = False) -> str:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, backend: str, mask: Tensor | None = None) -> Tensor:
+    if mask is not None and not isinstance(mask, Tensor):  # a BlockMask: Transformer chose FlexAttention
+        return flex_attention(q, k, v, mask)
     backend = resolve_backend(backend, q, masked=mask is not None)
     if backend == "flash":
         return flash_attention(q, k, v)
@@ -185,9 +209,10 @@ class Attention(nn.Module):
         # its internals here. None (the default) costs one attribute check per call.
         self.diagnostics: dict | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, document_mask=None) -> Tensor:
         """x [B, T, D], cos/sin [T, d] -> [B, T, D]. With a cache, k and v become every cached key and
-        value [B, S, h_kv, d], and `cache.mask` ([T, S] or None) says which of them each query reads."""
+        value [B, S, h_kv, d], and `cache.mask` ([T, S] or None) says which of them each query reads.
+        `document_mask` (documents.py; training only, no cache) keeps each query inside its document."""
         batch, n_tokens, _ = x.shape
         q = self.q_proj(x).view(batch, n_tokens, -1, self.head_dim)  # [B, T, Hq, d]
         k = self.k_proj(x).view(batch, n_tokens, self.n_kv_heads, self.head_dim)  # [B, T, h_kv, d]
@@ -195,7 +220,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # before RoPE, per head over d
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
+        mask = document_mask
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, S, h_kv, d]
             mask = cache.mask

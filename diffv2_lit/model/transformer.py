@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from diffv2_lit.model.attention import build_attention
 from diffv2_lit.model.config import ModelConfig
+from diffv2_lit.model.documents import document_mask, flex_block_mask
 from diffv2_lit.model.generation import Decoder, KVCache, sample_next_token, shared_decoder
 from diffv2_lit.model.loss import linear_cross_entropy
 from diffv2_lit.model.norm import RMSNorm
@@ -53,8 +54,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                document_mask=None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, document_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -76,20 +78,24 @@ class Transformer(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, targets: Tensor | None = None,
-                loss_impl: str = "plain", z_loss: float = 0.0) -> Tensor:
+                loss_impl: str = "plain", z_loss: float = 0.0, document_ids: Tensor | None = None) -> Tensor:
         """input_ids [B, T] -> logits [B, T, V]. With a cache, the tokens continue at cache.length.
 
         With `targets` [B, T] it returns the summed token loss instead (a 0-d fp32 tensor; -100 targets
         count for nothing), the output layer fused with the cross-entropy by `loss_impl` (loss.py) so that
         the [B, T, V] logits need not exist. The loss runs here rather than in the training code because
         a sharding wrapper (FSDP) gathers the output weight for this forward, and must see it used here.
+
+        With `document_ids` [B, T] (documents.py) each query reads only earlier tokens of its own document;
+        None (the default) is plain causal attention through the same kernels as ever.
         """
+        mask = None if document_ids is None else self._document_mask(document_ids, cache)
         h = self.embed_tokens(input_ids)
         cos, sin = self._rope(input_ids.shape[1], start=cache.length if cache else 0, dtype=h.dtype)
         if cache is not None:
             cache.begin(input_ids.shape[1])
         for block in self.layers:
-            h = block(h, cos, sin, cache)
+            h = block(h, cos, sin, cache) if mask is None else block(h, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         h = self.norm(h)
@@ -97,6 +103,16 @@ class Transformer(nn.Module):
             return linear_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), loss_impl,
                                         z_loss=z_loss)
         return F.linear(h, self.output_weight)
+
+    def _document_mask(self, document_ids: Tensor, cache: KVCache | None):
+        """A FlexAttention BlockMask on CUDA (skips the blocks between documents), else the dense [B, 1, T, T]
+        bool mask that SDPA and the eager kernel read; dense also under diagnostics, which run eager."""
+        if cache is not None:
+            raise ValueError("document_ids is a training-forward argument: decode one document at a time, without it.")
+        diagnosing = self.layers[0].self_attn.diagnostics is not None
+        if document_ids.is_cuda and not diagnosing and self.config.attn_backend != "eager":
+            return flex_block_mask(document_ids)
+        return document_mask(document_ids)
 
     @property
     def output_weight(self) -> Tensor:

@@ -351,10 +351,13 @@ class DecoderLM(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------
 
-    def summed_loss(self, input_ids: Tensor, targets: Tensor, z_loss: float = 0.0) -> Tensor:
+    def summed_loss(self, input_ids: Tensor, targets: Tensor, *document_ids: Tensor, z_loss: float = 0.0) -> Tensor:
         """Summed token cross-entropy in fp32 (bf16 logits lose the small probabilities); -100 is ignored.
-        The model fuses its output layer with the loss (`loss_impl`); `z_loss` adds the z term (training)."""
-        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl, z_loss=z_loss)
+        The model fuses its output layer with the loss (`loss_impl`); `z_loss` adds the z term (training). A
+        third batch tensor (data.document_mask) is the per-token document ids; without it the call is the plain
+        causal one."""
+        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl, z_loss=z_loss,
+                          document_ids=document_ids[0] if document_ids else None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """FSDP2 gradient accumulation: reduce-scatter only after the last micro-batch of a step.
@@ -375,12 +378,12 @@ class DecoderLM(L.LightningModule):
                       or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)  # set before this hook runs
         return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or epoch_ends
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        input_ids, targets = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        input_ids, targets, *document_ids = batch
         counted = (targets != IGNORE_INDEX).sum()
         # The summed loss over a constant: the gradients are made per-token once the step's global count of
         # counted tokens is known (step_stats.py), so micro-batches and ranks weigh by their tokens.
-        summed = self.summed_loss(input_ids, targets, z_loss=self.hparams.get("z_loss", 0.0))
+        summed = self.summed_loss(input_ids, targets, *document_ids, z_loss=self.hparams.get("z_loss", 0.0))
         return self.step_statistics.loss_for_backward(summed, counted, targets.numel())
 
     def step_result(self) -> StepResult:
@@ -475,9 +478,9 @@ class DecoderLM(L.LightningModule):
         self._val_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        input_ids, targets = batch
-        self._val_loss_sum += self.summed_loss(input_ids, targets).double()
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        input_ids, targets, *document_ids = batch
+        self._val_loss_sum += self.summed_loss(input_ids, targets, *document_ids).double()
         self._val_tokens += (targets != IGNORE_INDEX).sum()
 
     def on_validation_epoch_end(self) -> None:

@@ -23,6 +23,8 @@ SMOKE = {
                        "--stream-batches", "5"], "streaming vs training step"),
     "bench_async_save.py": (["--preset", "quickstart", "--repeats", "1"], "stall ratio background / synchronous"),
     "bench_subtraction.py": (["--preset", "quickstart", "--seq-len", "32", "--repeats", "1"], "| cancel | fp32 |"),
+    "bench_document_mask.py": (["--presets", "quickstart", "--seq-len", "32", "--batch-size", "1", "--repeats", "1",
+                                "--doc-len", "8"], "| quickstart 1x32 | diffv1 |"),
     "bench_muon.py": (["--dim", "128", "--layers", "1", "--steps", "2"], "Muon / AdamW step"),
     "study.py": (["--models", "diffv2", "--lrs", "3e-3", "--seeds", "1", "--steps", "2", "--dry-run"], "fit"),
 }

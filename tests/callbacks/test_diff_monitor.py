@@ -208,3 +208,18 @@ def test_measure_runs_blocks_compiled_in_place_eagerly():
     assert scalars.keys() == expected.keys()
     for tag, value in expected.items():
         assert scalars[tag] == pytest.approx(value, rel=1e-6, abs=1e-9), tag
+
+
+def test_sink_mass_reads_each_documents_first_token_under_document_masking():
+    """q = 0 under a document mask: a query n tokens into its document (1-based) puts 1/n on that document's
+    first token and nothing on position 0 (another document). Two documents of 40 and 24 tokens per row."""
+    model = build(n_layers=1, attention="baseline", vocab_size=1024, dim=64, head_dim=32, n_kv_heads=2)
+    with torch.no_grad():
+        model.layers[0].self_attn.q_proj.weight.zero_()
+    tokens = distinct_tokens(batch=2, length=64, vocab=1024)
+    document_ids = (torch.arange(64) >= 40).long().expand(2, -1)
+    scalars, _ = DiffMonitor(sink_warmup=8).measure(model, tokens, document_ids=document_ids)
+    within = [n for n in range(9, 41)] + [n for n in range(9, 25)]  # 1-based offsets >= 8 into each document
+    assert scalars["diff/sink_mass"] == pytest.approx(sum(1.0 / n for n in within) / len(within), rel=1e-5)
+    unmasked, _ = DiffMonitor(sink_warmup=8).measure(model, tokens)
+    assert unmasked["diff/sink_mass"] == pytest.approx(sum(1.0 / n for n in range(9, 65)) / 56, rel=1e-5)
