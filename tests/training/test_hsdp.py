@@ -2,7 +2,7 @@
 
 The losses and the global gradient norms (which clipping and the spike detector use) equal one process at
 the same global batch, step for step; a sharded checkpoint written under HSDP resumes under plain 4-way
-FSDP2 and under HSDP, continuing the one-process run."""
+FSDP2, and one written by 4-way FSDP2 resumes under HSDP, continuing the one-process run."""
 
 import json
 import re
@@ -40,9 +40,13 @@ def test_hsdp_two_by_two_equals_one_process_and_resumes_under_fsdp2_and_hsdp(tmp
     assert fsdp2["losses"] == pytest.approx(single["losses"][2:], rel=1e-5)
     assert fsdp2["grad_norms"] == pytest.approx(single["grad_norms"][2:], rel=1e-5)
 
+    # and back: the checkpoint the 4-way FSDP2 run wrote at step 4 (ModelCheckpoint's "-v1": step=4 existed)
+    written_by_fsdp2 = checkpoints / "step=4-v1.ckpt"
+    assert written_by_fsdp2.is_dir()
     again = run(tmp_path, "hsdp-again", "--devices", "4", "--shard-size", "2", "--max-steps", "6",
-                "--resume-from", str(checkpoints / "step=4.ckpt"))
+                "--resume-from", str(written_by_fsdp2))
     assert again["losses"] == pytest.approx(single["losses"][4:], rel=1e-5)
+    assert again["grad_norms"] == pytest.approx(single["grad_norms"][4:], rel=1e-5)
 
 
 def test_hsdp_accumulates_without_syncing_and_equals_one_process(tmp_path):
