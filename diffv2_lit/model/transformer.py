@@ -95,7 +95,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.begin(input_ids.shape[1])
         for block in self.layers:
-            h = block(h, cos, sin, cache) if mask is None else block(h, cos, sin, cache, mask)
+            h = block(h, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         h = self.norm(h)
