@@ -57,9 +57,6 @@ class RecordSteps(L.Callback):
     def __init__(self) -> None:
         self.before, self.grads, self.after = [], [], []
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        trainer.optimizers[0].ns_dtype = torch.float32  # the reference's precision (the bf16 path: next test)
-
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         pl_module.step_result()  # the gradients become per-token here (the spike detector asks the same way)
         named = dict(pl_module.model.named_parameters())
@@ -73,7 +70,8 @@ class RecordSteps(L.Callback):
 def test_two_steps_equal_reference_newton_schulz_with_nesterov_momentum():
     """Step 1 and step 2 (momentum carried over) of every Muon matrix: W <- W (1 - lr wd) - lr s NS5(u), with
     u the nesterov mix of the gradient and its momentum buffer and s = sqrt(max(1, fan_out/fan_in)); the
-    AdamW parameters' first step is lr g / (|g| + eps) (after decay where they decay)."""
+    AdamW parameters' first step is lr g / (|g| + eps) (after decay where they decay). On the CPU the module
+    orthogonalises in float32 (bf16 matmuls are emulated there): a bf16 Newton-Schulz misses this tolerance."""
     L.seed_everything(0)
     recorder = RecordSteps()
     trainer = tiny_trainer(max_steps=2, callbacks=[recorder], gradient_clip_val=None)
