@@ -1,6 +1,7 @@
 """Cost of `model.optimizer: muon` on the CPU (not a test; run by hand, numbers go to docs/training.md).
 
-Times one optimizer step (gradients already there) of AdamW and of MuonAdamW on one Transformer, in one
+Times one optimizer step (gradients already there) of AdamW and of MuonAdamW (Newton-Schulz in bf16 and
+in fp32) on one Transformer, in one
 process and in 2 gloo processes under FSDP2, where Muon all-gathers each matrix's nesterov update
 (`full_tensor`) before Newton-Schulz. The 2-process run also times the gathers alone, to split the step
 into communication and compute. Steps alternate (AdamW, Muon, AdamW, ...); medians are reported.
@@ -45,12 +46,18 @@ def build(args, world_size: int):
 
 
 def optimizers(model):
-    plain = parameter_groups(model, 0.1)
-    muon = parameter_groups(model, 0.1, {"lr": 0.02, "weight_decay": 0.0})
-    for group in plain + muon:
-        group.pop("names")
-    return {"adamw": torch.optim.AdamW(plain, lr=1e-3, betas=(0.9, 0.95)),
-            "muon": MuonAdamW(muon, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)}
+    """AdamW, and Muon with Newton-Schulz in bf16 (torch.optim.Muon's, the module's choice on CUDA) and in
+    fp32 (the module's choice on the CPU)."""
+    def groups(muon: dict | None):
+        found = parameter_groups(model, 0.1, muon)
+        for group in found:
+            group.pop("names")
+        return found
+
+    muon = {"lr": 0.02, "weight_decay": 0.0}
+    return {"adamw": torch.optim.AdamW(groups(None), lr=1e-3, betas=(0.9, 0.95)),
+            "muon": MuonAdamW(groups(muon), lr=1e-3, betas=(0.9, 0.95), eps=1e-8),
+            "muon-fp32": MuonAdamW(groups(muon), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, ns_dtype=torch.float32)}
 
 
 def timed(fn) -> float:
@@ -89,7 +96,8 @@ def worker(rank: int, world_size: int, args) -> None:
 
 def report(label: str, ms: dict[str, float]) -> None:
     line = ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
-    print(f"{label}: {line}; Muon / AdamW step {ms['muon'] / ms['adamw']:.2f}x")
+    print(f"{label}: {line}; Muon / AdamW step: bf16 {ms['muon'] / ms['adamw']:.2f}x, "
+          f"fp32 {ms['muon-fp32'] / ms['adamw']:.2f}x")
 
 
 def main() -> None:

@@ -53,7 +53,8 @@ ARMS: dict[str, dict] = {
     "diffv1": {"preset": "quickstart", "attention": "diffv1"},
 }
 OPTIMIZERS = ("adamw", "muon")
-DEFAULT_ARMS = ["baseline", "baseline-qknorm", "control-baseline", "diffv2"]
+# In this order within each seed and optimizer: an interrupted study holds the headline pair first.
+DEFAULT_ARMS = ["baseline", "diffv2", "baseline-qknorm", "control-baseline"]
 DEFAULT_STRESS_ARMS = ["baseline", "baseline-qknorm", "diffv2"]
 REFERENCE_ARM = "baseline"  # every other arm is compared with it at the same optimizer and LR
 DROP_CALLBACKS = ("SampleText", "ModelCheckpoint")
