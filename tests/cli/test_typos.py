@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import forked
 from tests.faults.helpers import TINY, diffv2_lit, env
 
 QUICKSTART = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
@@ -93,12 +92,10 @@ def test_the_console_script_names_the_nested_typo(tmp_path):
     (["compare", "runs", "--out", "report"], "--output"),
 ])
 def test_tools_refuse_abbreviated_flags(command, full, tmp_path):
-    """`prepare --out data` used to run as `--output data`; now the flag it meant is named as missing. Each is a
-    real `diffv2-lit` process forked after the imports (tests/zygote.py; the console script itself is the test
-    above's)."""
+    """`prepare --out data` used to run as `--output data`; now the flag it meant is named as missing."""
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("Some text of one's own, long enough to tokenize. " * 200)
-    result = forked.diffv2_lit(tmp_path, *command)
+    result = diffv2_lit(tmp_path, *command)
     assert result.returncode == EXIT_USAGE, result.stdout + result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         f"diffv2-lit {command[0]}: error: the following arguments are required: {full}", result.stderr
