@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -90,12 +89,16 @@ def _key(command: str, table: dict) -> str | None:
 
 
 def _run(command: str, extra: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The command as a real `diffv2-lit` process in cwd, forked after the imports (tests/zygote.py: the same
+    main, argv, folder, environment and output; the console script itself is checked in tests/cli/test_typos.py
+    and tests/training/test_cli.py)."""
+    from tests import zygote
+
     words = shlex.split(command)
     assert words[0] == "diffv2-lit"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITDATA_DISABLE_VERSION_CHECK": "1", "OMP_NUM_THREADS": "1",
            "DIFFV2_LIT_CACHE": str(cwd / ".cache")}
-    result = subprocess.run([sys.executable, "-m", "diffv2_lit", *words[1:], *extra], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = zygote.run([*words[1:], *extra], cwd, env, timeout=300)
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
     return result
 

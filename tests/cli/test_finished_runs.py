@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import TINY, diffv2_lit, output
+from tests.faults.forked import diffv2_lit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import TINY, output
 
 RUNS = Path("runs") / "faults"
 LAST = RUNS / "version_0" / "checkpoints" / "last.ckpt"

@@ -1,6 +1,7 @@
 import pytest
 
-from tests.faults.helpers import MAX_STEPS, fit, run_dir, scalars
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import MAX_STEPS, run_dir, scalars
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from diffv2_lit.checkpoint.layout import COMPLETE_MARKER
-from tests.faults.helpers import MAX_STEPS, env, fit, fit_args, output, run_dir, scalars, wait_for
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import MAX_STEPS, env, fit_args, output, run_dir, scalars, wait_for
 
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from tests.faults import forked
 from tests.faults.helpers import TINY, fit
 
 EXIT_USAGE = 2
@@ -69,7 +70,7 @@ def test_a_repeated_key_is_refused_naming_both_lines(tmp_path):
     """A second `model:` block silently replaced the first (lr 1e-3 became 3e-3), issue 24.13."""
     twice = tmp_path / "twice.yaml"
     twice.write_text("model:\n  lr: 1.0e-3\ntrainer:\n  max_steps: 3\nmodel:\n  warmup_steps: 1\n")
-    result = fit(tmp_path, "--config", str(twice))
+    result = forked.fit(tmp_path, "--config", str(twice))  # forked after the imports; the test above is a plain process
     assert result.returncode == EXIT_USAGE
     assert result.stderr.strip() == (f"diffv2-lit fit: error: {twice}: key 'model' appears twice in one mapping "
                                      "(lines 1 and 5); YAML would silently keep only the second: merge them into one")

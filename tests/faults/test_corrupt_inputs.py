@@ -4,7 +4,8 @@ chunk, and an out-of-memory failure on the first step. Each ends with the exact 
 import shutil
 
 from diffv2_lit.data.prepare import prepare
-from tests.faults.helpers import fit, output, run_dir, scalars, tool
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars, tool
 
 EXIT_FAULT = 1
 

@@ -14,7 +14,8 @@ import shutil
 
 import pytest
 
-from tests.faults.helpers import diffv2_lit, fit, output, run_dir, tool
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import diffv2_lit, output, run_dir, tool
 
 MODEL = ("--model.architecture.vocab_size", "320")  # the byte tokenizer's ids fit, so generate can run
 # One process is enough for a real sharded folder (shards, .metadata, meta.pt, complete.json): half the time of two.

@@ -6,7 +6,8 @@ import math
 import torch
 
 from diffv2_lit.checkpoint.safe_load import load_file
-from tests.faults.helpers import fit, output, run_dir, scalars
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars
 
 NAN_STEP = 4
 

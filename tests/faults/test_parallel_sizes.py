@@ -1,7 +1,8 @@
 """A ModelParallelStrategy whose sizes do not multiply to the world size: one line, exit 2, before any rank
 starts (Lightning raises it on every rank once they run, issue 19.15)."""
 
-from tests.faults.helpers import fit, output
+from tests.faults.forked import fit  # a real process, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output
 
 
 def test_data_parallel_size_other_than_the_world_size_is_one_line(tmp_path):

@@ -4,7 +4,7 @@ that names the field, both values and the flag that restores it."""
 
 import pytest
 
-from tests.faults.helpers import fit
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
 
 EXIT_FAULT = 1
 

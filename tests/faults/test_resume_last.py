@@ -1,7 +1,8 @@
 """`--ckpt_path last` when twins share a log folder: it resumes this model's newest checkpoint, and says
 plainly when there is none (naming the other model's checkpoints it set aside)."""
 
-from tests.faults.helpers import fit, output, run_dir, scalars
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars
 
 BASELINE = ["--model.architecture.attention", "baseline"]
 

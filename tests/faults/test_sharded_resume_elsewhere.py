@@ -6,7 +6,8 @@ Only `ModelParallelStrategy` resumes a sharded folder; under one process or DDP 
 
 import shlex
 
-from tests.faults.helpers import fit, output, run_dir, tool
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, tool
 
 MODEL = ("--model.architecture.vocab_size", "320")
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
-from tests.faults.helpers import output, run_dir, scalars, start
+from tests.faults.forked import start  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars
 
 
 def test_two_fits_started_together_get_a_version_folder_each(tmp_path):

@@ -7,7 +7,8 @@ what changed and how to keep it."""
 
 import pytest
 
-from tests.faults.helpers import fit, output, run_dir, scalars
+from tests.faults.forked import fit  # real processes, forked after the imports (tests/zygote.py)
+from tests.faults.helpers import output, run_dir, scalars
 
 TEXT = ("--data", "diffv2_lit.data.datamodule.TokenDataModule", "--data.init_args.data_dir", "builtin:shakespeare",
         "--data.init_args.tokenizer", "byte", "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "4",

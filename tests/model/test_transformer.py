@@ -175,7 +175,7 @@ def test_compiled_decode_step_equals_the_uncompiled_one():
 
     from diffv2_lit.model import DecodeStep, StaticKVCache
 
-    model = tiny("diffv2").float()
+    model = tiny("diffv2", n_layers=1).float()  # one block: inductor compiles half the graph
     prompt = torch.randint(0, 97, (2, 6))
     caches = {mode: StaticKVCache(model.config, batch_size=2, max_len=32) for mode in ("eager", "compile")}
     steps = {mode: DecodeStep(mode) for mode in caches}
@@ -187,8 +187,10 @@ def test_compiled_decode_step_equals_the_uncompiled_one():
     assert int(caches["compile"].length) == 14
 
     eager = model.generate(prompt, max_new_tokens=9, temperature=0)
+    before = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(prompt, max_new_tokens=9, temperature=0, decode="compile"), eager)
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # the first call compiled (the counter is live)
     with torch.compiler.set_stance("fail_on_recompile"):
         again = model.generate(prompt, max_new_tokens=5, temperature=0, decode="compile")
     assert torch.equal(again, eager[:, :11]) and counters["stats"]["unique_graphs"] == graphs
@@ -213,8 +215,10 @@ def test_decoders_for_many_models_modes_and_batches_stay_within_the_recompile_li
         return {(variant, mode, batch): models[variant].generate(prompt, 3, temperature=0, decode=decoder)
                 for (variant, mode), decoder in decoders.items() for batch, prompt in prompts.items()}
 
+    before = counters["stats"]["unique_graphs"]
     first = decode_all()
     compiled = counters["stats"]["unique_graphs"]
+    assert compiled - before == len(first)  # one graph per (model, mode, batch): the counter sees each compile
     with torch.compiler.set_stance("fail_on_recompile"):
         second = decode_all()
     assert counters["stats"]["unique_graphs"] == compiled  # every graph reused

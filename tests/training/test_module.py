@@ -35,6 +35,13 @@ def test_every_form_of_a_model_spec_builds_the_shape_it_names():
     from tests.training.test_recipes import ROOT, _model_config
 
     assert _fields(_model_config(parse_config([str(ROOT / "recipes" / "125m-baseline.yaml")]))) == GPT3_125M_BASELINE
+    # Forms that never reach from_preset: the shape written out (a dict without `preset`, a ModelConfig), through
+    # resolve_model_config and DecoderLM, give the preset's whole config, every field (defaults included) equal.
+    preset = resolve_model_config(Architecture(preset="125m", attention="baseline"))
+    assert resolve_model_config(dict(GPT3_125M_BASELINE)) == preset
+    written_out = ModelConfig(**GPT3_125M_BASELINE)
+    assert resolve_model_config(written_out) is written_out and written_out == preset
+    assert DecoderLM(architecture=written_out).hparams["model_config"] == dataclasses.asdict(preset)
     # The string form: the quickstart's 4 x 128, 4 heads of 32 over 2 KV heads, SwiGLU 8/3 x 128 -> 512 (a multiple
     # of 256), the byte tokenizer's 259 ids padded to 320.
     quickstart = resolve_model_config("quickstart")

@@ -1,6 +1,9 @@
 """Every YAML under recipes/ and configs/ parses with LightningCLI, and every GPU recipe's model has
-the size its name claims (within 10%), the states' memory counted by hand, and the peak its comment quotes from
-`diffv2-lit plan`, whose estimator tests/training/test_memory_measured.py checks against a real FSDP2 run."""
+the size its name claims (within 10%), the GPT-3 batch of its size, the micro-batches written out below, the
+states' memory counted by hand, the activation and logits memory its comment quotes measured here (one of its
+blocks at its real width under autograd's saved-tensor hooks; the logits by hand), and the peak its comment
+quotes from `diffv2-lit plan`, whose estimator tests/training/test_memory_measured.py checks against a real
+FSDP2 run."""
 
 import contextlib
 import dataclasses
@@ -17,8 +20,11 @@ from diffv2_lit.cli import plan
 from diffv2_lit.cli.fit import parse_config
 from diffv2_lit.cli.plan import plan_from_config
 from diffv2_lit.model import Transformer
+from diffv2_lit.model.rope import rope_cos_sin
+from diffv2_lit.model.transformer import Block
 from diffv2_lit.model.memory import RECIPE_BUDGET_GIB
 from diffv2_lit.training.module import resolve_model_config
+from tests.model.test_memory_activations import saved_bytes
 
 ROOT = Path(__file__).parents[2]
 RECIPES = sorted(ROOT.glob("recipes/*.yaml"))
@@ -26,6 +32,14 @@ FRAGMENTS = sorted(ROOT.glob("configs/**/*.yaml"))
 TINY = Path(__file__).with_name("configs") / "tiny.yaml"
 SIZE_CLAIMS = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9}
 GPU_RECIPES = [p for p in RECIPES if p.stem.split("-")[0] in SIZE_CLAIMS]
+GIB = 2**30
+# GPT-3's batch in tokens for each size (Brown et al. 2020, table 2.1: 0.5M, 0.5M, 0.5M, 1M, 1M, 2M).
+GPT3_BATCH_TOKENS = {"125m": 2**19, "350m": 2**19, "760m": 2**19, "1.3b": 2**20, "2.7b": 2**20, "6.7b": 2**21}
+# Written out by hand, per size (all its recipes): micro-batch per GPU, accumulation, fsdp_sync_every_micro_batch,
+# activation_checkpointing, on 8 GPUs at 2048 tokens. From 2.7b up no-sync accumulation's unsharded fp32
+# gradients (4 bytes a parameter on every GPU: about 10 GiB at 2.7b, 25 GiB at 6.7b) no longer leave room.
+MICRO_BATCHES = {"125m": (16, 2, False, False), "350m": (16, 2, False, False), "760m": (8, 4, False, False),
+                 "1.3b": (8, 8, False, False), "2.7b": (32, 2, True, True), "6.7b": (16, 8, True, True)}
 
 
 def _model_config(config):
@@ -114,6 +128,62 @@ def test_recipe_size_states_and_the_plan_its_comment_quotes(path):
     assert re.search(rf"^tokens per step +{tokens:,} = ", out, re.M), out
     assert f"Tokens per step: {tokens:,}" in text
     assert model_config.max_seq_len >= data.seq_len
+
+
+def _measured_block_bytes_per_token(model_config, checkpointed: bool, n_tokens: int = 32) -> float:
+    """Bytes autograd keeps for backward per token in one bf16 block of this shape (FSDP2's compute dtype;
+    eager SDPA, as the plan assumes), with the block's input only when `checkpointed`. Weights, the shared
+    rotary tables and the values do not matter: zero weights, one sequence of n_tokens (nothing is T x T)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model_config = dataclasses.replace(model_config, attn_backend="sdpa")
+    with torch.device("meta"):
+        block = Block(model_config, layer_idx=0)
+    block = block.to_empty(device="cpu").to(torch.bfloat16)
+    for parameter in block.parameters():
+        parameter.data.zero_()
+    if checkpointed:
+        block = checkpoint_wrapper(block, preserve_rng_state=False)
+    x = torch.randn(1, n_tokens, model_config.dim, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(n_tokens), model_config.head_dim, model_config.rope_theta, torch.bfloat16)
+    return saved_bytes(block, x, cos, sin, leave_out=(cos, sin)) / n_tokens
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
+def test_recipe_comment_quotes_the_activations_and_logits_measured_here(path):
+    """The comment's activation term against one of the recipe's own blocks measured (every block keeps the
+    same; a checkpointed block keeps its input, plus one block recomputed whole in backward), scaled to the
+    micro-batch (nothing is T x T), and its logits term by hand: the plain loss keeps B T V fp32 log-softmax
+    values and its backward adds two more fp32 B T V tensors (tests/model/test_memory_activations.py)."""
+    config = _parsed(path)
+    model_config = _model_config(config)
+    text = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    quoted = re.search(r"activations ([\d.]+), logits ([\d.]+) \(loss_impl plain", text)
+    assert quoted, "the comment names its activation and logits terms and the plain loss"
+    data, n_layers = config.data.init_args, model_config.n_layers
+    tokens = data.batch_size * data.seq_len
+    every = int(config.model.activation_checkpointing or 0)
+    full = _measured_block_bytes_per_token(model_config, checkpointed=False)
+    if every:
+        kept_inputs = -(-n_layers // every)  # blocks 0, k, 2k, ... keep only their input
+        per_token = kept_inputs * _measured_block_bytes_per_token(model_config, checkpointed=True)
+        per_token += (n_layers - kept_inputs) * full + full
+    else:
+        per_token = n_layers * full
+    activations_gib, logits_gib = float(quoted.group(1)), float(quoted.group(2))
+    assert activations_gib == pytest.approx(per_token * tokens / GIB, rel=0.02, abs=0.05)
+    assert logits_gib == pytest.approx(12 * tokens * model_config.vocab_size / GIB, abs=0.05)
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
+def test_recipe_batch_is_gpt3s_with_the_micro_batches_written_out(path):
+    config = _parsed(path)
+    size = path.stem.split("-")[0]
+    data, trainer = config.data.init_args, config.trainer
+    assert (trainer.devices * trainer.num_nodes, data.seq_len) == (8, 2048)
+    assert (data.batch_size, trainer.accumulate_grad_batches, config.model.fsdp_sync_every_micro_batch,
+            config.model.activation_checkpointing) == MICRO_BATCHES[size]
+    assert 8 * data.batch_size * trainer.accumulate_grad_batches * data.seq_len == GPT3_BATCH_TOKENS[size]
 
 
 def test_twins_differ_by_one_key():
