@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{index}/{len(runs)}] {name}: {seconds:.0f}s", flush=True)
     if args.dry_run:
         return 0
-    from diffv2_lit.compare import main as compare
+    from diffv2_lit.cli.compare import main as compare
 
     report = args.report or out / "report"
     finished = [out / run_name(m, lr, s) for m, lr, s in runs if is_finished(out, run_name(m, lr, s))]

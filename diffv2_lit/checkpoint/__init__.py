@@ -7,12 +7,12 @@
     compat.py       does a checkpoint belong to this model?
     consolidate.py  `diffv2-lit consolidate`: shards -> one file
     hf_format.py    ModelConfig / state-dict names <-> Hugging Face Llama (and modeling_diffv2) ones
-    errors.py       CheckpointError, the one error type every entry point turns into one line
+    errors.py       CheckpointError (exit 1) and CheckpointPathError (a path naming no checkpoint, exit 2)
 
 Training and inference use this package and know nothing of the layout themselves.
 """
 
-from diffv2_lit.checkpoint.errors import CheckpointError, ResumeError
+from diffv2_lit.checkpoint.errors import CheckpointError, CheckpointPathError, ResumeError
 from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError
 
-__all__ = ["CheckpointError", "ResumeError", "UntrustedCheckpointError"]
+__all__ = ["CheckpointError", "CheckpointPathError", "ResumeError", "UntrustedCheckpointError"]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from diffv2_lit.checkpoint import hf_format
-from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.errors import CheckpointError, CheckpointPathError
 from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_export, is_sharded
 from diffv2_lit.checkpoint.safe_load import (DamagedCheckpointError, UntrustedCheckpointError, error_reason, load_file,
                                             load_meta_pt, load_sharded, looks_sharded, missing_index_error)
@@ -100,10 +100,10 @@ def checkpoint_kind(path: Path) -> str:
     if is_export(path):
         return "hf"
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
+        raise CheckpointPathError(f"checkpoint {str(path)!r} does not exist.")
     if looks_sharded(path):
         raise missing_index_error(path)
-    raise CheckpointError(
+    raise CheckpointPathError(
         f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA} file) nor an exported "
         "model (no config.json). Pass a Lightning .ckpt file, a sharded checkpoint directory, or an export folder."
     )

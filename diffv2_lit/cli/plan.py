@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 
 from diffv2_lit.callbacks.validation import ValidationInOptimizerSteps, validation_every_n_steps
-from diffv2_lit.errors import UsageError
+from diffv2_lit.cli.errors import report as report_error
+from diffv2_lit.errors import DiffV2Error, UsageError
 from diffv2_lit.model import ModelConfig, count_parameters, resolve_model_config
 from diffv2_lit.model.config import ConfigError
 from diffv2_lit.model.loss import liger_available
@@ -29,7 +30,6 @@ from diffv2_lit.model.memory import GIB, Layout, MemoryEstimate, estimate_memory
 
 DEFAULT_GPU_MEMORY_GIB = 74.5  # 80 GB (80e9 bytes) in GiB
 EXIT_TOO_LARGE = 1
-EXIT_USAGE = 2
 
 USAGE = """usage: diffv2-lit plan --config FILE [--config FILE ...] [fit's --key value overrides] [--gpu_memory_gib GIB]
 
@@ -326,9 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budget, args = _pop_gpu_memory(args)
         plan = plan_from_config(_parse(args))
-    except (UsageError, ConfigError) as err:
-        print(f"diffv2-lit plan: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    except DiffV2Error as err:
+        return report_error("diffv2-lit plan", err)
     print(report(plan))
     peak = plan.memory.total / GIB
     if peak > budget:

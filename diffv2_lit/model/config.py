@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
+from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
+
 ATTENTION_VARIANTS = ("baseline", "diffv2", "diffv1")
 # Where a recipe holds the ModelConfig (`model:` is DecoderLM, `architecture:` its argument), for messages
 # that name the key to fix: `model.architecture.attention`, `model.architecture.n_kv_heads`, ...
@@ -39,8 +41,10 @@ def swiglu_hidden_dim(dim: int, multiple_of: int = 256) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffV2Error, ValueError):
     """A model configuration that cannot work; the message names the field, the value and the fix."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass

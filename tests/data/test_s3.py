@@ -18,7 +18,8 @@ from filelock import FileLock
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.data.folder import DataError
-from diffv2_lit.data.prepare import main, prepare
+from diffv2_lit.cli.prepare import main
+from diffv2_lit.data.prepare import prepare
 from tests.data.conftest import make_docs, write_jsonl
 from tests.data.s3_server import BUCKET, free_port
 from tests.data.test_ddp import SavingRecorder

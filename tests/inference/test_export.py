@@ -13,6 +13,7 @@ import torch
 import transformers  # noqa: E402  (the dev extra installs it: a missing one must fail, not skip)
 
 from diffv2_lit.inference import export as export_module  # noqa: E402
+from diffv2_lit.cli import export as export_cli  # noqa: E402
 from diffv2_lit.inference.export import export  # noqa: E402
 from diffv2_lit.checkpoint.reading import load_model, load_state_dict_for_training  # noqa: E402
 
@@ -154,7 +155,7 @@ def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_pat
         _bpe_tokenizer(tmp_path / "tokenizer.json")
         spec = str(tmp_path / "tokenizer.json")
     ckpt, _ = make_checkpoint("diffv2", tokenizer=spec)
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
     call = re.search(r"^\s*(AutoTokenizer\.from_pretrained\(.*?\))", capsys.readouterr().out, re.MULTILINE).group(1)
     text = "to be, or not to be: héllo"
     script = (f"import json\nfrom transformers import AutoTokenizer\ntokenizer = {call}\n"
@@ -179,8 +180,8 @@ def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_pat
 def test_export_cli_and_training_import(make_checkpoint, tmp_path, capsys):
     ckpt, model = make_checkpoint("diffv2")
     out = tmp_path / "hf"
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out), "--dtype", "bfloat16"]) == 0
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out)]) == 2  # not empty, no --overwrite
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(out), "--dtype", "bfloat16"]) == 0
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(out)]) == 2  # not empty, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     config_dict, state_dict = load_state_dict_for_training(out)
     assert config_dict == {**model.config.__dict__}
