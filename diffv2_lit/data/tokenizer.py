@@ -21,6 +21,8 @@ from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|bos|>"
 PAD_TOKEN = "<|pad|>"
+# The byte tokenizer's special tokens by id, as an exported tokenizer.json lays them out (ByteTokenizer's ids).
+BYTE_SPECIAL_TOKENS = {EOS_TOKEN: 256, BOS_TOKEN: 257, PAD_TOKEN: 258}
 # Names other tokenizer files use for "end of document", tried in this order.
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 
@@ -36,9 +38,9 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 259
-    eos_id = 256
-    bos_id = 257
-    pad_id = 258
+    eos_id = BYTE_SPECIAL_TOKENS[EOS_TOKEN]
+    bos_id = BYTE_SPECIAL_TOKENS[BOS_TOKEN]
+    pad_id = BYTE_SPECIAL_TOKENS[PAD_TOKEN]
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -112,7 +114,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """`"byte"` or the path of a `tokenizer.json` (a folder holding one works too)."""
+    """`"byte"` or the path of a `tokenizer.json` (a folder holding one works too: an export folder, the folder
+    `train-tokenizer` wrote into). The one loader: data, training, generate and export all use it."""
     if str(spec) == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()

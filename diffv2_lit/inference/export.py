@@ -23,8 +23,8 @@ import torch
 
 from diffv2_lit.checkpoint import hf_format
 from diffv2_lit.checkpoint.reading import load_for_inference
+from diffv2_lit.data.tokenizer import BYTE_SPECIAL_TOKENS, load_tokenizer
 from diffv2_lit.errors import UsageError
-from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_diffv2.py", "modeling_diffv2.py")
@@ -106,12 +106,11 @@ def _write_tokenizer(spec: str | None, folder: Path, max_seq_len: int) -> dict:
         return {}
     from tokenizers import Tokenizer
 
+    loaded = load_tokenizer(spec)  # the one loader: 'byte', a tokenizer.json, or a folder holding one
     if spec == "byte":
         byte_level_tokenizer().save(str(folder / "tokenizer.json"))
-    elif Path(spec).is_file():
-        shutil.copyfile(spec, folder / "tokenizer.json")
     else:
-        raise TokenizerError(f"unknown tokenizer {spec!r}: expected 'byte' or the path to a tokenizer.json.")
+        shutil.copyfile(loaded.path, folder / "tokenizer.json")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     roles = {role: token for role, token in SPECIAL_TOKEN_ROLES.items() if tokenizer.token_to_id(token) is not None}
     _write_json(folder / "tokenizer_config.json", {

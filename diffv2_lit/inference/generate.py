@@ -23,8 +23,8 @@ from collections import defaultdict
 import torch
 
 from diffv2_lit.checkpoint.reading import load_for_inference, recorded_tokenizer_sha256
+from diffv2_lit.data.tokenizer import load_tokenizer
 from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
-from diffv2_lit.inference.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

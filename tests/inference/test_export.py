@@ -145,6 +145,20 @@ def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|> trained first
 
 
+def test_a_folder_holding_a_tokenizer_is_a_tokenizer_for_export_and_generate(make_checkpoint, tmp_path, capsys):
+    """One tokenizer loader (issue 21.4): what `data.tokenizer` and `prepare` accept, export and generate accept,
+    here the folder an export wrote (inference used to refuse it)."""
+    from diffv2_lit.cli import generate as generate_cli
+
+    _bpe_tokenizer(tmp_path / "tokenizer.json")
+    ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
+    first = export(ckpt, tmp_path / "hf")
+    again = export(ckpt, tmp_path / "hf2", tokenizer_spec=str(first))  # the folder, not the file inside it
+    assert (again / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    assert generate_cli.main(["--ckpt", str(ckpt), "--tokenizer", str(first), "--prompt", "to be",
+                              "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_path, capsys, tokenizer):
     """A DIFF V2 folder's tokenizer loads without custom code and without the interactive "run the custom

@@ -71,7 +71,7 @@ def test_sampling_is_reproducible_with_a_seed(make_checkpoint, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "x" * 60, "--max-new-tokens", "10"], "is 60 tokens; with --max-new-tokens 10 that is 70"),
-    (["--prompt", "hi", "--tokenizer", "no/such/tokenizer.json"], "unknown tokenizer"),
+    (["--prompt", "hi", "--tokenizer", "no/such/tokenizer.json"], "tokenizer 'no/such/tokenizer.json' not found"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens=0"),
 ])
 def test_request_errors(make_checkpoint, capsys, extra, message):
