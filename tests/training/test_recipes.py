@@ -17,7 +17,7 @@ from diffv2_lit.cli import plan
 from diffv2_lit.cli.fit import parse_config
 from diffv2_lit.cli.plan import plan_from_config
 from diffv2_lit.model import Transformer
-from diffv2_lit.model.memory import RECIPE_BUDGET_GIB
+from diffv2_lit.training.memory import RECIPE_BUDGET_GIB
 from diffv2_lit.training.module import resolve_model_config
 
 ROOT = Path(__file__).parents[2]
