@@ -9,7 +9,8 @@ unless told: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads
 
 Folder: config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
 special_tokens_map.json (when the tokenizer is known), and the modeling files for DIFF models.
-`diffv2_lit.checkpoint.reading.load_model(DIR)` reads the folder back (import for continued training).
+`diffv2_lit.checkpoint.reading.load_for_inference(DIR)` reads the folder back (`--model.init_from DIR` continues
+training from it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import transformers  # noqa: E402  (the dev extra installs it: a missing one mus
 from diffv2_lit.inference import export as export_module  # noqa: E402
 from diffv2_lit.cli import export as export_cli  # noqa: E402
 from diffv2_lit.inference.export import export  # noqa: E402
-from diffv2_lit.checkpoint.reading import load_model, load_state_dict_for_training  # noqa: E402
+from diffv2_lit.checkpoint.reading import load_for_inference, load_state_dict_for_training  # noqa: E402
 
 ATOL = 1e-5  # fp32
 
@@ -77,7 +77,7 @@ def test_exported_logits_generation_and_import_back(make_checkpoint, tmp_path, a
 
     _check_cached_generation(hf_model, model, tokens[:, :6])
 
-    back, config, spec = load_model(folder)  # import back: same config, same logits
+    back, config, spec, _ = load_for_inference(folder)  # import back: same config, same logits
     assert config == model.config and spec == "byte"
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), ours, rtol=0, atol=0)
@@ -140,7 +140,7 @@ def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
     _bpe_tokenizer(tmp_path / "tokenizer.json")
     ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
     folder = export(ckpt, tmp_path / "hf")
-    _, _, spec = load_model(folder)
+    _, _, spec, _ = load_for_inference(folder)
     assert spec == str(folder / "tokenizer.json")
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|> trained first
 
