@@ -445,9 +445,10 @@ def _check_nothing_lost(indexes: dict, size: InputSize, n_val: int) -> None:
     written = {split: split_stats(indexes[split])["documents"] for split in SPLITS}
     expected = {"train": size.documents - n_val, "val": n_val}
     if written != expected:
-        raise TokenizingFault(f"documents were lost while tokenizing ({written['train']:,} train and {written['val']:,} "
-                           f"val written, {expected['train']:,} and {expected['val']:,} read): a tokenizer process "
-                           "died (killed, or out of memory?); run it again")
+        raise TokenizingFault(f"a tokenizer worker failed: documents were lost while tokenizing "
+                              f"({written['train']:,} train and {written['val']:,} val written, {expected['train']:,} "
+                              f"and {expected['val']:,} read): a tokenizer process died (killed, or out of memory?); "
+                              "run it again")
 
 
 def _require_documents(n_documents: int, sources) -> None:
