@@ -190,7 +190,7 @@ class DiffV2CLI(LightningCLI):
         try:
             super().instantiate_classes()
         except DiffV2Error:
-            raise  # its class says what it is (a data setting: exit 2; the built-in corpus's full cache: exit 1)
+            raise  # its class carries its exit code (a data setting, DataSettingError: 2)
         except (ValueError, TypeError) as err:
             # Raised by an __init__ while building the configured classes: a configuration mistake.
             raise usage.UsageError(usage.one_line_parser_error(str(err))) from err
