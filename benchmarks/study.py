@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, out: Path, cells: list[Cell], runs: list[tuple[Cell, int]],
            argv: list[str] | None) -> int:
-    from diffv2_lit.compare import main as compare
+    from diffv2_lit.cli.compare import main as compare
 
     report_dir = args.report or out / "report"
     finished = [(cell, seed) for cell, seed in runs if is_finished(out, run_name(cell, seed))]

@@ -1,4 +1,4 @@
-"""`diffv2-lit compare`: overlay several TensorBoard runs in a Markdown page with PNG charts.
+"""Overlay several TensorBoard runs in a Markdown page with PNG charts (`diffv2-lit compare`, cli/compare.py).
 
     diffv2-lit compare runs/quickstart --output report/
 
@@ -34,7 +34,6 @@ tensorboard's own EventAccumulator.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -44,6 +43,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
 
 @dataclass(frozen=True)
 class Chart:
@@ -140,8 +141,10 @@ class Run:
         return any(values for tag, values in self.scalars.items() if tag not in NOT_TRAINING_TAGS)
 
 
-class CompareError(ValueError):
-    pass
+class CompareError(DiffV2Error, ValueError):
+    """Run folders that cannot be compared (missing, nothing logged); the message names them."""
+
+    exit_code = EXIT_USAGE
 
 
 def warn(message: str) -> None:
@@ -646,22 +649,3 @@ def _run_line(run: Run) -> str:
     folders = " + ".join(f"`{piece}`" for piece in run.pieces)
     joined = " (one run logged in pieces: same settings and seed)" if len(run.pieces) > 1 else ""
     return f"- `{run.label}`: {folders}{joined}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffv2-lit compare", allow_abbrev=False, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders holding runs")
-    parser.add_argument("--output", type=Path, required=True, help="report folder (report.md + PNG charts)")
-    args = parser.parse_args(argv)
-    try:
-        runs = load_runs(find_run_dirs(args.runs))
-        if not runs:
-            raise CompareError(f"no run with logged values under {', '.join(map(str, args.runs))}: every run "
-                               "folder was skipped (see the warnings above).")
-    except CompareError as error:
-        parser.exit(2, f"diffv2-lit compare: error: {error}\n")
-    groups = group_runs(runs)
-    page = write_report(groups, args.output)
-    print(f"compared {len(runs)} run folders in {len(groups)} groups; report written to {page}")
-    return 0

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from diffv2_lit import compare
-from diffv2_lit.compare import main
+from diffv2_lit.cli.compare import main
 
 TOKENS_PER_STEP = 4 * 32  # the fixtures' batch: 4 sequences of 32 tokens
 
@@ -64,9 +64,10 @@ def test_folder_without_event_files_is_a_clear_error(tmp_path):
     assert "holds no TensorBoard event file" in result.stderr
 
 
-def test_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "nope"), "--output", str(tmp_path / "r")])
+def test_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), "--output", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (f"diffv2-lit compare: error: {tmp_path / 'nope'} does not exist; pass folders "
+                                       "written by `diffv2-lit fit` (e.g. runs/NAME).\n")
 
 
 # ---- the folders real runs leave (the quickstart_twin_runs fixture: tests/conftest.py) ---------

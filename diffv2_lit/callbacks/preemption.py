@@ -1,10 +1,6 @@
 """`PreemptionCheckpoint`: on SIGTERM, SIGUSR1 or Ctrl-C, checkpoint at the next optimizer-step boundary and stop.
 
-Lightning's own handling does not serve (Lightning 2.6, trainer/connectors/signal_connector.py): SIGTERM
-stops at the next step without saving, and under SLURM a SIGUSR1 saves `hpc_ckpt_<n>.ckpt` from inside the
-signal handler, at whatever point of the step it lands, where `--ckpt_path last` does not look.
-
-This callback installs its own handlers: SIGUSR1 (and SIGINT) at `setup`, before Lightning registers
+The callback installs its own handlers (why Lightning's own do not serve: docs/faults.md, "Preemption and SLURM"): SIGUSR1 (and SIGINT) at `setup`, before Lightning registers
 its SLURM handler (which it then leaves alone), and all of them again at `on_train_start`, over
 Lightning's SIGTERM handler. A handler only records the signal (and forwards it to child ranks like
 Lightning does). Whether any rank was signalled travels as a flag in the module's one per-step reduction
@@ -14,9 +10,8 @@ into the checkpoint folder (found by `--ckpt_path last`) through the Trainer (at
 stops. The run ends normally with exit code 0 (`diffv2-lit fit` exits 130 after a Ctrl-C). Under SLURM
 with auto-requeue, rank 0 then requeues the job when any rank received the requeue signal.
 
-Ctrl-C (SIGINT) is handled the same way: Lightning would otherwise turn it into a KeyboardInterrupt, a
-"graceful shutdown" that saves nothing and exits 1. A second Ctrl-C while the first is pending stops at
-once, without saving, as a terminal user expects.
+Ctrl-C (SIGINT) is handled the same way (saved, then exit 130). A second Ctrl-C while the first is pending
+stops at once, without saving, as a terminal user expects.
 """
 
 from __future__ import annotations

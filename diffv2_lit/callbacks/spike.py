@@ -1,13 +1,11 @@
 """Gradient-spike detection: the global gradient norm (and optionally the loss) against its own running level.
 
-When it runs (checked in lightning/pytorch/plugins/precision/{precision,amp}.py, Lightning 2.6):
-    last micro-batch of the window -> AMP unscale_ (fp16 only)
-                                   -> `on_before_optimizer_step`          (we judge here, once per optimizer step)
-                                   -> gradient clipping -> optimizer.step
-So the norm we judge is the accumulated, unscaled, per-token gradient *before* clipping, and dropping the
-gradients here (`p.grad = None`) makes the following clip a no-op and the optimizer step skip every
-parameter: torch optimizers (for-loop, foreach and fused AdamW alike) leave both the weight and its
-state (moments, step count) untouched for a parameter without a gradient.
+The detector judges in `on_before_optimizer_step`, once per optimizer step: on the last micro-batch of the
+accumulation window, after fp16's unscale and before gradient clipping and the optimizer step. The norm it
+judges is therefore the accumulated, unscaled, per-token gradient *before* clipping, and dropping the
+gradients there (`p.grad = None`, action `skip`) makes the clip a no-op and the optimizer step skip every
+parameter: the weights and their optimizer state (moments, step count) stay as they were
+(`tests/callbacks/test_spike.py` checks both).
 
 Spike rule: value > `factor` x level, or value > level + `z` x spread. Spiked values never enter the
 running statistics. A non-finite gradient norm or loss is always a spike (except the gradient overflows

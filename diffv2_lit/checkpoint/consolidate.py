@@ -1,4 +1,4 @@
-"""`diffv2-lit consolidate`: a sharded (distributed) checkpoint folder -> one ordinary checkpoint file.
+"""A sharded (distributed) checkpoint folder -> one ordinary checkpoint file (`diffv2-lit consolidate`, cli/consolidate.py).
 
 Under FSDP2 (`ModelParallelStrategy`) every rank writes its own shard into a folder named like
 `step=1000.ckpt/` (torch.distributed.checkpoint files plus Lightning's `meta.pt`); nothing is
@@ -7,36 +7,29 @@ a single file with Lightning's layout (`state_dict` keys `model.<Transformer key
 `hyper_parameters` incl. `model_config`, and optionally the optimizer state), which
 `DecoderLM.load_from_checkpoint`, `diffv2-lit generate` and `diffv2-lit export` read.
 
-    diffv2-lit consolidate runs/125m/version_0/checkpoints/last.ckpt model.ckpt [--with-optimizer]
-        [--trust-checkpoint]
-
 The shards, their index and `meta.pt` are read as data only (diffv2_lit.checkpoint.safe_load): a folder
-that needs anything more is refused unless --trust-checkpoint (or DIFFV2_LIT_TRUST_CHECKPOINTS=1).
+that needs anything more is refused unless trusted (`safe_load.trusting`, or DIFFV2_LIT_TRUST_CHECKPOINTS=1).
 """
 
 from __future__ import annotations
 
-import argparse
-import pickle
-import sys
 from pathlib import Path
 
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
-from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.errors import CheckpointPathError
 from diffv2_lit.checkpoint.layout import DCP_METADATA, is_sharded
-from diffv2_lit.checkpoint.safe_load import (DamagedCheckpointError, load_meta_pt, load_sharded, looks_sharded,
-                                            missing_index_error, trusting)
+from diffv2_lit.checkpoint.safe_load import load_meta_pt, load_sharded, looks_sharded, missing_index_error
 
 
 def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: bool = False) -> Path:
     """Merge a distributed checkpoint folder into one `torch.save` file; returns the output path."""
     sharded_dir, output = Path(sharded_dir), Path(output)
     if not sharded_dir.exists():
-        raise CheckpointError(f"checkpoint folder {sharded_dir} does not exist.")
+        raise CheckpointPathError(f"checkpoint folder {sharded_dir} does not exist.")
     if not is_sharded(sharded_dir) and looks_sharded(sharded_dir):
         raise missing_index_error(sharded_dir)
     if not is_sharded(sharded_dir):
-        raise CheckpointError(
+        raise CheckpointPathError(
             f"{sharded_dir} is not a sharded checkpoint folder (no {DCP_METADATA} inside); single-file checkpoints "
             "need no consolidation."
         )
@@ -50,26 +43,3 @@ def consolidate(sharded_dir: str | Path, output: str | Path, with_optimizer: boo
         checkpoint["optimizer_states"] = optimizers
     AtomicCheckpointIO().save_checkpoint(checkpoint, output)  # a killed run leaves no truncated file behind
     return output
-
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffv2-lit consolidate", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="sharded checkpoint folder (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("output", help="single-file checkpoint to write")
-    parser.add_argument("--with-optimizer", action="store_true", help="also keep the optimizer state")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
-    args = parser.parse_args(argv)
-    try:
-        with trusting(args.trust_checkpoint):
-            output = consolidate(args.checkpoint, args.output, args.with_optimizer)
-    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
-        print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, pickle.UnpicklingError, FileNotFoundError) as error:  # refused or missing
-        print(f"diffv2-lit consolidate: error: {error}", file=sys.stderr)
-        return 2
-    size_mb = output.stat().st_size / 2**20
-    print(f"wrote {output} ({size_mb:.1f} MiB) from the shards in {args.checkpoint}")
-    return 0

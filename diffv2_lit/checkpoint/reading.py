@@ -6,8 +6,8 @@
   writes it): the same `state_dict` under DCP, the hyper-parameters in `meta.pt` beside it;
 - a folder written by `diffv2-lit export` (config.json + model.safetensors), or a plain Llama folder.
 
-`load_model` returns a ready Transformer in eval mode (`load_for_inference` also the sequence length it
-was trained at: the datamodule's `seq_len` in a Lightning checkpoint or `meta.pt`, `train_seq_len` in an
+`load_for_inference` returns a ready Transformer in eval mode, its config, the tokenizer spec and the sequence
+length it was trained at: the datamodule's `seq_len` in a Lightning checkpoint or `meta.pt`, `train_seq_len` in an
 export's config.json); `load_state_dict_for_training` returns the raw pieces for `--model.init_from`
 (continued training). Pickled parts are read as data only
 (`diffv2_lit.checkpoint.safe_load`): a checkpoint that needs more raises `UntrustedCheckpointError`
@@ -24,14 +24,12 @@ from typing import NamedTuple
 import torch
 
 from diffv2_lit.checkpoint import hf_format
-from diffv2_lit.checkpoint.errors import CheckpointError
+from diffv2_lit.checkpoint.errors import CheckpointError, CheckpointPathError
 from diffv2_lit.checkpoint.layout import DCP_METADATA, LIGHTNING_META, is_export, is_sharded
 from diffv2_lit.checkpoint.safe_load import (DamagedCheckpointError, UntrustedCheckpointError, error_reason, load_file,
                                             load_meta_pt, load_sharded, looks_sharded, missing_index_error)
 from diffv2_lit.model import ModelConfig, Transformer
 from diffv2_lit.model.config import flash_attn_available
-# Wrappers that training may leave in parameter names: torch.compile and activation checkpointing.
-WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 MAX_LISTED_KEYS = 8
 
 
@@ -50,13 +48,9 @@ class LoadedModel(NamedTuple):
     train_seq_len: int | None  # the training sequence length, when recorded: past it the model has not learned
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None):
-    """-> (Transformer in eval mode, ModelConfig, tokenizer spec or None). dtype None keeps the stored dtype."""
-    return load_for_inference(path, device, dtype)[:3]
-
-
 def load_for_inference(path, device="cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """load_model, plus the sequence length the model was trained at (None if unrecorded)."""
+    """-> (Transformer in eval mode, ModelConfig, tokenizer spec or None, the sequence length the model was trained
+    at or None). dtype None keeps the stored dtype."""
     config, state_dict, tokenizer_spec, train_seq_len = _read_checkpoint(Path(path))
     check_state_dict(config, state_dict, source=str(path))
     with torch.device("meta"):
@@ -83,7 +77,7 @@ def recorded_tokenizer_sha256(path) -> str | None:
 def load_state_dict_for_training(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (dataclasses.asdict(ModelConfig), state dict with Transformer keys, i.e. without `model.`).
 
-    For `--model.init_from`: accepts the same three kinds of path as load_model, checks that the weights
+    For `--model.init_from`: accepts the same three kinds of path as load_for_inference, checks that the weights
     fit the config, and leaves dtype and attention backend exactly as stored.
     """
     config, state_dict, _, _ = _read_checkpoint(Path(path))
@@ -100,10 +94,10 @@ def checkpoint_kind(path: Path) -> str:
     if is_export(path):
         return "hf"
     if not path.exists():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist.")
+        raise CheckpointPathError(f"checkpoint {str(path)!r} does not exist.")
     if looks_sharded(path):
         raise missing_index_error(path)
-    raise CheckpointError(
+    raise CheckpointPathError(
         f"{str(path)!r} is a directory but neither a sharded checkpoint (no {DCP_METADATA} file) nor an exported "
         "model (no config.json). Pass a Lightning .ckpt file, a sharded checkpoint directory, or an export folder."
     )
@@ -172,20 +166,12 @@ def _config_from_dict(fields: dict, source) -> ModelConfig:
 
 
 def _model_weights(state_dict: dict, source: Path) -> dict[str, torch.Tensor]:
-    """`model.<key>` entries with the prefix and any compile/checkpoint wrapper names removed."""
-    weights = {}
-    for key, value in state_dict.items():
-        if key.startswith("model."):
-            weights[_strip_wrappers(key.removeprefix("model."))] = value
+    """`model.<key>` entries without the prefix. Training leaves no wrapper in the names: blocks compile in place
+    and the activation-checkpoint wrapper's state dict drops its own segment (tests/inference/test_loading.py)."""
+    weights = {key.removeprefix("model."): value for key, value in state_dict.items() if key.startswith("model.")}
     if not weights:
         raise CheckpointError(f"{str(source)!r} holds no 'model.*' weights (found keys like {list(state_dict)[:3]}).")
     return weights
-
-
-def _strip_wrappers(key: str) -> str:
-    for segment in WRAPPER_SEGMENTS:
-        key = key.replace(segment, "")
-    return key
 
 
 # ---- exported folders -----------------------------------------------------------------------------

@@ -40,12 +40,14 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from diffv2_lit.model.config import ConfigError
 from diffv2_lit.checkpoint import compat, resume
 from diffv2_lit.cli import usage
-from diffv2_lit.checkpoint import CheckpointError
+from diffv2_lit.cli.errors import fail
+from diffv2_lit.checkpoint import CheckpointError, CheckpointPathError
+from diffv2_lit.errors import EXIT_FAULT, EXIT_USAGE, DiffV2Error
+from diffv2_lit.model.config import ConfigError
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
-from diffv2_lit.checkpoint.layout import checkpoint_problem
+from diffv2_lit.checkpoint.layout import checkpoint_problem, unreadable_message
 from diffv2_lit.model import resolve_model_config
 from diffv2_lit.training.handshake import check_data_fits_model
 from diffv2_lit.training.module import DecoderLM
@@ -75,8 +77,6 @@ HELP_EPILOG = ("Options of the nested classes: `--data.help TokenDataModule` (or
                "(docs/training.md).")
 
 
-EXIT_USAGE = 2    # a configuration mistake (as argparse / jsonargparse exit)
-EXIT_FAULT = 1    # corrupt data or checkpoint, a checkpoint of another model, out of memory
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's code for a program stopped by Ctrl-C (after its checkpoint)
 
 
@@ -189,8 +189,8 @@ class DiffV2CLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except usage.UsageError:
-            raise
+        except DiffV2Error:
+            raise  # its class carries its exit code (a data setting, DataSettingError: 2)
         except (ValueError, TypeError) as err:
             # Raised by an __init__ while building the configured classes: a configuration mistake.
             raise usage.UsageError(usage.one_line_parser_error(str(err))) from err
@@ -296,8 +296,10 @@ class DiffV2CLI(LightningCLI):
         as a load traceback. (Lightning's restore checks again, through AtomicCheckpointIO and
         DecoderLM.on_load_checkpoint, for runs that start from Python.)"""
         path = self.config_init[subcommand].get("ckpt_path")
-        if not path or path in ("last", "best", "hpc", "registry") or not os.path.exists(path) and not os.path.islink(path):
+        if not path or path in ("last", "best", "hpc", "registry"):
             return
+        if not os.path.exists(path) and not os.path.islink(path):  # a mistake in the command, not a damaged file
+            raise CheckpointPathError(unreadable_message(path, "it does not exist"))
         compat.check_resumable(path, self.model.model_config)
         if subcommand == "fit":
             self._check_steps_left(path)
@@ -371,13 +373,11 @@ def _checked_run(args: list[str], argv: list[str] | None) -> LightningCLI:
     try:
         _check_yaml_files(args)
         return _run(argv)
-    except (usage.UsageError, ConfigError) as err:
-        _exit(EXIT_USAGE, str(err))
+    except DiffV2Error as err:
+        _exit(err.exit_code, str(err))
     except Exception as err:
         if usage.is_out_of_memory(err):
             _exit(EXIT_FAULT, usage.OOM_ADVICE.format(error=_first_line(err)))
-        if _is_known_fault(err):
-            _exit(EXIT_FAULT, str(err))
         raise
 
 
@@ -412,13 +412,6 @@ def _quiet_known_noise() -> None:
     warnings.formatwarning = lambda message, category, *_, **__: f"{category.__name__}: {message}\n"
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropAdverts())
-
-
-def _is_known_fault(err: BaseException) -> bool:
-    from diffv2_lit.data.folder import DataError
-    from diffv2_lit.training.module import DivergedError
-
-    return isinstance(err, (CheckpointError, DataError, DivergedError))
 
 
 # The run folder this process claimed (rank 0 of a fit), removed at exit if the run left nothing in it.
@@ -520,9 +513,7 @@ def _first_line(err: BaseException) -> str:
 
 def _exit(code: int, message: str) -> None:
     prog = "diffv2-lit " + (sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ("fit", "validate") else "fit")
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    sys.stderr.flush()
-    sys.exit(code)
+    sys.exit(fail(prog, message, code))
 
 
 def _check_parallel_sizes(trainer_config, world_size: int) -> None:

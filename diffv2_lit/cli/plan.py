@@ -8,7 +8,7 @@ Takes `fit`'s `--config` files and dotted overrides (parsed by the same Lightnin
 the same one line), builds the model on the meta device only (nothing allocated, no GPU needed) and prints
 the parameters, world size, micro-batch, accumulation, tokens per optimizer step, the validation cadence in
 optimizer steps, the total tokens, and the estimated peak memory per GPU term by term
-(diffv2_lit/model/memory.py), ending with `peak per GPU: <x> GiB`. Exit code 1, naming the term to change,
+(diffv2_lit/training/memory.py), ending with `peak per GPU: <x> GiB`. Exit code 1, naming the term to change,
 when the peak exceeds `--gpu_memory_gib` (default 74.5 GiB = 80 GB, an A100/H100 80 GB); 2 for a
 configuration mistake.
 """
@@ -21,15 +21,15 @@ import sys
 from dataclasses import dataclass
 
 from diffv2_lit.callbacks.validation import ValidationInOptimizerSteps, validation_every_n_steps
-from diffv2_lit.errors import UsageError
+from diffv2_lit.cli.errors import report as report_error
+from diffv2_lit.errors import DiffV2Error, UsageError
 from diffv2_lit.model import ModelConfig, count_parameters, resolve_model_config
 from diffv2_lit.model.config import ConfigError
 from diffv2_lit.model.loss import liger_available
-from diffv2_lit.model.memory import GIB, Layout, MemoryEstimate, estimate_memory
+from diffv2_lit.training.memory import GIB, Layout, MemoryEstimate, estimate_memory
 
 DEFAULT_GPU_MEMORY_GIB = 74.5  # 80 GB (80e9 bytes) in GiB
 EXIT_TOO_LARGE = 1
-EXIT_USAGE = 2
 
 USAGE = """usage: diffv2-lit plan --config FILE [--config FILE ...] [fit's --key value overrides] [--gpu_memory_gib GIB]
 
@@ -281,7 +281,7 @@ def report(plan: Plan) -> str:
     else:
         lines.append("total tokens           unbounded (trainer.max_steps not set)")
     memory, notes = plan.memory, _term_notes(plan)
-    lines.append("memory per GPU (estimate: diffv2_lit/model/memory.py)")
+    lines.append("memory per GPU (estimate: diffv2_lit/training/memory.py)")
     for term, nbytes in memory.terms().items():
         lines.append(f"  {term:<24}{nbytes / GIB:>7.1f} GiB   {notes[term]}")
     lines.append(f"peak per GPU: {memory.total / GIB:.1f} GiB")
@@ -326,9 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budget, args = _pop_gpu_memory(args)
         plan = plan_from_config(_parse(args))
-    except (UsageError, ConfigError) as err:
-        print(f"diffv2-lit plan: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    except DiffV2Error as err:
+        return report_error("diffv2-lit plan", err)
     print(report(plan))
     peak = plan.memory.total / GIB
     if peak > budget:

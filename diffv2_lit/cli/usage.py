@@ -65,7 +65,7 @@ The model, batch and sequence length do not fit this device. Knobs, cheapest fir
   --model.cpu_offload true             FSDP2 only: keep sharded parameters and optimizer state in CPU memory
   --data.init_args.seq_len N           shorter sequences (activations grow with seq_len)
   more GPUs with FSDP2 (configs/hardware/8gpu-fsdp2.yaml) to shard parameters and optimizer state
-`diffv2_lit.model.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
+`diffv2_lit.training.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
 
 
 def one_line_parser_error(message: str, typed: list[str] = (), options: list[str] = ()) -> str:

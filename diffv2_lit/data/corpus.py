@@ -11,6 +11,8 @@ import gzip
 import re
 from pathlib import Path
 
+from diffv2_lit.data.errors import InputError
+
 BUILTIN_PREFIX = "builtin:"
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
 
@@ -33,7 +35,7 @@ def builtin_name(spec: str) -> str:
     name = str(spec)[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_CORPORA:
         known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
-        raise ValueError(f"unknown built-in corpus {spec!r}; known: {known}")
+        raise InputError(f"unknown built-in corpus {spec!r}; known: {known}")
     return name
 
 

@@ -35,7 +35,8 @@ from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingData
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from diffv2_lit.data.corpus import builtin_name, is_builtin
-from diffv2_lit.data.folder import DataError, DataFolder, LocalFolder, check_chunks, count_blocks, open_folder
+from diffv2_lit.data.errors import DataError, DataSettingError
+from diffv2_lit.data.folder import DataFolder, LocalFolder, check_chunks, count_blocks, open_folder
 from diffv2_lit.data.prepare import METADATA_FILE, PrepareError, prepare
 from diffv2_lit.data.writer import NoSpaceError
 from diffv2_lit.data.remote import check_url, clean_cache, is_url, open_remote_folder
@@ -342,7 +343,7 @@ class TokenDataModule(L.LightningDataModule):
         try:
             tok = load_tokenizer(tokenizer)
         except TokenizerError as err:
-            raise DataError(f"data.tokenizer: {err}") from None
+            raise DataSettingError(f"data.tokenizer: {err}") from None
         self.vocab_size: int = tok.vocab_size  # the data's vocabulary: setup() checks the data matches it
         self.tokenizer_identity: dict = tok.identity()
         self.eos_id: int = tok.eos_id
@@ -356,10 +357,10 @@ class TokenDataModule(L.LightningDataModule):
     def _check_numbers(self) -> None:
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
-                raise DataError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+                raise DataSettingError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "val_tokens"):
             if getattr(self, name) < 0:
-                raise DataError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+                raise DataSettingError(f"data.{name} must be >= 0, got {getattr(self, name)}")
 
     @staticmethod
     def _parse_mix(data_dir: str, mix: list[dict[str, Any]] | None) -> tuple[list[str], list[float]]:
@@ -368,14 +369,14 @@ class TokenDataModule(L.LightningDataModule):
         sources, weights = [], []
         for i, entry in enumerate(mix):
             if not isinstance(entry, dict) or "path" not in entry:
-                raise DataError(f"data.mix[{i}] must be a mapping with 'path' (and 'weight'), got {entry!r}")
+                raise DataSettingError(f"data.mix[{i}] must be a mapping with 'path' (and 'weight'), got {entry!r}")
             weight = float(entry.get("weight", 1.0))
             if not math.isfinite(weight) or weight < 0:
-                raise DataError(f"data.mix[{i}] ({entry['path']}): weight must be a finite number >= 0, got {weight}")
+                raise DataSettingError(f"data.mix[{i}] ({entry['path']}): weight must be a finite number >= 0, got {weight}")
             sources.append(str(entry["path"]))
             weights.append(weight)
         if sum(weights) <= 0:
-            raise DataError(f"data.mix weights {weights} do not sum to a positive number; give at least one weight > 0")
+            raise DataSettingError(f"data.mix weights {weights} do not sum to a positive number; give at least one weight > 0")
         return sources, [w / sum(weights) for w in weights]
 
     # ------------------------------------------------------------ Lightning hooks

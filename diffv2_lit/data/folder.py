@@ -11,13 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffv2_lit.data.errors import DataError, DataSettingError  # noqa: F401 (importable from here too)
 from diffv2_lit.data.layout import METADATA_FILE
 
 PREPARE_HINT = "create it with `diffv2-lit prepare --input YOUR_TEXT --output {path}`"
-
-
-class DataError(ValueError):
-    """A data folder or data setting that cannot work; the message says how to fix it."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`diffv2-lit prepare`: text files -> LitData token chunks (train and validation) + metadata.
+"""Text files -> LitData token chunks (train and validation) + metadata: `prepare`, which `diffv2-lit prepare`
+(cli/prepare.py) runs.
 
 Output layout (`--output DIR`, or `--output s3://bucket/prefix` with the same layout under the prefix):
     DIR/train/         LitData folder written with `optimize(..., item_loader=TokensLoader())`
@@ -18,7 +19,6 @@ holding no prepared data (see `remote.py`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import glob
@@ -27,7 +27,6 @@ import heapq
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
@@ -46,6 +45,7 @@ from diffv2_lit.data.remote import S3Prefix, is_url, process_alive
 from diffv2_lit.data.sources import Source, iter_documents, resolve_inputs
 from diffv2_lit.data.tokenizer import load_tokenizer, token_dtype
 from diffv2_lit.data.writer import NoSpaceError, run_in_group
+from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
 
 # Every file a prepare run writes, relative to its output: the metadata, the in-progress marker, and
 # each split's LitData index (merged, and per worker while it runs) and chunks.
@@ -53,69 +53,15 @@ _PREPARE_WRITES = re.compile(
     rf"({re.escape(METADATA_FILE)}|{re.escape(PROGRESS_FILE)}|(train|val)/(index\.json|\d+[.-]index\.json|chunk-\d+-\d+\.bin))")
 
 
-PROG = "diffv2-lit prepare"
 
-
-class PrepareError(RuntimeError):
+class PrepareError(DiffV2Error, RuntimeError):
     """A problem with the user's inputs or output folder; the message says how to fix it."""
 
-
-# ---------------------------------------------------------------- command line
-
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False,  # `--out` is a typo, not `--output`
-        description="Tokenize text into LitData streaming chunks with a train/validation split.",
-    )
-    p.add_argument("--input", action="append", required=True,
-                   help="file or folder of .txt/.txt.gz/.jsonl/.jsonl.gz/.parquet, or builtin:shakespeare; repeatable")
-    p.add_argument("--output", required=True,
-                   help="output folder or s3://bucket/prefix (refused if it holds anything, unless --overwrite); "
-                        "S3 endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
-    p.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
-    val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-fraction", type=float, default=None,
-                     help="fraction of documents for validation (default 0.05)")
-    val.add_argument("--val-tokens", type=int, default=None,
-                     help="instead: the fewest documents holding at least this many validation tokens")
-    p.add_argument("--seed", type=int, default=42, help="seed of the document split")
-    chunk = p.add_mutually_exclusive_group()
-    chunk.add_argument("--chunk-bytes", default=None, help="target chunk file size, e.g. 64MB (default)")
-    chunk.add_argument("--chunk-size", type=int, default=None, help="instead: target tokens per chunk")
-    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder or prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (the summary stays)")
-    return p.parse_args(argv)
+    exit_code = EXIT_USAGE
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parse_args(argv)
-    try:
-        prepare(
-            args.input, args.output, tokenizer=args.tokenizer, text_key=args.text_key,
-            val_fraction=0.05 if args.val_fraction is None else args.val_fraction, val_tokens=args.val_tokens,
-            seed=args.seed, chunk_bytes=args.chunk_bytes, chunk_size=args.chunk_size,
-            num_workers=args.num_workers, overwrite=args.overwrite, verbose=not args.quiet,
-            command=shlex.join(["diffv2-lit", "prepare", *argv]),
-        )
-    except NoSpaceError as err:  # a runtime fault, not a mistake in the command
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except (PrepareError, FileNotFoundError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
-        print(f"{PROG}: error: a tokenizer worker failed: {_root_cause(str(err))}; nothing was written", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _root_cause(message: str) -> str:
-    """The first `SomeError: ...` line of a traceback flattened into a message."""
-    causes = re.findall(r"^\w+(?:Error|Exception): .*$", message, re.M)
-    return causes[0] if causes else message
+class TokenizingFault(DiffV2Error, RuntimeError):
+    """A tokenizer process failed or died while writing (exit 1); nothing was written."""
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -154,6 +100,10 @@ def prepare(
             except NoSpaceError as err:
                 raise NoSpaceError(f"{err} while writing {target.name}{size.needs()}; the writer was stopped and "
                                    "nothing was written: free space there or choose another --output") from None
+            except DiffV2Error:
+                raise
+            except RuntimeError as err:  # LitData re-raises a worker's exception with its traceback as text
+                raise TokenizingFault(f"a tokenizer worker failed: {_root_cause(str(err))}; nothing was written") from err
         indexes = target.split_indexes()
         if indexes["train"] is None:  # every document empty, and nothing counted them before (no split asked)
             _require_documents(0, sources)
@@ -166,6 +116,12 @@ def prepare(
     if summary:
         _print_summary(target.name, meta, time.perf_counter() - start)
     return meta
+
+
+def _root_cause(message: str) -> str:
+    """The first `SomeError: ...` line of a traceback flattened into a message."""
+    causes = re.findall(r"^\w+(?:Error|Exception): .*$", message, re.M)
+    return causes[0] if causes else message
 
 
 def _output_target(output: str | Path, storage_options: dict | None):
@@ -489,9 +445,10 @@ def _check_nothing_lost(indexes: dict, size: InputSize, n_val: int) -> None:
     written = {split: split_stats(indexes[split])["documents"] for split in SPLITS}
     expected = {"train": size.documents - n_val, "val": n_val}
     if written != expected:
-        raise RuntimeError(f"documents were lost while tokenizing ({written['train']:,} train and {written['val']:,} "
-                           f"val written, {expected['train']:,} and {expected['val']:,} read): a tokenizer process "
-                           "died (killed, or out of memory?); run it again")
+        raise TokenizingFault(f"a tokenizer worker failed: documents were lost while tokenizing "
+                              f"({written['train']:,} train and {written['val']:,} val written, {expected['train']:,} "
+                              f"and {expected['val']:,} read): a tokenizer process died (killed, or out of memory?); "
+                              "run it again")
 
 
 def _require_documents(n_documents: int, sources) -> None:
@@ -555,7 +512,12 @@ def tokenize_item(item: _WorkItem, *, tokenizer: str, text_key: str, split: str,
     try:
         yield from _tokenize_documents(item, tokenizer, text_key, split)
     except Exception as err:  # noqa: BLE001 - reported by prepare() in the main process
-        (Path(error_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.txt").write_text(f"{type(err).__name__}: {err}")
+        (Path(error_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.txt").write_text(_described(err))
+
+
+def _described(err: Exception) -> str:
+    """Our errors' messages name the file and the fix already; anything else is named by its type."""
+    return str(err) if isinstance(err, DiffV2Error) else f"{type(err).__name__}: {err}"
 
 
 def _tokenize_documents(item: _WorkItem, tokenizer: str, text_key: str, split: str):

@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from diffv2_lit.data.folder import DataError, DataFolder, open_prepared
+from diffv2_lit.data.errors import DataError, DataSettingError
+from diffv2_lit.data.folder import DataFolder, open_prepared
 from diffv2_lit.data.layout import METADATA_FILE, PROGRESS_FILE
 
 S3_SCHEME = "s3://"
@@ -46,11 +47,11 @@ def check_url(spec: str) -> str:
     """An s3:// URL without its trailing slashes; any other scheme is refused (it would become a local path)."""
     if not is_s3(spec):
         scheme = spec.split("://", 1)[0]
-        raise DataError(f"{spec}: {scheme}:// is not supported; use a local folder or an s3://bucket/prefix URL "
+        raise DataSettingError(f"{spec}: {scheme}:// is not supported; use a local folder or an s3://bucket/prefix URL "
                         "(S3-compatible servers: set AWS_ENDPOINT_URL)")
     parsed = urlparse(spec)
     if not parsed.netloc:
-        raise DataError(f"{spec} names no bucket; write s3://BUCKET/PREFIX")
+        raise DataSettingError(f"{spec} names no bucket; write s3://BUCKET/PREFIX")
     return spec.rstrip("/")
 
 
@@ -111,12 +112,12 @@ class S3Prefix:
             pages = self._preflight_client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             return {obj["Key"][len(prefix):]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
         except (boto.NoCredentialsError, boto.PartialCredentialsError):
-            raise DataError(f"no S3 credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            raise DataSettingError(f"no S3 credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                             "(or AWS_PROFILE) in the environment") from None
         except boto.ClientError as err:
-            raise DataError(self._client_error_message(err)) from None
+            raise DataSettingError(self._client_error_message(err)) from None
         except (boto.ConnectionError, boto.HTTPClientError) as err:  # refused, DNS, timeouts, dropped
-            raise DataError(f"cannot reach the S3 endpoint {self.endpoint} for {self.url} ({type(err).__name__}, "
+            raise DataSettingError(f"cannot reach the S3 endpoint {self.endpoint} for {self.url} ({type(err).__name__}, "
                             f"{PREFLIGHT_TIMEOUT_S} s timeout); check AWS_ENDPOINT_URL (or storage_options "
                             "endpoint_url) and that the server is up") from None
         except (boto.BotoCoreError, ValueError) as err:  # e.g. an invalid bucket name or endpoint URL
@@ -166,7 +167,7 @@ class S3Prefix:
             try:
                 answer = self._preflight_client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except boto.ClientError as err:
-                raise DataError(self._client_error_message(err)) from None
+                raise DataSettingError(self._client_error_message(err)) from None
             if answer.get("Errors"):
                 error = answer["Errors"][0]
                 raise DataError(f"could not delete {len(answer['Errors'])} object(s) under {self.url}/ (e.g. "

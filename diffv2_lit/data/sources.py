@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffv2_lit.data.corpus import builtin_files, is_builtin
+from diffv2_lit.data.errors import InputError
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -35,7 +36,7 @@ class Source:
         for suffix in SUFFIXES:
             if name.endswith(suffix):
                 return suffix.removesuffix(".gz").lstrip(".")
-        raise ValueError(f"unsupported file type: {self.path} (use {', '.join(SUFFIXES)})")
+        raise InputError(f"unsupported file type: {self.path} (use {', '.join(SUFFIXES)})")
 
 
 def _supported(path: Path) -> bool:
@@ -53,15 +54,15 @@ def resolve_inputs(specs: list[str]) -> list[Source]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if _supported(p))
             if not files:
-                raise FileNotFoundError(f"input folder {spec} holds no {', '.join(SUFFIXES)} files")
+                raise InputError(f"input folder {spec} holds no {', '.join(SUFFIXES)} files")
             sources += [Source(str(p), f"{path.name}/{p.relative_to(path).as_posix()}") for p in files]
         elif path.is_file():
             Source(str(path), path.name).kind  # raises for an unsupported suffix
             sources.append(Source(str(path), path.name))
         else:
-            raise FileNotFoundError(f"input {spec} does not exist")
+            raise InputError(f"input {spec} does not exist")
     if len({s.source_id for s in sources}) != len(sources):
-        raise ValueError("two inputs resolve to the same file name; pass each file or folder once")
+        raise InputError("two inputs resolve to the same file name; pass each file or folder once")
     return sources
 
 
@@ -99,14 +100,14 @@ def _reading(path: str):
     try:
         yield
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({_encoding_guess(path)}{err.reason} at byte {err.start}); convert "
+        raise InputError(f"{path}: not UTF-8 text ({_encoding_guess(path)}{err.reason} at byte {err.start}); convert "
                          f"it to UTF-8, e.g. `iconv -f {_iconv_source(path)} -t UTF-8 FILE > FILE.utf8`") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # truncated, not gzip at all, damaged
         what = "is truncated" if isinstance(err, EOFError) else "is not a valid gzip file"
-        raise ValueError(f"{path} {what} ({err}); copy or compress it again (`gzip -t FILE` checks one)") from None
+        raise InputError(f"{path} {what} ({err}); copy or compress it again (`gzip -t FILE` checks one)") from None
     except Exception as err:
         if _is_arrow_error(err):
-            raise ValueError(f"{path} is not a readable parquet file ({_first_line(err)}); write it again, or "
+            raise InputError(f"{path} is not a readable parquet file ({_first_line(err)}); write it again, or "
                              "convert it to .jsonl") from None
         raise
 
@@ -154,15 +155,15 @@ def _iter_jsonl(path: str, text_key: str) -> Iterator[tuple[int, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {index + 1}: not valid JSON ({err})") from None
+                raise InputError(f"{path}, line {index + 1}: not valid JSON ({err})") from None
             if not isinstance(record, dict) or text_key not in record:
-                raise ValueError(f"{path}, line {index + 1}: no {text_key!r} field (set --text-key)")
+                raise InputError(f"{path}, line {index + 1}: no {text_key!r} field (set --text-key)")
             text = record[text_key]
             if text is None:  # a missing value: an empty document
                 continue
             if not isinstance(text, str):  # str() would train on its Python repr (issue 24.8)
                 kind = next(name for type_, name in _JSON_TYPES if isinstance(text, type_))
-                raise ValueError(f"{path}, line {index + 1}: {text_key!r} is a JSON {kind} ({_clip(line)}), not a "
+                raise InputError(f"{path}, line {index + 1}: {text_key!r} is a JSON {kind} ({_clip(line)}), not a "
                                  f"string; write the text as a string, or set --text-key to the field holding it")
             if has_text(text):
                 yield index, text
@@ -180,11 +181,11 @@ def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
     file = pq.ParquetFile(path)
     schema = file.schema_arrow
     if text_key not in schema.names:
-        raise ValueError(f"{path}: no column {text_key!r} (columns: {schema.names}; set --text-key)")
+        raise InputError(f"{path}: no column {text_key!r} (columns: {schema.names}; set --text-key)")
     column_type = schema.field(text_key).type
     value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
     if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
-        raise ValueError(f"{path}: column {text_key!r} holds {column_type} values, not strings; write the text as a "
+        raise InputError(f"{path}: column {text_key!r} holds {column_type} values, not strings; write the text as a "
                          "string column, or set --text-key to the column holding it")
     index = 0
     for batch in file.iter_batches(columns=[text_key], batch_size=4096):

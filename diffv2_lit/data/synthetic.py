@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from diffv2_lit.data.errors import DataSettingError
+
 
 def synthetic_sequence(seed: int, index: int, length: int, alphabet: int) -> Tensor:
     """One deterministic token sequence [length]: start + stride * t (mod alphabet)."""
@@ -88,9 +90,9 @@ class SyntheticDataModule(L.LightningDataModule):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_batches", train_batches)):
             if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+                raise DataSettingError(f"data.{name} must be >= 1, got {value}")
         if alphabet is not None and not 1 < alphabet <= vocab_size:
-            raise ValueError(f"alphabet={alphabet} must be in [2, vocab_size={vocab_size}].")
+            raise DataSettingError(f"alphabet={alphabet} must be in [2, vocab_size={vocab_size}].")
         self.vocab_size = vocab_size
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.train_batches, self.val_batches = train_batches, val_batches

@@ -5,27 +5,32 @@ tokens. `load_tokenizer("path/to/tokenizer.json")` wraps any `tokenizers` file (
 open models ship). Both expose the same small interface, and `identity()` whose `hash` is what a
 prepared data folder records, so training can refuse data made with a different tokenizer.
 
-`train_main(argv)` is `diffv2-lit train-tokenizer`: a byte-level BPE trained on the user's files.
+`train_bpe` is what `diffv2-lit train-tokenizer` (cli/train_tokenizer.py) runs: a byte-level BPE trained on the
+user's files.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
+
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|bos|>"
 PAD_TOKEN = "<|pad|>"
+# The byte tokenizer's special tokens by id, as an exported tokenizer.json lays them out (ByteTokenizer's ids).
+BYTE_SPECIAL_TOKENS = {EOS_TOKEN: 256, BOS_TOKEN: 257, PAD_TOKEN: 258}
 # Names other tokenizer files use for "end of document", tried in this order.
 EOS_CANDIDATES = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 
 
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded; the message names the file and what to pass instead."""
+class TokenizerError(DiffV2Error, ValueError):
+    """A tokenizer that cannot be loaded or trained; the message names the file and what to pass instead."""
+
+    exit_code = EXIT_USAGE
 
 
 class ByteTokenizer:
@@ -33,9 +38,9 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 259
-    eos_id = 256
-    bos_id = 257
-    pad_id = 258
+    eos_id = BYTE_SPECIAL_TOKENS[EOS_TOKEN]
+    bos_id = BYTE_SPECIAL_TOKENS[BOS_TOKEN]
+    pad_id = BYTE_SPECIAL_TOKENS[PAD_TOKEN]
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -109,7 +114,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """`"byte"` or the path of a `tokenizer.json` (a folder holding one works too)."""
+    """`"byte"` or the path of a `tokenizer.json` (a folder holding one works too: an export folder, the folder
+    `train-tokenizer` wrote into). The one loader: data, training, generate and export all use it."""
     if str(spec) == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()
@@ -134,27 +140,12 @@ def _sha256(data: bytes) -> str:
 
 # ---------------------------------------------------------------- diffv2-lit train-tokenizer
 
-def _parse_train_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="diffv2-lit train-tokenizer", allow_abbrev=False,  # `--out` is a typo, not `--output`
-        description="Train a byte-level BPE tokenizer (Hugging Face `tokenizers`) and write tokenizer.json.",
-    )
-    parser.add_argument("--input", action="append", required=True,
-                        help="file or folder (.txt, .jsonl, .jsonl.gz, .parquet) or builtin:shakespeare; repeatable")
-    parser.add_argument("--output", required=True, help="path of the tokenizer.json to write (or a folder)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. special tokens")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    parser.add_argument("--text-key", default="text", help="jsonl field / parquet column holding the text")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    return parser.parse_args(argv)
-
-
 def train_bpe(documents, vocab_size: int, min_frequency: int = 2, show_progress: bool = True):
     """A GPT-2 style byte-level BPE: never produces unknown tokens; EOS and PAD are special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + 2:
-        raise ValueError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + 2 specials)")
+        raise TokenizerError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + 2 specials)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -164,26 +155,3 @@ def train_bpe(documents, vocab_size: int, min_frequency: int = 2, show_progress:
     )
     tok.train_from_iterator(documents, trainer=trainer)
     return tok
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    from diffv2_lit.data.sources import iter_all_documents, resolve_inputs
-
-    args = _parse_train_args(list(sys.argv[1:] if argv is None else argv))
-    output = Path(args.output)
-    if output.is_dir() or args.output.endswith("/"):
-        output = output / "tokenizer.json"
-    if output.exists() and not args.overwrite:
-        print(f"diffv2-lit train-tokenizer: error: {output} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    try:
-        sources = resolve_inputs(args.input)
-        tok = train_bpe(iter_all_documents(sources, args.text_key), args.vocab_size, args.min_frequency)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"diffv2-lit train-tokenizer: error: {err}", file=sys.stderr)
-        return 2
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(output))
-    ident = HFTokenizer(output).identity()
-    print(f"wrote {output}: vocab {ident['vocab_size']}, EOS {EOS_TOKEN!r}, sha256 {ident['hash'][:16]}")
-    return 0

@@ -26,14 +26,16 @@ import threading
 import time
 from pathlib import Path
 
+from diffv2_lit.errors import DiffV2Error
+
 POLL_S = 0.2
 STALL_S = 5.0  # a full disk with nothing written for this long: the writer is stuck
 FULL_BYTES = 1 << 20
 GROUP_GRACE_S = 3.0
 
 
-class NoSpaceError(RuntimeError):
-    """The output's file system filled up while writing; the message names it and the space."""
+class NoSpaceError(DiffV2Error, RuntimeError):
+    """The output's file system filled up while writing; the message names it and the space (exit 1)."""
 
 
 def run_in_group(fn, kwargs: dict, watch_dir: Path | None) -> None:

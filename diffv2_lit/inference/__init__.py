@@ -1,2 +1,3 @@
-"""Inference and interop: `diffv2-lit generate`, `diffv2-lit export` (Hugging Face format), and the one
-checkpoint loader they share (`loading.load_model`)."""
+"""Inference and interop: generating text with the KV cache (`generate.py`) and the Hugging Face export with its
+self-contained modeling code (`export.py`, `hf_modeling/`). Both read models through
+`diffv2_lit.checkpoint.reading.load_for_inference`; their command lines are in `cli/`."""

@@ -1,7 +1,4 @@
-"""`diffv2-lit export`: a checkpoint -> a Hugging Face folder.
-
-    diffv2-lit export --ckpt CHECKPOINT --output DIR [--tokenizer SPEC] [--dtype float32|bfloat16|float16]
-        [--trust-checkpoint]
+"""A checkpoint -> a Hugging Face folder (`export`; the command `diffv2-lit export` is cli/export.py).
 
 Baseline models become a plain `LlamaForCausalLM` folder (no custom code). DIFF V2 / V1 folders hold the
 same files plus `configuration_diffv2.py` / `modeling_diffv2.py` (self-contained, registered through
@@ -12,12 +9,12 @@ unless told: `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads
 
 Folder: config.json, generation_config.json, model.safetensors, tokenizer.json + tokenizer_config.json +
 special_tokens_map.json (when the tokenizer is known), and the modeling files for DIFF models.
-`diffv2_lit.checkpoint.reading.load_model(DIR)` reads the folder back (import for continued training).
+`diffv2_lit.checkpoint.reading.load_for_inference(DIR)` reads the folder back (`--model.init_from DIR` continues
+training from it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -26,9 +23,9 @@ from pathlib import Path
 import torch
 
 from diffv2_lit.checkpoint import hf_format
-from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference
-from diffv2_lit.checkpoint.safe_load import DamagedCheckpointError, trusting
-from diffv2_lit.inference.tokenizer import BYTE_SPECIAL_TOKENS, TokenizerError
+from diffv2_lit.checkpoint.reading import load_for_inference
+from diffv2_lit.data.tokenizer import BYTE_SPECIAL_TOKENS, load_tokenizer
+from diffv2_lit.errors import UsageError
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_diffv2.py", "modeling_diffv2.py")
@@ -37,36 +34,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SPECIAL_TOKEN_ROLES = {"eos_token": "<|endoftext|>", "bos_token": "<|bos|>", "pad_token": "<|pad|>"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffv2-lit export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
-    parser.add_argument("--output", required=True, help="folder to write (created; must be empty unless --overwrite)")
-    parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the one recorded in the checkpoint)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: as stored in the checkpoint)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing export")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with trusting(args.trust_checkpoint):
-            folder = export(args.ckpt, args.output, args.tokenizer, DTYPES.get(args.dtype), args.overwrite)
-    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
-        print(f"diffv2-lit export: error: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, TokenizerError, FileExistsError, ValueError) as error:
-        print(f"diffv2-lit export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"exported to {folder}")
-    print("\n".join(load_instructions(folder)))
-    return 0
-
-
 def load_instructions(folder: Path) -> list[str]:
-    """How to load the folder in transformers: the lines `main` prints after exporting."""
+    """How to load the folder in transformers: the lines `diffv2-lit export` prints after exporting."""
     config = json.loads((folder / "config.json").read_text())
     custom = "auto_map" in config
     lines = ["load it in transformers:"]
@@ -108,7 +77,7 @@ def export(ckpt, output, tokenizer_spec: str | None = None, dtype: torch.dtype |
 
 def _prepare_folder(folder: Path, overwrite: bool) -> Path:
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(folder)!r} is not empty; pass --overwrite to replace its files.")
+        raise UsageError(f"output folder {str(folder)!r} is not empty; pass --overwrite to replace its files.")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -138,12 +107,11 @@ def _write_tokenizer(spec: str | None, folder: Path, max_seq_len: int) -> dict:
         return {}
     from tokenizers import Tokenizer
 
+    loaded = load_tokenizer(spec)  # the one loader: 'byte', a tokenizer.json, or a folder holding one
     if spec == "byte":
         byte_level_tokenizer().save(str(folder / "tokenizer.json"))
-    elif Path(spec).is_file():
-        shutil.copyfile(spec, folder / "tokenizer.json")
     else:
-        raise TokenizerError(f"unknown tokenizer {spec!r}: expected 'byte' or the path to a tokenizer.json.")
+        shutil.copyfile(loaded.path, folder / "tokenizer.json")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     roles = {role: token for role, token in SPECIAL_TOKEN_ROLES.items() if tokenizer.token_to_id(token) is not None}
     _write_json(folder / "tokenizer_config.json", {

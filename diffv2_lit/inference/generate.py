@@ -1,8 +1,5 @@
-"""`diffv2-lit generate`: sample text from a checkpoint or an exported folder, with the KV cache.
-
-    diffv2-lit generate --ckpt PATH (--prompt TEXT ... | --prompt-file FILE) [--tokenizer SPEC]
-        [--max-new-tokens 200] [--temperature 0.8] [--top-k K] [--top-p P] [--seed 0]
-        [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--ignore-eos] [--trust-checkpoint]
+"""Sample text from a checkpoint or an exported folder, with the KV cache (`diffv2-lit generate`, its flags in
+cli/generate.py): `run(args)` takes the parsed flags and raises `GenerateError` for a request it cannot serve.
 
 PATH is a Lightning .ckpt file, a sharded (FSDP2) checkpoint directory or a `diffv2-lit export` folder.
 One prompt streams its continuation to the terminal token by token. Several prompts (repeated --prompt,
@@ -25,54 +22,17 @@ from collections import defaultdict
 
 import torch
 
-from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference, recorded_tokenizer_sha256
-from diffv2_lit.checkpoint.safe_load import DamagedCheckpointError, trusting
-from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
-from diffv2_lit.model import ConfigError
-from diffv2_lit.model.generation import DECODE_MODES
+from diffv2_lit.checkpoint.reading import load_for_inference, recorded_tokenizer_sha256
+from diffv2_lit.data.tokenizer import load_tokenizer
+from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class GenerateError(ValueError):
+class GenerateError(DiffV2Error, ValueError):
     """A request that cannot be served (prompt too long, tokenizer does not fit the model, ...)."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffv2-lit generate", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt file, sharded checkpoint dir, or export folder")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load a checkpoint that needs more than data (runs code from it: trusted sources only)")
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; '' starts a document)")
-    prompts.add_argument("--prompt-file", help="file with one prompt per line (a batch)")
-    parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the one recorded in the checkpoint)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, else float32")
-    parser.add_argument("--ignore-eos", action="store_true", help="keep sampling after the end-of-text token")
-    parser.add_argument("--decode", default="auto", choices=["auto", *DECODE_MODES],
-                        help="auto: cuda-graphs on CUDA (a static KV cache and a captured one-token step, compiled "
-                             "once), eager on the CPU (where compiling costs more than short generations save)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with trusting(args.trust_checkpoint):
-            run(args)
-    except DamagedCheckpointError as error:  # a runtime fault: exit 1 (docs/faults.md)
-        print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, TokenizerError, GenerateError, ConfigError) as error:
-        print(f"diffv2-lit generate: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    exit_code = EXIT_USAGE
 
 
 def run(args: argparse.Namespace) -> None:

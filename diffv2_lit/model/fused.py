@@ -17,10 +17,9 @@ promotes to fp32.
 
 from __future__ import annotations
 
-import importlib.util
-
 from torch import Tensor, nn
 
+from diffv2_lit.model.loss import liger_available
 from diffv2_lit.model.norm import RMSNorm
 from diffv2_lit.model.transformer import SwiGLU
 
@@ -34,7 +33,7 @@ def kernels_problem(kernels: str, device_type: str) -> str | None:
     if kernels == "liger" and device_type != "cuda":
         return (f"model.kernels='liger' runs Triton kernels on CUDA only, and this run is on {device_type}; "
                 "use model.kernels=torch (the default)")
-    if kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+    if kernels == "liger" and not liger_available():
         return ("model.kernels='liger' needs liger-kernel: pip install 'diffv2-lit[liger]' "
                 "(or use model.kernels=torch, the default)")
     return None

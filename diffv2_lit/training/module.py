@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
-from diffv2_lit.errors import UsageError
+from diffv2_lit.errors import DiffV2Error, UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
 from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
@@ -48,7 +48,7 @@ from diffv2_lit.training.step_stats import StepResult, StepStatistics
 RESUME_KEY = "diffv2_lit"  # the checkpoint's entry for what a resume compares (the schedule's length)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(DiffV2Error, RuntimeError):
     """A non-finite gradient about to be applied: training stops before the weights turn NaN."""
 
     def __init__(self, step: int, grad_norm: float, last_good: str | None) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.data.folder import DataError
-from diffv2_lit.data.prepare import main as prepare_main
+from diffv2_lit.cli.prepare import main as prepare_main
 from diffv2_lit.data.tokenizer import train_bpe
 from tests.data.conftest import make_docs, write_jsonl
 

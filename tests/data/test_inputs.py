@@ -5,7 +5,7 @@ import json
 import pytest
 
 from diffv2_lit.data.datamodule import TokenDataModule
-from diffv2_lit.data.prepare import main
+from diffv2_lit.cli.prepare import main
 
 ARGS = ["--num-workers", "1", "--quiet"]
 

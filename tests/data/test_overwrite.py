@@ -11,7 +11,7 @@ import pytest
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.data.folder import DataError
-from diffv2_lit.data.prepare import main
+from diffv2_lit.cli.prepare import main
 from tests.data.conftest import make_docs, write_jsonl
 
 ROOT = Path(__file__).parents[2]

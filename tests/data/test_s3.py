@@ -18,7 +18,8 @@ from filelock import FileLock
 
 from diffv2_lit.data.datamodule import TokenDataModule
 from diffv2_lit.data.folder import DataError
-from diffv2_lit.data.prepare import main, prepare
+from diffv2_lit.cli.prepare import main
+from diffv2_lit.data.prepare import prepare
 from tests.data.conftest import make_docs, write_jsonl
 from tests.data.s3_server import BUCKET, free_port
 from tests.data.test_ddp import SavingRecorder
@@ -91,7 +92,7 @@ def test_failed_prepare_leaves_no_data_in_the_bucket(s3, tmp_path, capsys):
     src = tmp_path / "a.jsonl"
     src.write_text('{"text": "fine"}\n{"text": "also fine"}\nnot json\n')
     assert main(["--input", str(src), "--output", s3.url, "--num-workers", "1", "--quiet", "--val-tokens", "0"]) == 2
-    assert "tokenizing failed, nothing was written: ValueError: " in capsys.readouterr().err
+    assert f"tokenizing failed, nothing was written: {src}, line 3: not valid JSON" in capsys.readouterr().err
     assert s3.keys() == {}
 
 

@@ -1,6 +1,7 @@
 import json
 
-from diffv2_lit.data.tokenizer import ByteTokenizer, load_tokenizer, train_main
+from diffv2_lit.cli.train_tokenizer import main as train_main
+from diffv2_lit.data.tokenizer import ByteTokenizer, load_tokenizer
 from tests.data.conftest import make_docs, write_jsonl
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffv2_lit.data.datamodule import TokenDataModule
-from diffv2_lit.checkpoint.reading import load_model
+from diffv2_lit.checkpoint.reading import load_for_inference
 from diffv2_lit.checkpoint.atomic_io import AtomicCheckpointIO
 from diffv2_lit.training.module import DecoderLM
 from diffv2_lit.checkpoint.safe_load import UntrustedCheckpointError, guard_restore, load_file, trusting, verify
@@ -88,7 +88,7 @@ def sharded_run(tmp_path_factory):
 # ---- a crafted single-file checkpoint ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command, exit_code", [("generate", 2), ("export", 2), ("validate", 1), ("fit", 1),
+@pytest.mark.parametrize("command, exit_code", [("generate", 1), ("export", 1), ("validate", 1), ("fit", 1),
                                                 ("init_from", 1)])
 def test_every_entry_point_refuses_a_crafted_checkpoint(crafted_ckpt, tmp_path, command, exit_code):
     checkpoint, marker = crafted_ckpt
@@ -100,7 +100,7 @@ def test_every_entry_point_refuses_a_crafted_checkpoint(crafted_ckpt, tmp_path, 
 def test_load_model_refuses_a_crafted_checkpoint(crafted_ckpt):
     checkpoint, marker = crafted_ckpt
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
-        load_model(checkpoint)
+        load_for_inference(checkpoint)
     assert not marker.exists()
 
 
@@ -157,7 +157,7 @@ def test_resume_with_the_environment_variable(crafted_ckpt, tmp_path):
 def test_trusting_in_python(crafted_ckpt):
     checkpoint, marker = crafted_ckpt
     with trusting():
-        model, config, _ = load_model(checkpoint)
+        model, config, _, _ = load_for_inference(checkpoint)
     assert marker.exists() and config.attention == "diffv2"
 
 
@@ -170,10 +170,10 @@ def test_every_checkpoint_of_a_real_run_and_its_export_load(baseline, single_fil
     assert len(checkpoints) >= 4
     for checkpoint in checkpoints:
         verify(checkpoint)
-        load_model(checkpoint)
+        load_for_inference(checkpoint)
     exported = tool(tmp_path, *_entry_point_args("export", single_file_run, tmp_path))
     assert exported.returncode == 0, exported.stderr
-    load_model(tmp_path / "exported")
+    load_for_inference(tmp_path / "exported")
 
 
 # ---- sharded (FSDP2) folders --------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_every_tool_refuses_a_sharded_folder_with_a_crafted_meta_pt(sharded_run,
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, "meta.pt")
     run = diffv2_lit if command == "init_from" else tool
     result = run(tmp_path, *_entry_point_args(command, folder, tmp_path))
-    _assert_refused(result, folder / "meta.pt", marker, exit_code=1 if command == "init_from" else 2)
+    _assert_refused(result, folder / "meta.pt", marker, exit_code=1)
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_consolidate_refuses_a_crafted_index_or_item(sharded_run, tmp_path, wher
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, where)
     with_optimizer = ["--with-optimizer"] if where == "item" else []
     result = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), *with_optimizer)
-    _assert_refused(result, folder, marker, exit_code=2)
+    _assert_refused(result, folder, marker, exit_code=1)
     assert not (tmp_path / "merged.ckpt").exists()
 
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
@@ -215,7 +215,7 @@ def test_load_model_refuses_a_crafted_sharded_folder(sharded_run, tmp_path, wher
     marker = tmp_path / "PWNED"
     folder = crafted_folder(sharded_run["folder"], tmp_path / "shared.ckpt", marker, where)
     with pytest.raises(UntrustedCheckpointError, match=EVIL_GLOBAL):
-        load_model(folder)
+        load_for_inference(folder)
     assert not marker.exists()
 
 
@@ -247,7 +247,7 @@ def test_fsdp2_resume_refuses_a_crafted_meta_pt_even_when_torch_is_told_otherwis
 def test_the_projects_sharded_checkpoint_resumes_and_converts(sharded_run, tmp_path):
     folder = sharded_run["folder"]
     verify(folder)
-    load_model(folder)
+    load_for_inference(folder)
     resumed = fit(sharded_run["dir"], "--config", str(sharded_run["dir"] / "fsdp2.yaml"), *MODEL, "--ckpt_path",
                   str(folder), "--trainer.max_steps", "4", "--model.max_steps", "12")
     assert resumed.returncode == 0, output(resumed)[-3000:]
@@ -255,7 +255,7 @@ def test_the_projects_sharded_checkpoint_resumes_and_converts(sharded_run, tmp_p
     merged = tool(tmp_path, *_entry_point_args("consolidate", folder, tmp_path), "--with-optimizer")
     assert merged.returncode == 0, merged.stderr
     assert load_file(tmp_path / "merged.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"] > 0
-    load_model(tmp_path / "merged.ckpt")
+    load_for_inference(tmp_path / "merged.ckpt")
     shutil.rmtree(run_dir(sharded_run["dir"], 1))  # the fixture's folder stays as the fixture made it
 
 

@@ -13,8 +13,9 @@ import torch
 import transformers  # noqa: E402  (the dev extra installs it: a missing one must fail, not skip)
 
 from diffv2_lit.inference import export as export_module  # noqa: E402
+from diffv2_lit.cli import export as export_cli  # noqa: E402
 from diffv2_lit.inference.export import export  # noqa: E402
-from diffv2_lit.checkpoint.reading import load_model, load_state_dict_for_training  # noqa: E402
+from diffv2_lit.checkpoint.reading import load_for_inference, load_state_dict_for_training  # noqa: E402
 
 ATOL = 1e-5  # fp32
 
@@ -76,7 +77,7 @@ def test_exported_logits_generation_and_import_back(make_checkpoint, tmp_path, a
 
     _check_cached_generation(hf_model, model, tokens[:, :6])
 
-    back, config, spec = load_model(folder)  # import back: same config, same logits
+    back, config, spec, _ = load_for_inference(folder)  # import back: same config, same logits
     assert config == model.config and spec == "byte"
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), ours, rtol=0, atol=0)
@@ -139,9 +140,23 @@ def test_bpe_tokenizer_travels_with_the_folder(make_checkpoint, tmp_path):
     _bpe_tokenizer(tmp_path / "tokenizer.json")
     ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
     folder = export(ckpt, tmp_path / "hf")
-    _, _, spec = load_model(folder)
+    _, _, spec, _ = load_for_inference(folder)
     assert spec == str(folder / "tokenizer.json")
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|> trained first
+
+
+def test_a_folder_holding_a_tokenizer_is_a_tokenizer_for_export_and_generate(make_checkpoint, tmp_path, capsys):
+    """One tokenizer loader (issue 21.4): what `data.tokenizer` and `prepare` accept, export and generate accept,
+    here the folder an export wrote (inference used to refuse it)."""
+    from diffv2_lit.cli import generate as generate_cli
+
+    _bpe_tokenizer(tmp_path / "tokenizer.json")
+    ckpt, _ = make_checkpoint("diffv2", tokenizer=str(tmp_path / "tokenizer.json"))
+    first = export(ckpt, tmp_path / "hf")
+    again = export(ckpt, tmp_path / "hf2", tokenizer_spec=str(first))  # the folder, not the file inside it
+    assert (again / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    assert generate_cli.main(["--ckpt", str(ckpt), "--tokenizer", str(first), "--prompt", "to be",
+                              "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
@@ -154,7 +169,7 @@ def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_pat
         _bpe_tokenizer(tmp_path / "tokenizer.json")
         spec = str(tmp_path / "tokenizer.json")
     ckpt, _ = make_checkpoint("diffv2", tokenizer=spec)
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
     call = re.search(r"^\s*(AutoTokenizer\.from_pretrained\(.*?\))", capsys.readouterr().out, re.MULTILINE).group(1)
     text = "to be, or not to be: héllo"
     script = (f"import json\nfrom transformers import AutoTokenizer\ntokenizer = {call}\n"
@@ -179,8 +194,8 @@ def test_the_printed_tokenizer_call_runs_no_custom_code(make_checkpoint, tmp_pat
 def test_export_cli_and_training_import(make_checkpoint, tmp_path, capsys):
     ckpt, model = make_checkpoint("diffv2")
     out = tmp_path / "hf"
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out), "--dtype", "bfloat16"]) == 0
-    assert export_module.main(["--ckpt", str(ckpt), "--output", str(out)]) == 2  # not empty, no --overwrite
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(out), "--dtype", "bfloat16"]) == 0
+    assert export_cli.main(["--ckpt", str(ckpt), "--output", str(out)]) == 2  # not empty, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     config_dict, state_dict = load_state_dict_for_training(out)
     assert config_dict == {**model.config.__dict__}

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from diffv2_lit.cli import generate as generate_cli
 from diffv2_lit.inference import generate
 from diffv2_lit.inference.export import export
 from diffv2_lit.checkpoint.reading import load_for_inference
@@ -63,36 +64,36 @@ def test_sampling_is_reproducible_with_a_seed(make_checkpoint, capsys):
             "--ignore-eos"]
     outputs = []
     for seed in ("1", "1", "2"):
-        assert generate.main([*args, "--seed", seed]) == 0
+        assert generate_cli.main([*args, "--seed", seed]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--prompt", "x" * 60, "--max-new-tokens", "10"], "is 60 tokens; with --max-new-tokens 10 that is 70"),
-    (["--prompt", "hi", "--tokenizer", "no/such/tokenizer.json"], "unknown tokenizer"),
+    (["--prompt", "hi", "--tokenizer", "no/such/tokenizer.json"], "tokenizer 'no/such/tokenizer.json' not found"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens=0"),
 ])
 def test_request_errors(make_checkpoint, capsys, extra, message):
     ckpt, _ = make_checkpoint("diffv2")
-    assert generate.main(["--ckpt", str(ckpt), *extra]) == 2
+    assert generate_cli.main(["--ckpt", str(ckpt), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_checkpoint_and_tokenizer_errors(make_checkpoint, tmp_path, capsys):
     ckpt, _ = make_checkpoint("diffv2", tokenizer=None)
-    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi"]) == 2
+    assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "hi"]) == 2
     assert "records no tokenizer" in capsys.readouterr().err
 
     small, _ = make_checkpoint("diffv2", vocab_size=200)  # fewer ids than the byte tokenizer's 259
-    assert generate.main(["--ckpt", str(small), "--prompt", "hi"]) == 2
+    assert generate_cli.main(["--ckpt", str(small), "--prompt", "hi"]) == 2
     assert "not the tokenizer the model was trained with" in capsys.readouterr().err
 
     checkpoint = load_file(ckpt)
     checkpoint["hyper_parameters"]["model_config"]["dim"] = 32
     torch.save(checkpoint, tmp_path / "mismatch.ckpt")
     result = _cli("--ckpt", str(tmp_path / "mismatch.ckpt"), "--prompt", "hi", "--tokenizer", "byte")
-    assert result.returncode == 2 and "do not match its model config" in result.stderr
+    assert result.returncode == 1 and "do not match its model config" in result.stderr  # a damaged checkpoint
     assert "embed_tokens.weight: checkpoint (300, 64), config (300, 32)" in result.stderr
 
 
@@ -152,7 +153,7 @@ def test_batch_generation_reads_the_device_once_per_32_tokens(capsys):
     from diffv2_lit.data.tokenizer import ByteTokenizer
 
     model, tokenizer = tiny_model(tiny_config(max_seq_len=128)), ByteTokenizer()
-    args = generate.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "64",
+    args = generate_cli.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "64",
                                                "--temperature", "0"])
     prompts, encoded = ["ab", "cd"], [list(b"ab"), list(b"cd")]
     eos_id = model.config.vocab_size  # never sampled: both prompts run all 64 tokens
@@ -176,7 +177,7 @@ def test_batch_generation_cuts_each_prompt_at_its_end_of_text(capsys):
     encoded = [list(b"ab"), list(b"cd")]
     greedy = model.generate(torch.tensor(encoded), 8, temperature=0)[:, 2:].tolist()
     eos_id = greedy[0][3]  # prompt 1 ends at its 4th token
-    args = generate.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "8",
+    args = generate_cli.build_parser().parse_args(["--ckpt", "unused", "--prompt", "", "--max-new-tokens", "8",
                                                "--temperature", "0"])
     n_tokens = generate._generate_group(model, ByteTokenizer(), ["ab", "cd"], encoded, [0, 1], args, None, eos_id)
     out = capsys.readouterr().out
@@ -207,7 +208,7 @@ def test_warns_past_the_training_length_and_still_generates(make_checkpoint, tmp
     path = {"lightning": lambda: ckpt, "sharded": lambda: _sharded(ckpt, tmp_path / "sharded"),
             "export": lambda: export(ckpt, tmp_path / "hf")}[layout]()
     capsys.readouterr()
-    assert generate.main(["--ckpt", str(path), "--prompt", "To be", "--max-new-tokens", "20", "--temperature", "0",
+    assert generate_cli.main(["--ckpt", str(path), "--prompt", "To be", "--max-new-tokens", "20", "--temperature", "0",
                           "--ignore-eos"]) == 0
     out = capsys.readouterr()
     warning = [line for line in out.err.splitlines() if "warning" in line]
@@ -221,7 +222,7 @@ def test_no_warning_within_the_training_length_or_when_it_is_unknown(make_checkp
     trained, _ = make_checkpoint("diffv2", seq_len=25)
     unknown, _ = make_checkpoint("diffv2")  # an older checkpoint: nothing recorded, nothing to say
     for ckpt in (trained, unknown):
-        assert generate.main(["--ckpt", str(ckpt), "--prompt", "To be", "--max-new-tokens", "20"]) == 0
+        assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "To be", "--max-new-tokens", "20"]) == 0
         assert "warning" not in capsys.readouterr().err
 
 
@@ -260,9 +261,9 @@ def test_refuses_a_tokenizer_other_than_the_training_one(tmp_path, capsys):
     trainer.save_checkpoint(ckpt)
     assert load_file(ckpt)["hyper_parameters"]["tokenizer_sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
 
-    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # the recorded one
+    assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"]) == 0  # the recorded one
     capsys.readouterr()
-    assert generate.main(["--ckpt", str(ckpt), "--prompt", "hi", "--tokenizer", "byte"]) == 2  # 259 ids <= 320
+    assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--tokenizer", "byte"]) == 2  # 259 ids <= 320
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("diffv2-lit generate: error: tokenizer 'byte' (sha256 ") and error.endswith(
         f"is not the one the model was trained with (sha256 {hashlib.sha256(bpe.read_bytes()).hexdigest()[:12]}, "

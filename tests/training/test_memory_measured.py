@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffv2_lit.model import count_parameters, resolve_model_config
-from diffv2_lit.model.memory import Layout, estimate_memory
+from diffv2_lit.training.memory import Layout, estimate_memory
 from tests.training.helpers import TINY_MODEL
 from tests.training.memory_run import ARCHITECTURE, SEQ_LEN
 from tests import zygote

@@ -22,9 +22,9 @@ from diffv2_lit.cli.plan import plan_from_config
 from diffv2_lit.model import Transformer
 from diffv2_lit.model.rope import rope_cos_sin
 from diffv2_lit.model.transformer import Block
-from diffv2_lit.model.memory import RECIPE_BUDGET_GIB
+from diffv2_lit.training.memory import RECIPE_BUDGET_GIB
 from diffv2_lit.training.module import resolve_model_config
-from tests.model.test_memory_activations import saved_bytes
+from tests.training.test_memory_activations import saved_bytes
 
 ROOT = Path(__file__).parents[2]
 RECIPES = sorted(ROOT.glob("recipes/*.yaml"))
@@ -154,7 +154,7 @@ def test_recipe_comment_quotes_the_activations_and_logits_measured_here(path):
     """The comment's activation term against one of the recipe's own blocks measured (every block keeps the
     same; a checkpointed block keeps its input, plus one block recomputed whole in backward), scaled to the
     micro-batch (nothing is T x T), and its logits term by hand: the plain loss keeps B T V fp32 log-softmax
-    values and its backward adds two more fp32 B T V tensors (tests/model/test_memory_activations.py)."""
+    values and its backward adds two more fp32 B T V tensors (tests/training/test_memory_activations.py)."""
     config = _parsed(path)
     model_config = _model_config(config)
     text = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))

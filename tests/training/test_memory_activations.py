@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffv2_lit.model import ModelConfig
-from diffv2_lit.model.memory import Layout, _activation_bytes, block_activation_bytes
+from diffv2_lit.training.memory import Layout, _activation_bytes, block_activation_bytes
 from diffv2_lit.model.rope import rope_cos_sin
 from diffv2_lit.model.transformer import Block
 
@@ -72,7 +72,7 @@ def test_the_loss_keeps_what_the_logits_term_starts_from(impl):
     logits (4 bytes each; its backward then adds two more fp32 [N, V] tensors: 12 in the estimate),
     `chunked` only the bf16 gradients of the hidden states and of the output weight."""
     from diffv2_lit.model.loss import linear_cross_entropy
-    from diffv2_lit.model.memory import _logits_bytes
+    from diffv2_lit.training.memory import _logits_bytes
 
     tokens, dim, vocab = 512, 64, 1000
     hidden = torch.randn(tokens, dim, dtype=torch.bfloat16, requires_grad=True)

@@ -31,7 +31,7 @@ c the compute dtype's (2: bf16, FSDP2's `param_dtype`), r the gradient-reduction
 A_block (tensors autograd keeps for one block, in the compute dtype; flash/SDPA attention, so no T x T
 matrix): c B T (4 D + 2 Hq d + 2 h_kv d + h d + 4 F) + 4 B T * 2 D (RMSNorm's fp32 copies): the two norms'
 normalised and scaled outputs, q and the attention output, k and v, o_proj's input (DIFF only: the baseline's
-is the attention output itself), SwiGLU's gate, up, silu and product (eager PyTorch, measured: tests/model/test_memory_activations.py; torch.compile may keep less).
+is the attention output itself), SwiGLU's gate, up, silu and product (eager PyTorch, measured: tests/training/test_memory_activations.py; torch.compile may keep less).
 
 The parameter, gradient, optimizer-state and accumulated-gradient terms are exact (checked against the
 bytes a 2-process FSDP2 run holds: tests/training/test_memory_measured.py); activations, logits and
