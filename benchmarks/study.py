@@ -228,11 +228,12 @@ def summarize(figures: list[RunFigures], cells: list[Cell], command: str) -> str
     """The Markdown summary: one row per cell, in the plan's order, and the monitor table."""
     by_cell = {cell.name: [f for f in figures if f.cell == cell.name] for cell in cells}
     by_cell = {name: sorted(runs, key=lambda r: r.name) for name, runs in by_cell.items() if runs}
-    # Equal wall-clock: the time the fastest cell's median run took, so every cell has a value there.
-    budget = min(statistics.median(r.seconds for r in runs) for runs in by_cell.values()) if by_cell else 0.0
+    # Equal wall-clock: when the fastest cell's median run logged its last validation, so every cell has a value.
+    budget = min(statistics.median(r.val_curve[-1][0] for r in runs) for runs in by_cell.values()) if by_cell else 0.0
     lines = [f"Command: `{command}`", "",
              "Validation loss (nats/byte) at the last step, mean ± std over seeds; at equal wall-clock: "
-             f"interpolated at {budget:.0f} s into each run (the median run time of the fastest cell). Spikes: "
+             f"interpolated at {budget:.0f} s into each run (the last validation of the fastest cell's median run). "
+             "Spikes: "
              "GradientSpikeDetector defaults (factor 4, z 6). Δ: against the baseline with the same optimizer "
              "and LR; inside the seed noise when |Δ| ≤ 2 x the pooled per-seed std.", "",
              "| cell | seeds | steps | val loss | val loss per seed | Δ vs baseline | val loss @ equal wall-clock "
