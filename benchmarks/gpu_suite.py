@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
+from diffv2_lit.inference.decoding import shared_decoder  # noqa: E402
 from diffv2_lit.training.cpu_twin import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
@@ -328,6 +329,7 @@ def decode_rows(device: torch.device, dry: bool) -> list[dict]:
 @torch.no_grad()
 def _decode(model: Transformer, ids: torch.Tensor, new: int, decode: str) -> tuple[float, torch.Tensor]:
     """(seconds for the `new` decode steps after the prefill, the greedy tokens)."""
+    decode = shared_decoder(model, decode)
     model.generate(ids, 4, temperature=0, decode=decode)  # warm-up: compilation, graph capture, kernel choice
     device = ids.device
     _sync(device)

@@ -29,7 +29,7 @@ from diffv2_lit.checkpoint.reading import CheckpointError, load_for_inference, r
 from diffv2_lit.checkpoint.safe_load import DamagedCheckpointError, trusting
 from diffv2_lit.inference.tokenizer import TokenizerError, load_tokenizer
 from diffv2_lit.model import ConfigError
-from diffv2_lit.model.generation import DECODE_MODES
+from diffv2_lit.inference.decoding import DECODE_MODES, shared_decoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,7 +200,7 @@ def _generate_group(model, tokenizer, prompts, encoded, indices, args, generator
     input_ids = torch.tensor([encoded[i] for i in indices], dtype=torch.long, device=device)
     decode = args.decode if args.decode != "auto" else ("cuda-graphs" if device.type == "cuda" else "eager")
     steps = model.stream(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=generator, decode=decode)
+                         top_p=args.top_p, generator=generator, decode=shared_decoder(model, decode))
     if len(prompts) == 1:  # one prompt: stream to the terminal as it is sampled
         _write(prompts[indices[0]])
         return _stream_one(steps, _TextStream(tokenizer), eos_id)

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -30,7 +31,7 @@ from torch import Tensor
 from diffv2_lit.errors import UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
-from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
+from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS, resolve_loss_impl
 from diffv2_lit.checkpoint.atomic_io import MarkShardedSaves
 from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
@@ -190,6 +191,7 @@ class DecoderLM(L.LightningModule):
             plain["init_from"] = os.fspath(init_from)
         self.save_hyperparameters({**self.hparams, **plain})
         self.model: Transformer | None = None
+        self.loss_impl: str | None = None  # model.loss_impl resolved for the device, in configure_model
         self.step_statistics = StepStatistics()
         self._step_result: StepResult | None = None
         self._warned_short_schedule = False
@@ -208,6 +210,7 @@ class DecoderLM(L.LightningModule):
             float8_problem(self.hparams.float8, self._init_device())
         if problem:
             raise UsageError(problem)
+        self.loss_impl = self._resolve_loss_impl()
         with torch.device("meta"):
             model = Transformer(self.model_config)
         use_kernels(model, self.hparams.kernels)  # before sharding and compiling: it swaps forwards
@@ -223,6 +226,14 @@ class DecoderLM(L.LightningModule):
             self._parallelize(model)
             self._materialize(model)
         self.model = model
+
+    def _resolve_loss_impl(self) -> str:
+        """`model.loss_impl` as it will run on this device (`auto` -> liger or plain), chosen once here: every
+        training and validation step then runs that implementation without asking again."""
+        try:
+            return resolve_loss_impl(self.hparams.loss_impl, self._init_device())
+        except ValueError as err:
+            raise UsageError(f"model.{err}") from None
 
     def _parallelize(self, model: Transformer) -> None:
         parallelize(
@@ -300,10 +311,12 @@ class DecoderLM(L.LightningModule):
         if isinstance(identity, dict) and identity.get("hash"):  # `generate` compares it with the tokenizer it gets
             self.hparams["tokenizer_sha256"] = identity["hash"]
 
-    def forward(self, input_ids: Tensor, cache=None) -> Tensor:
-        """The Transformer's forward. Callbacks that run the model outside training call it through
-        `model_call(trainer)`, which goes through this method where a strategy wraps the module."""
-        return self.model(input_ids, cache)
+    def forward(self, run: Callable[[Transformer], Any]) -> Any:
+        """`run(self.model)`. The training and validation steps call `self.model` itself; callbacks that run the
+        model outside them go through `callbacks.protocol.with_model`, which under FSDP1 (`strategy: fsdp`, where
+        Lightning wraps this module and only the wrapper's forward gathers the root's parameters) calls the
+        wrapper with `run`, so that `run` executes here, inside the wrapper's forward."""
+        return run(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
@@ -356,7 +369,7 @@ class DecoderLM(L.LightningModule):
         The model fuses its output layer with the loss (`loss_impl`); `z_loss` adds the z term (training). A
         third batch tensor (data.document_mask) is the per-token document ids; without it the call is the plain
         causal one."""
-        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl, z_loss=z_loss,
+        return self.model(input_ids, targets=targets, loss_impl=self.loss_impl, z_loss=z_loss,
                           document_ids=document_ids[0] if document_ids else None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
