@@ -10,6 +10,7 @@ YAML shape (LightningCLI):
 
     model:
       architecture: {preset: 125m, attention: baseline}   # a preset plus any ModelConfig field
+      parallel: {activation_checkpointing: true, compile: true}   # training/parallel.py: ParallelSettings
       lr: 6.0e-4
       schedule: cosine
 """
