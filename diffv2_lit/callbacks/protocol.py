@@ -18,7 +18,7 @@ Under FSDP2 (`ModelParallelStrategy`) the Transformer itself is the root of the 
 the whole LightningModule, and only that wrapper's forward gathers the root parameters (embeddings,
 final norm) and casts them to the compute dtype: a direct call of `pl_module.model` would read the
 rank's flat shard. So `with_model` runs the callback's work inside the wrapper's forward: under FSDP1 the
-module's `forward(run)` must return `run(pl_module.model)` (`DecoderLM.forward` does), and the model keeps
+module's `forward(run)`, given a function, must return `run(pl_module.model)` (`DecoderLM.forward` does), and the model keeps
 its one forward.
 """
 

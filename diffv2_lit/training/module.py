@@ -297,12 +297,15 @@ class DecoderLM(L.LightningModule):
         if isinstance(identity, dict) and identity.get("hash"):  # `generate` compares it with the tokenizer it gets
             self.hparams["tokenizer_sha256"] = identity["hash"]
 
-    def forward(self, run: Callable[[Transformer], Any]) -> Any:
-        """`run(self.model)`. The training and validation steps call `self.model` itself; callbacks that run the
-        model outside them go through `callbacks.protocol.with_model`, which under FSDP1 (`strategy: fsdp`, where
-        Lightning wraps this module and only the wrapper's forward gathers the root's parameters) calls the
-        wrapper with `run`, so that `run` executes here, inside the wrapper's forward."""
-        return run(self.model)
+    def forward(self, input_ids: Tensor | Callable[[Transformer], Any], *args: Any, **kwargs: Any) -> Any:
+        """`self.model(input_ids, ...)`, the Transformer's forward; or, given a function `run`, `run(self.model)`.
+        The training and validation steps call `self.model` itself; callbacks that run the model outside them go
+        through `callbacks.protocol.with_model`, which under FSDP1 (`strategy: fsdp`, where Lightning wraps this
+        module and only the wrapper's forward gathers the root's parameters) calls the wrapper with `run`, so
+        that `run` executes here, inside the wrapper's forward."""
+        if callable(input_ids):
+            return input_ids(self.model)
+        return self.model(input_ids, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
