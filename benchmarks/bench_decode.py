@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_decode.py                      # CPU, float32, the default table
     PYTHONPATH=. python benchmarks/bench_decode.py --device cuda --dtype bfloat16 --decodes eager,cuda-graphs
 
-Decode modes (`Transformer.generate(decode=...)`, `generation.Decoder`): `eager` grows a KVCache, `static` fills a StaticKVCache
+Decode modes (`Transformer.generate(decode=...)`, `inference.decoding.Decoder`): `eager` grows a KVCache, `static` fills a StaticKVCache
 (every step the same shapes), `compile` / `cuda-graphs` also compile the one-token step (CUDA graphs replay
 it with one launch). Each mode is compared with the same variant's `eager` and each variant with the
 baseline in the same mode.
@@ -34,7 +34,7 @@ import time
 import torch
 
 from diffv2_lit.model import KVCache, ModelConfig, Transformer
-from diffv2_lit.model.generation import Decoder
+from diffv2_lit.inference.decoding import Decoder
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffv2_lit.model import ModelConfig, Transformer  # noqa: E402
+from diffv2_lit.inference.decoding import shared_decoder  # noqa: E402
 from diffv2_lit.training.cpu_twin import single_device_fragment  # noqa: E402  (shared with the CPU matrix test)
 
 VARIANTS = ("baseline", "diffv2", "diffv1")
@@ -87,7 +88,7 @@ def ablation_plan(dry: bool) -> list[TrainingRun]:
         runs.append(TrainingRun(f"{size}-diffv2 recipe", f"{size}-diffv2", "8gpu-fsdp2", steps, one_step,
                                 count_syncs=True))
         runs.append(TrainingRun(f"{size}-diffv2 compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
-                                one_step + ["--model.compile", "false"]))
+                                one_step + ["--model.parallel.compile", "false"]))
         for impl in ("plain", "chunked", "liger"):
             runs.append(TrainingRun(f"{size}-diffv2 loss {impl}", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                     one_step + ["--model.loss_impl", impl]))
@@ -95,7 +96,7 @@ def ablation_plan(dry: bool) -> list[TrainingRun]:
         runs.append(TrainingRun(f"{size}-diffv2 kernels liger", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                 one_step + ["--model.kernels", "liger"]))
         runs.append(TrainingRun(f"{size}-diffv2 kernels liger, compile off", f"{size}-diffv2", "8gpu-fsdp2", steps,
-                                one_step + ["--model.kernels", "liger", "--model.compile", "false"]))
+                                one_step + ["--model.kernels", "liger", "--model.parallel.compile", "false"]))
         for recipe in ("tensorwise", "rowwise"):  # torchao float8 projections (issue 23.4)
             runs.append(TrainingRun(f"{size}-diffv2 float8 {recipe}", f"{size}-diffv2", "8gpu-fsdp2", steps,
                                     one_step + ["--model.float8", recipe]))
@@ -120,7 +121,7 @@ def training_plan(dry: bool) -> list[TrainingRun]:
         return [TrainingRun("quickstart-baseline 1gpu", "quickstart-baseline", "1gpu", steps=6, throughput_every=2,
                             extra=["--model.fused_adamw", "true"], count_syncs=True)]
     runs = []
-    eager = ["--model.compile", "false"]  # the fragments are checked without compilation, which costs a minute a run
+    eager = ["--model.parallel.compile", "false"]  # the fragments are checked without compilation, which costs a minute a run
     for fragment in ("8gpu-fsdp2", "1gpu", "8gpu-fsdp1", "8gpu-ddp"):
         for variant in ("baseline", "diffv2"):
             runs.append(TrainingRun(f"125m-{variant} {fragment}", f"125m-{variant}", fragment, steps=60, extra=eager))
@@ -328,6 +329,7 @@ def decode_rows(device: torch.device, dry: bool) -> list[dict]:
 @torch.no_grad()
 def _decode(model: Transformer, ids: torch.Tensor, new: int, decode: str) -> tuple[float, torch.Tensor]:
     """(seconds for the `new` decode steps after the prefill, the greedy tokens)."""
+    decode = shared_decoder(model, decode)
     model.generate(ids, 4, temperature=0, decode=decode)  # warm-up: compilation, graph capture, kernel choice
     device = ids.device
     _sync(device)

@@ -9,7 +9,7 @@ ranks in one all-reduce of a scalar. That holds for every way gradients are laid
 - FSDP1 flat shards and FSDP2 DTensor shards: each rank holds a disjoint part, so the global square
   is the sum of the local ones. Under hybrid sharding (HSDP, a 2-D mesh) each part is held by every
   replica group, so each rank adds its square divided by the number of replicas. Working on `to_local()` tensors keeps DTensor from issuing one
-  collective per parameter, and keeps CPU-offloaded shards (`model.cpu_offload`) out of the
+  collective per parameter, and keeps CPU-offloaded shards (`model.parallel.cpu_offload`) out of the
   collective: the reduction gets one scalar on the compute device, which NCCL accepts.
 
 Clipping lives here rather than in Lightning's precision plugins because two of them cannot clip by

@@ -13,7 +13,7 @@ ALLOWED = {
     "model": {"errors"},
     "data": {"errors"},
     "checkpoint": {"model", "errors"},
-    "callbacks": {"model", "data", "checkpoint", "gradients", "errors"},
+    "callbacks": {"model", "data", "checkpoint", "gradients", "inference", "errors"},
     "training": {"model", "checkpoint", "gradients", "errors"},
     "inference": {"model", "checkpoint", "data", "errors"},
     "compare": {"model", "errors"},

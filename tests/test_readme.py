@@ -162,7 +162,7 @@ def test_the_walk_from_own_text_to_a_125m_run(tmp_path):
             "--trainer.accumulate_grad_batches", "1", "--trainer.limit_val_batches", "2",
             "--model.architecture.n_layers", "1", "--model.architecture.dim", "64", "--model.architecture.n_heads", "2",
             "--model.architecture.n_kv_heads", "1", "--model.architecture.head_dim", "32", "--model.architecture.vocab_size", "1024",
-            "--model.compile", "false", "--model.warmup_steps", "1", "--data.init_args.seq_len", "64",
+            "--model.parallel.compile", "false", "--model.warmup_steps", "1", "--data.init_args.seq_len", "64",
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
             "--data.init_args.val_tokens", "1024"]
     commands = walkthrough_commands()

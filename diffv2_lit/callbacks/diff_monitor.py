@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from diffv2_lit.callbacks.protocol import OncePerStep, model_call
+from diffv2_lit.callbacks.protocol import OncePerStep, fsdp1_wrapper, with_model
 from diffv2_lit.model.documents import document_starts
 
 PROBES = ("batch", "random")
@@ -49,8 +49,7 @@ def needs_every_rank(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
     on every rank (DDP, one device) rank 0 can run it alone."""
     from torch.distributed.tensor import DTensor
 
-    wrapped = model_call(trainer, pl_module) is not pl_module.model  # FSDP1
-    return wrapped or any(isinstance(p, DTensor) for p in pl_module.model.parameters())
+    return fsdp1_wrapper(trainer) is not None or any(isinstance(p, DTensor) for p in pl_module.model.parameters())
 PEAK_METRICS = ("max_hidden", "max_logit")
 
 
@@ -124,8 +123,9 @@ class DiffMonitor(L.Callback):
         # Under sharding every rank runs the forward (FSDP all-gathers parameters inside it); rank 0 logs.
         with trainer.precision_plugin.forward_context():
             documents = None if self.probe_document_ids is None else self.probe_document_ids.to(pl_module.device)
-            scalars, histograms = self.measure(pl_module.model, self.probe_tokens.to(pl_module.device),
-                                               forward=model_call(trainer, pl_module), document_ids=documents)
+            tokens = self.probe_tokens.to(pl_module.device)
+            scalars, histograms = with_model(trainer, pl_module,
+                                             lambda model: self.measure(model, tokens, document_ids=documents))
         if trainer.is_global_zero:
             self._log(trainer, scalars, histograms)
 
@@ -150,13 +150,12 @@ class DiffMonitor(L.Callback):
     # ---- measuring ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def measure(self, model: nn.Module, tokens: Tensor, forward: Callable[[Tensor], Tensor] | None = None,
-                document_ids: Tensor | None = None) -> tuple[dict[str, float], dict[str, Tensor]]:
+    def measure(self, model: nn.Module, tokens: Tensor, document_ids: Tensor | None = None
+                ) -> tuple[dict[str, float], dict[str, Tensor]]:
         """One diagnostic forward of `model` on `tokens` [B, T]; returns (scalars by tag, λ values by tag).
-        `forward` runs the model where a strategy wraps it (`model_call`); default `model` itself. With
-        `document_ids` [B, T] the forward is document-masked and each query's sink is its document's first
-        token, not position 0."""
-        forward = forward or model
+        Under a strategy that wraps the module, call it through `protocol.with_model`. With `document_ids`
+        [B, T] the forward is document-masked and each query's sink is its document's first token, not
+        position 0."""
         was_training = model.training
         model.eval()
         per_layer: list[dict[str, Tensor]] = [{} for _ in model.layers]
@@ -171,10 +170,10 @@ class DiffMonitor(L.Callback):
                     # compile the diagnostic graphs; the force_eager stance runs every compiled code as written.
                     with torch.compiler.set_stance("force_eager"):
                         if document_ids is None:
-                            forward(tokens)
+                            model(tokens)
                         else:
                             self._sink_keys = document_starts(document_ids)
-                            forward(tokens, document_ids=document_ids)
+                            model(tokens, document_ids=document_ids)
                 finally:
                     self._sink_keys = None
                     for hook in hooks:

@@ -17,26 +17,38 @@ Under FSDP2 (`ModelParallelStrategy`) the Transformer itself is the root of the 
 `pl_module.model` gathers its parameters as training does. Under FSDP1 (`FSDPStrategy`) Lightning wraps
 the whole LightningModule, and only that wrapper's forward gathers the root parameters (embeddings,
 final norm) and casts them to the compute dtype: a direct call of `pl_module.model` would read the
-rank's flat shard. So `model_call` goes through the wrapper, which runs `DecoderLM.forward(input_ids, cache)`.
+rank's flat shard. So `with_model` runs the callback's work inside the wrapper's forward: under FSDP1 the
+module's `forward(run)`, given a function, must return `run(pl_module.model)` (`DecoderLM.forward` does), and the model keeps
+its one forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import lightning as L
-from torch import Tensor
+from torch import nn
+
+T = TypeVar("T")
 
 
-def model_call(trainer: L.Trainer | None, pl_module: L.LightningModule) -> Callable[..., Tensor]:
-    """`call(input_ids, cache=None) -> logits` for `pl_module.model`, valid on every rank (a collective
-    under sharding: every rank must make the same calls)."""
+def fsdp1_wrapper(trainer: L.Trainer | None) -> nn.Module | None:
+    """The FSDP1 wrapper around the LightningModule (`strategy: fsdp`), or None under every other strategy."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     wrapper = trainer.model if trainer is not None else None
-    if isinstance(wrapper, FullyShardedDataParallel):
-        return wrapper
-    return pl_module.model
+    return wrapper if isinstance(wrapper, FullyShardedDataParallel) else None
+
+
+def with_model(trainer: L.Trainer | None, pl_module: L.LightningModule, run: Callable[[nn.Module], T]) -> T:
+    """`run(pl_module.model)` where calling the Transformer directly is valid, on every rank (a collective under
+    sharding: every rank must make the same calls): under FSDP1 inside the wrapper's forward, which holds the
+    root's parameters gathered while `run` calls the model (each block's unit gathers its own)."""
+    wrapper = fsdp1_wrapper(trainer)
+    if wrapper is not None:
+        return wrapper(run)
+    return run(pl_module.model)
 
 
 def decode_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
@@ -44,8 +56,7 @@ def decode_mode(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
     where the parameters are sharded (each step's all-gathers cannot be captured) or on the CPU."""
     from torch.distributed.tensor import DTensor
 
-    wrapped = model_call(trainer, pl_module) is not pl_module.model  # FSDP1
-    sharded = wrapped or any(isinstance(p, DTensor) for p in pl_module.model.parameters())  # FSDP2
+    sharded = fsdp1_wrapper(trainer) is not None or any(isinstance(p, DTensor) for p in pl_module.model.parameters())
     return "cuda-graphs" if pl_module.device.type == "cuda" and not sharded else "eager"
 
 

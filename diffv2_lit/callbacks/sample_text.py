@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from diffv2_lit.callbacks.diff_monitor import needs_every_rank
-from diffv2_lit.callbacks.protocol import OncePerStep, decode_mode, model_call
+from diffv2_lit.callbacks.protocol import OncePerStep, decode_mode, with_model
+from diffv2_lit.inference.decoding import shared_decoder
 
 
 def decode_tokens(ids: list[int], tokenizer: str | None) -> str:
@@ -77,10 +78,14 @@ class SampleText(L.Callback):
         side show: if capturing fails, say so once and decode eagerly from then on, but keep training."""
         decode = self._decode or (decode_mode(trainer, pl_module) if trainer is not None else "eager")
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        kwargs = dict(temperature=self.temperature, top_k=self.top_k, generator=generator,
-                      forward=model_call(trainer, pl_module))
+        kwargs = dict(temperature=self.temperature, top_k=self.top_k, generator=generator)
+
+        def generate(mode: str):
+            return with_model(trainer, pl_module, lambda model: model.generate(
+                prompt_ids, new_tokens, decode=shared_decoder(model, mode), **kwargs))
+
         try:
-            return pl_module.model.generate(prompt_ids, new_tokens, decode=decode, **kwargs)
+            return generate(decode)
         except Exception as err:
             if decode == "eager":
                 raise
@@ -88,7 +93,7 @@ class SampleText(L.Callback):
                            f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly from now on.")
             self._decode = "eager"
             generator.manual_seed(self.seed)
-            return pl_module.model.generate(prompt_ids, new_tokens, decode="eager", **kwargs)
+            return generate("eager")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step.seen = trainer.global_step

@@ -15,7 +15,7 @@ import argparse
 from diffv2_lit.checkpoint.safe_load import trusting
 from diffv2_lit.cli.errors import handled
 from diffv2_lit.inference.generate import DTYPES, run
-from diffv2_lit.model.generation import DECODE_MODES
+from diffv2_lit.inference.decoding import DECODE_MODES
 
 PROG = "diffv2-lit generate"
 

@@ -75,6 +75,7 @@ class Plan:
 def plan_from_config(config) -> Plan:
     """The Plan of a parsed `fit` config (diffv2_lit.cli.fit.parse_config's Namespace)."""
     trainer, model, data = config.trainer, config.model, _init_args(config.data)
+    parallel = model.parallel
     model_config = _model_config(model.architecture)
     n_nodes, devices = int(trainer.num_nodes or 1), _device_count(trainer.devices, trainer.accelerator)
     world_size = n_nodes * devices
@@ -84,14 +85,14 @@ def plan_from_config(config) -> Plan:
     master, compute = PRECISIONS.get(str(trainer.precision or "32-true"), ("float32", "float32"))
     reduce = None
     if strategy == "fsdp2":
-        compute = model.fsdp_param_dtype or master
-        reduce = model.fsdp_reduce_dtype
+        compute = parallel.fsdp_param_dtype or master
+        reduce = parallel.fsdp_reduce_dtype
     loss_impl, loss_note = _loss_impl(model.loss_impl, trainer.accelerator)
     layout = Layout(
-        micro_batch=micro_batch, seq_len=seq_len, n_gpus=_shard_count(trainer.strategy, world_size, model, devices), strategy=strategy,
-        accumulation=accumulation, sync_every_micro_batch=bool(model.fsdp_sync_every_micro_batch),
-        activation_checkpointing=model.activation_checkpointing, loss_impl=loss_impl,
-        cpu_offload=bool(model.cpu_offload) and strategy == "fsdp2", master_dtype=master, compute_dtype=compute,
+        micro_batch=micro_batch, seq_len=seq_len, n_gpus=_shard_count(trainer.strategy, world_size, parallel, devices), strategy=strategy,
+        accumulation=accumulation, sync_every_micro_batch=bool(parallel.fsdp_sync_every_micro_batch),
+        activation_checkpointing=parallel.activation_checkpointing, loss_impl=loss_impl,
+        cpu_offload=bool(parallel.cpu_offload) and strategy == "fsdp2", master_dtype=master, compute_dtype=compute,
         reduce_dtype=reduce)
     in_steps = any(str(_class_path(c)).endswith(ValidationInOptimizerSteps.__name__)
                    for c in _as_list(trainer.callbacks))
@@ -182,10 +183,10 @@ def _strategy_kind(strategy, world_size: int) -> str:
                      "and one device.")
 
 
-def _shard_count(strategy, world_size: int, model, devices_per_node: int) -> int:
+def _shard_count(strategy, world_size: int, parallel, devices_per_node: int) -> int:
     """FSDP2 shards over ModelParallelStrategy's data-parallel size (the world size when it is "auto"), or
-    under hybrid sharding over `model.fsdp_shard_size` ranks (`node`: the devices of a node)."""
-    hybrid = getattr(model, "fsdp_shard_size", None)
+    under hybrid sharding over `model.parallel.fsdp_shard_size` ranks (`node`: the devices of a node)."""
+    hybrid = getattr(parallel, "fsdp_shard_size", None)
     if hybrid is not None:
         return devices_per_node if hybrid == "node" else int(hybrid)
     size = getattr(_init_args(strategy), "data_parallel_size", None) if not isinstance(strategy, str) else None
@@ -240,9 +241,9 @@ def _term_notes(plan: Plan) -> dict[str, str]:
         states = f"on the host (cpu_offload): {_gib(memory.host)} per process"
     if layout.keeps_unsharded_gradients:
         accumulated = (f"every parameter's unsharded gradient kept over {layout.accumulation} micro-batches "
-                       "(fsdp_sync_every_micro_batch false)")
+                       "(parallel.fsdp_sync_every_micro_batch false)")
     elif layout.strategy == "fsdp2" and layout.accumulation > 1:
-        accumulated = "none: reduce-scattered every micro-batch (fsdp_sync_every_micro_batch true)"
+        accumulated = "none: reduce-scattered every micro-batch (parallel.fsdp_sync_every_micro_batch true)"
     else:
         accumulated = "none" + (": no accumulation" if layout.accumulation == 1 else " (accumulated in place)")
     return {
@@ -298,20 +299,20 @@ def remedy(plan: Plan) -> tuple[str, str]:
     options = []
     if layout.keeps_unsharded_gradients:
         options.append((saving(sync_every_micro_batch=True), "accumulated gradients",
-                        "--model.fsdp_sync_every_micro_batch true (reduce-scatter after every micro-batch)"))
+                        "--model.parallel.fsdp_sync_every_micro_batch true (reduce-scatter after every micro-batch)"))
     if layout.loss_impl == "plain":
         options.append((saving(loss_impl="chunked"), "logits",
                         "--model.loss_impl chunked (the full logits never exist; or liger with liger-kernel)"))
     if layout.activation_checkpointing is not True:
         options.append((saving(activation_checkpointing=True), "activations",
-                        "--model.activation_checkpointing true (recompute each block in backward)"))
+                        "--model.parallel.activation_checkpointing true (recompute each block in backward)"))
     if layout.micro_batch > 1:
         options.append((saving(micro_batch=layout.micro_batch // 2, accumulation=layout.accumulation * 2),
                         "activations" if memory.activations >= memory.logits else "logits",
                         f"--data.init_args.batch_size {layout.micro_batch // 2} --trainer.accumulate_grad_batches "
                         f"{layout.accumulation * 2} (the same tokens per step)"))
     if layout.strategy == "fsdp2" and not layout.cpu_offload:
-        options.append((saving(cpu_offload=True), "states", "--model.cpu_offload true (states in host memory)"))
+        options.append((saving(cpu_offload=True), "states", "--model.parallel.cpu_offload true (states in host memory)"))
     if not options:
         return max(memory.terms(), key=memory.terms().get), "more GPUs or a smaller model"
     _, term, change = max(options, key=lambda option: option[0])

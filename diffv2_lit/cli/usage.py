@@ -14,6 +14,7 @@ import torch
 from diffv2_lit.errors import UsageError
 from diffv2_lit.model import ModelConfig
 from diffv2_lit.model.config import CONFIG_PATH, ConfigError
+from diffv2_lit.training.parallel import MOVED_TO_PARALLEL
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
@@ -61,8 +62,8 @@ OOM_ADVICE = """out of memory: {error}
 The model, batch and sequence length do not fit this device. Knobs, cheapest first:
   --data.init_args.batch_size N        a smaller per-device micro-batch; with --global_batch_size G
                                        the gradient accumulation grows to keep G sequences per step
-  --model.activation_checkpointing true    recompute activations in backward (about -60% activation memory)
-  --model.cpu_offload true             FSDP2 only: keep sharded parameters and optimizer state in CPU memory
+  --model.parallel.activation_checkpointing true    recompute activations in backward (about -60% activation memory)
+  --model.parallel.cpu_offload true    FSDP2 only: keep sharded parameters and optimizer state in CPU memory
   --data.init_args.seq_len N           shorter sequences (activations grow with seq_len)
   more GPUs with FSDP2 (configs/hardware/8gpu-fsdp2.yaml) to shard parameters and optimizer state
 `diffv2_lit.training.memory.estimate_memory_gib` estimates the memory per GPU of a configuration."""
@@ -165,6 +166,10 @@ def _unknown_flag(message: str, options: list[str]) -> str | None:
         name, known = yaml_key.group(1), [o[2:] for o in options if o.startswith("--")]
     else:
         return None
+    if name and name.lstrip("-") in MOVED_TO_PARALLEL:
+        new = MOVED_TO_PARALLEL[name.lstrip("-")]
+        return (f"{name.lstrip('-')} is now {new} (the parallelism settings are grouped under model.parallel): "
+                f"write {'--' + new if flags else new}")
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.8) if name else []
     if not close:
         return None

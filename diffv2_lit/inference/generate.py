@@ -25,6 +25,7 @@ import torch
 from diffv2_lit.checkpoint.reading import load_for_inference, recorded_tokenizer_sha256
 from diffv2_lit.data.tokenizer import load_tokenizer
 from diffv2_lit.errors import EXIT_USAGE, DiffV2Error
+from diffv2_lit.inference.decoding import shared_decoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,7 +161,7 @@ def _generate_group(model, tokenizer, prompts, encoded, indices, args, generator
     input_ids = torch.tensor([encoded[i] for i in indices], dtype=torch.long, device=device)
     decode = args.decode if args.decode != "auto" else ("cuda-graphs" if device.type == "cuda" else "eager")
     steps = model.stream(input_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=generator, decode=decode)
+                         top_p=args.top_p, generator=generator, decode=shared_decoder(model, decode))
     if len(prompts) == 1:  # one prompt: stream to the terminal as it is sampled
         _write(prompts[indices[0]])
         return _stream_one(steps, _TextStream(tokenizer), eos_id)

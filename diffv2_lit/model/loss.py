@@ -17,7 +17,9 @@ again for their gradient. Three implementations of the same sum of token losses 
 Without a gradient to compute (validation: no_grad or inference mode), `chunked` and `liger` run the chunks
 forward only: one matmul per chunk, no gradient buffers.
 
-`auto` is `liger` on CUDA when liger-kernel is installed, else `plain`.
+`auto` is `liger` on CUDA when liger-kernel is installed, else `plain`: `resolve_loss_impl` decides it once
+for a device (`DecoderLM.configure_model`), and `linear_cross_entropy` takes only the resolved names, so no
+step asks again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("auto", "plain", "chunked", "liger")
+RESOLVED_LOSS_IMPLS = ("plain", "chunked", "liger")
 
 
 @functools.cache
@@ -41,6 +44,8 @@ def liger_available() -> bool:
 
 
 def resolve_loss_impl(requested: str, device: torch.device) -> str:
+    """The implementation `requested` runs as on `device`: `auto` becomes liger or plain; liger where it cannot
+    run is refused."""
     if requested not in LOSS_IMPLS:
         raise ValueError(f"loss_impl={requested!r} is unknown; choose one of {LOSS_IMPLS}.")
     if requested == "auto":
@@ -57,9 +62,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, impl: 
     With `z_loss` > 0, each counted token adds z_loss * logsumexp(logits)^2 (PaLM's z-loss; liger's
     `lse_square_scale`), so the mean over tokens carries the coefficient times the mean squared log-normaliser.
 
+    `impl` is a resolved name (plain, chunked, liger: `resolve_loss_impl` turns `auto` into one, once).
     Returns a 0-d tensor in fp32 (fp64 for fp64 inputs); divide by the number of counted tokens for the mean.
     """
-    impl = resolve_loss_impl(impl, hidden.device)
+    if impl not in RESOLVED_LOSS_IMPLS:
+        raise ValueError(f"loss impl {impl!r} is not one of {RESOLVED_LOSS_IMPLS}: resolve it once for the device "
+                         "first (resolve_loss_impl).")
     if impl == "plain":
         logits = _at_least_fp32(F.linear(hidden, weight))
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from diffv2_lit.model.attention import build_attention
 from diffv2_lit.model.config import ModelConfig
 from diffv2_lit.model.documents import document_mask, flex_block_mask
-from diffv2_lit.model.generation import Decoder, KVCache, sample_next_token, shared_decoder
+from diffv2_lit.model.generation import GrowingCache, KVCache, sample_next_token
 from diffv2_lit.model.loss import linear_cross_entropy
 from diffv2_lit.model.norm import RMSNorm
 from diffv2_lit.model.rope import rope_cos_sin
@@ -173,44 +173,48 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               forward: Callable[[Tensor, KVCache], Tensor] | None = None,
-               decode: str | Decoder = "eager") -> Iterator[Tensor]:
+               decode: str | GrowingCache = "eager") -> Iterator[Tensor]:
         """Yields the next token [B] per step: one prefill over the prompt, then one token at a time.
 
-        decode: "eager" (a growing KVCache), "static" (a StaticKVCache), "compile" or "cuda-graphs" (a
-            StaticKVCache and a compiled, on GPUs captured, one-token step), or a `generation.Decoder`. A mode
-            name uses the Decoder kept for this forward and mode (`generation.shared_decoder`, outside the
-            model), so later calls replay the compiled step over the same cache buffers.
-        forward: `forward(input_ids, cache) -> logits` replaces this model's own call, for a wrapper that
-            must run around it (FSDP1 wraps the module that holds this model, and only its forward unshards).
+        decode: "eager" (a growing KVCache, this model's own forward every step) or a decoder with the
+            methods of `generation.GrowingCache`: `diffv2_lit.inference.decoding.Decoder` fills static caches
+            and replays a compiled (on GPUs captured) one-token step; `shared_decoder(model, mode)` there keeps
+            one per model and mode, so later calls replay the compiled step over the same cache buffers.
         """
-        forward = forward or self
+        decoder = _decoder(decode)
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
                 f"model's context of {self.config.max_seq_len} tokens; shorten the prompt or ask for fewer tokens."
             )
-        decoder = decode if isinstance(decode, Decoder) else shared_decoder(forward, decode)
         cache = decoder.new_cache(self.config, input_ids.shape[0], total, self.embed_tokens.weight.device)
         try:
-            logits = forward(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
+            logits = self(input_ids, cache)[:, -1]  # the prefill runs uncompiled: its length varies
             for step in range(max_new_tokens):
                 token = sample_next_token(logits, temperature, top_k, top_p, generator)
                 yield token
                 if step + 1 < max_new_tokens:
-                    logits = decoder.logits(forward, token[:, None], cache)
+                    logits = decoder.logits(self, token[:, None], cache)
         finally:
             decoder.release(cache)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 forward: Callable[[Tensor, KVCache], Tensor] | None = None,
-                 decode: str | Decoder = "eager") -> Tensor:
+                 decode: str | GrowingCache = "eager") -> Tensor:
         """input_ids [B, T] -> [B, T + max_new_tokens], decoding with a KV cache (see `stream`)."""
-        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, forward,
-                                      decode))
+        new_tokens = list(self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator, decode))
         if not new_tokens:
             return input_ids
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+def _decoder(decode: str | GrowingCache) -> GrowingCache:
+    if not isinstance(decode, str):
+        return decode
+    if decode != "eager":
+        raise ValueError(f"decode={decode!r}: the model decodes eagerly by itself; static caches and compiled steps "
+                         f"are kept outside it: pass decode=diffv2_lit.inference.decoding.shared_decoder(model, "
+                         f"{decode!r}) (or a Decoder({decode!r}) of your own).")
+    return GrowingCache()

@@ -10,6 +10,7 @@ YAML shape (LightningCLI):
 
     model:
       architecture: {preset: 125m, attention: baseline}   # a preset plus any ModelConfig field
+      parallel: {activation_checkpointing: true, compile: true}   # training/parallel.py: ParallelSettings
       lr: 6.0e-4
       schedule: cosine
 """
@@ -20,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -30,7 +32,7 @@ from torch import Tensor
 from diffv2_lit.errors import DiffV2Error, UsageError
 from diffv2_lit.model import Architecture, Transformer, resolve_model_config
 from diffv2_lit.model.fused import KERNELS, kernels_problem, use_kernels
-from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS
+from diffv2_lit.model.loss import IGNORE_INDEX, LOSS_IMPLS, resolve_loss_impl
 from diffv2_lit.checkpoint.atomic_io import MarkShardedSaves
 from diffv2_lit.checkpoint.errors import CheckpointError
 from diffv2_lit.gradients import clip_by_total_norm_, unscale_fused_
@@ -40,7 +42,7 @@ from diffv2_lit.training.muon import MuonAdamW, MuonScale
 from diffv2_lit.training.optim import (OptimizerName, ScheduleName, apply_optimizer_settings, check_muon,
                                       check_optimization, check_same_optimizer, lr_multiplier, muon_settings,
                                       parameter_groups)
-from diffv2_lit.training.parallel import parallelize
+from diffv2_lit.training.parallel import ParallelSettings, parallelize
 from diffv2_lit.training.step_stats import StepResult, StepStatistics
 
 
@@ -98,19 +100,13 @@ class DecoderLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         decay_fraction: float = 0.2,
         max_steps: int | None = None,
-        activation_checkpointing: bool | int = False,
-        compile: bool = False,
-        fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16",
-        fsdp_reduce_dtype: Literal["bfloat16", "float32"] | None = "float32",
-        cpu_offload: bool = False,
-        fsdp_sync_every_micro_batch: bool = False,
+        parallel: ParallelSettings = ParallelSettings(),  # also a dict, from Python
         fused_adamw: bool | None = None,
         loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto",
         z_loss: float = 0.0,
         kernels: Literal["torch", "liger"] = "torch",
         init_from: str | None = None,
         float8: bool | Literal["tensorwise", "rowwise"] = False,
-        fsdp_shard_size: int | Literal["node"] | None = None,
         async_checkpoints: bool = True,
         optimizer: OptimizerName = "adamw",
         muon_lr: float = 0.02,
@@ -129,14 +125,9 @@ class DecoderLM(L.LightningModule):
                 decay over the last `decay_fraction` of the steps) or `constant` (after warmup).
             max_steps: length of the schedule; None uses `trainer.max_steps` (never
                 `estimated_stepping_batches`, which breaks dataloader resume, Lightning #20550).
-            activation_checkpointing: False, True (every block) or N (every N-th block).
-            compile: torch.compile each block.
-            fsdp_param_dtype / fsdp_reduce_dtype / cpu_offload: FSDP2 settings, used only under
-                `ModelParallelStrategy` (other strategies take precision from the Trainer).
-            fsdp_sync_every_micro_batch: FSDP2 with gradient accumulation: False (default) keeps the
-                micro-batches' gradients unsharded on each rank and reduce-scatters once per optimizer
-                step (1/N of the traffic for N micro-batches, at the memory of one unsharded gradient
-                copy); True reduce-scatters after every micro-batch (less memory, N times the traffic).
+            parallel: how the model is parallelised (recipes: `model.parallel.<key>`; `ParallelSettings` in
+                training/parallel.py): activation_checkpointing, compile, and the FSDP2 settings
+                fsdp_param_dtype, fsdp_reduce_dtype, cpu_offload, fsdp_sync_every_micro_batch, fsdp_shard_size.
             fused_adamw: the fused AdamW kernel; None (default) uses it on CUDA. Gradient clipping and
                 the spike detector work with it under every precision (see configure_gradient_clipping).
             loss_impl: how the output layer and the cross-entropy run (diffv2_lit/model/loss.py): `plain`
@@ -152,10 +143,6 @@ class DecoderLM(L.LightningModule):
             float8: torchao float8 training of the blocks' attention and SwiGLU projections (`true` or
                 `tensorwise`, `rowwise`); checkpoints stay those of the unconverted model
                 (diffv2_lit/training/float8.py). GPUs of compute capability 8.9+ (H100, H200).
-            fsdp_shard_size: FSDP2 only. None (default) shards parameters, gradients and optimizer state
-                over every rank; N (or `node`: the GPUs per node) shards within groups of N consecutive
-                ranks and replicates across them (hybrid sharding, HSDP): all-gathers and reduce-scatters
-                stay inside a node and only one gradient all-reduce per step crosses the network.
             async_checkpoints: FSDP2 sharded checkpoints are written in the background (training waits only
                 for the copy to host memory); a checkpoint counts once its write finished on every rank
                 (diffv2_lit/checkpoint/atomic_io.py). False: every save blocks until written.
@@ -168,9 +155,7 @@ class DecoderLM(L.LightningModule):
                 sqrt(max(1, fan_out/fan_in))); `match_rms_adamw` (Moonshot) is meant for AdamW's LR and decay.
         """
         super().__init__()
-        if activation_checkpointing < 0:  # bools are ints: False 0, True 1
-            raise UsageError(f"model.activation_checkpointing={activation_checkpointing} must be false, true (every "
-                             "block) or N >= 1 (every N-th block).")
+        self.parallel = ParallelSettings.of(parallel)
         if not z_loss >= 0:
             raise ValueError(f"model.z_loss={z_loss!r} must be >= 0 (0 is off; PaLM uses 1e-4).")
         if loss_impl not in LOSS_IMPLS:
@@ -178,18 +163,21 @@ class DecoderLM(L.LightningModule):
         if kernels not in KERNELS:
             raise ValueError(f"model.kernels={kernels!r} is not one of: {', '.join(KERNELS)}")
         check_optimization(lr, betas, eps, weight_decay, schedule, warmup_steps, min_lr_ratio, decay_fraction, max_steps)
-        check_muon(optimizer, muon_lr, muon_weight_decay, muon_momentum, muon_ns_steps, muon_adjust_lr, cpu_offload)
+        check_muon(optimizer, muon_lr, muon_weight_decay, muon_momentum, muon_ns_steps, muon_adjust_lr,
+                   self.parallel.cpu_offload)
         self.model_config = resolve_model_config(architecture)
-        self.save_hyperparameters(ignore=["architecture"])
+        self.save_hyperparameters(ignore=["architecture", "parallel"])
         # Plain dicts in the checkpoint (no pickled classes): the spec as given and the full config, which
         # other tools (generate, export, compare) read to rebuild the model. Saved again so that the logger's
         # hparams.yaml holds them too (it writes the first snapshot).
         plain = {"architecture": dataclasses.asdict(architecture) if dataclasses.is_dataclass(architecture)
-                 else architecture, "model_config": dataclasses.asdict(self.model_config)}
+                 else architecture, "model_config": dataclasses.asdict(self.model_config),
+                 "parallel": dataclasses.asdict(self.parallel)}
         if init_from is not None:  # a str, not a pathlib object: checkpoints hold data only (safe_load.py)
             plain["init_from"] = os.fspath(init_from)
         self.save_hyperparameters({**self.hparams, **plain})
         self.model: Transformer | None = None
+        self.loss_impl: str | None = None  # model.loss_impl resolved for the device, in configure_model
         self.step_statistics = StepStatistics()
         self._step_result: StepResult | None = None
         self._warned_short_schedule = False
@@ -208,6 +196,7 @@ class DecoderLM(L.LightningModule):
             float8_problem(self.hparams.float8, self._init_device())
         if problem:
             raise UsageError(problem)
+        self.loss_impl = self._resolve_loss_impl()
         with torch.device("meta"):
             model = Transformer(self.model_config)
         use_kernels(model, self.hparams.kernels)  # before sharding and compiling: it swaps forwards
@@ -224,17 +213,25 @@ class DecoderLM(L.LightningModule):
             self._materialize(model)
         self.model = model
 
+    def _resolve_loss_impl(self) -> str:
+        """`model.loss_impl` as it will run on this device (`auto` -> liger or plain), chosen once here: every
+        training and validation step then runs that implementation without asking again."""
+        try:
+            return resolve_loss_impl(self.hparams.loss_impl, self._init_device())
+        except ValueError as err:
+            raise UsageError(f"model.{err}") from None
+
     def _parallelize(self, model: Transformer) -> None:
+        settings = self.parallel
         parallelize(
-            model, device_mesh=self._device_mesh, activation_checkpointing=self.hparams.activation_checkpointing,
-            compile=self.hparams.compile, param_dtype=self.hparams.fsdp_param_dtype,
-            reduce_dtype=self.hparams.fsdp_reduce_dtype, cpu_offload=self.hparams.cpu_offload,
-            float8=self.hparams.float8, shard_size=self._fsdp_shard_size(),
+            model, device_mesh=self._device_mesh, activation_checkpointing=settings.activation_checkpointing,
+            compile=settings.compile, param_dtype=settings.fsdp_param_dtype, reduce_dtype=settings.fsdp_reduce_dtype,
+            cpu_offload=settings.cpu_offload, float8=self.hparams.float8, shard_size=self._fsdp_shard_size(),
         )
         self._float8_scales = all_gathers_in_float8(model)
 
     def _fsdp_shard_size(self) -> int | None:
-        size = self.hparams.get("fsdp_shard_size")
+        size = self.parallel.fsdp_shard_size
         return self.trainer.num_devices if size == "node" else size
 
     def _materialize(self, model: Transformer) -> None:
@@ -243,7 +240,7 @@ class DecoderLM(L.LightningModule):
         _share_from_rank_zero(model)
         if self.hparams.init_from:
             self._load_initial_weights(model, self.hparams.init_from)
-        if self.hparams.cpu_offload and self._device_mesh is not None:
+        if self.parallel.cpu_offload and self._device_mesh is not None:
             model.to("cpu")  # FSDP2's CPUOffloadPolicy wants the sharded parameters on the host
 
     def _load_initial_weights(self, model: Transformer, path: str) -> None:
@@ -300,10 +297,15 @@ class DecoderLM(L.LightningModule):
         if isinstance(identity, dict) and identity.get("hash"):  # `generate` compares it with the tokenizer it gets
             self.hparams["tokenizer_sha256"] = identity["hash"]
 
-    def forward(self, input_ids: Tensor, cache=None) -> Tensor:
-        """The Transformer's forward. Callbacks that run the model outside training call it through
-        `model_call(trainer)`, which goes through this method where a strategy wraps the module."""
-        return self.model(input_ids, cache)
+    def forward(self, input_ids: Tensor | Callable[[Transformer], Any], *args: Any, **kwargs: Any) -> Any:
+        """`self.model(input_ids, ...)`, the Transformer's forward; or, given a function `run`, `run(self.model)`.
+        The training and validation steps call `self.model` itself; callbacks that run the model outside them go
+        through `callbacks.protocol.with_model`, which under FSDP1 (`strategy: fsdp`, where Lightning wraps this
+        module and only the wrapper's forward gathers the root's parameters) calls the wrapper with `run`, so
+        that `run` executes here, inside the wrapper's forward."""
+        if callable(input_ids):
+            return input_ids(self.model)
+        return self.model(input_ids, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model shape or attention variant before its weights are loaded
@@ -356,7 +358,7 @@ class DecoderLM(L.LightningModule):
         The model fuses its output layer with the loss (`loss_impl`); `z_loss` adds the z term (training). A
         third batch tensor (data.document_mask) is the per-token document ids; without it the call is the plain
         causal one."""
-        return self.model(input_ids, targets=targets, loss_impl=self.hparams.loss_impl, z_loss=z_loss,
+        return self.model(input_ids, targets=targets, loss_impl=self.loss_impl, z_loss=z_loss,
                           document_ids=document_ids[0] if document_ids else None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -367,7 +369,7 @@ class DecoderLM(L.LightningModule):
         """
         from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(self.model, FSDPModule) and not self.hparams.fsdp_sync_every_micro_batch:
+        if isinstance(self.model, FSDPModule) and not self.parallel.fsdp_sync_every_micro_batch:
             self.model.set_requires_gradient_sync(self._steps_after(batch_idx))
 
     def _steps_after(self, batch_idx: int) -> bool:

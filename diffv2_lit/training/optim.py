@@ -98,7 +98,7 @@ def check_muon(optimizer: str, muon_lr: float, muon_weight_decay: float, muon_mo
     if muon_adjust_lr not in MUON_SCALES:
         problems.append(f"model.muon_adjust_lr={muon_adjust_lr!r} is not one of: {', '.join(MUON_SCALES)}")
     if optimizer == "muon" and cpu_offload:
-        problems.append("model.optimizer=muon cannot run with model.cpu_offload=true (Newton-Schulz gathers each "
+        problems.append("model.optimizer=muon cannot run with model.parallel.cpu_offload=true (Newton-Schulz gathers each "
                         "matrix on the accelerator): set one of them back")
     if problems:
         raise ValueError("; ".join(problems))

@@ -18,6 +18,9 @@ CPU offload on GPUs it initialises the shards on the GPU and then moves them to 
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -25,6 +28,74 @@ from diffv2_lit.errors import UsageError
 from diffv2_lit.training.float8 import apply_float8, recipe_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REDUCE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSettings:
+    """How the model is parallelised and made cheaper to train, `model.parallel.<key>` in a recipe (the model's
+    own shape is `model.architecture`). The FSDP2 settings apply only under `ModelParallelStrategy`; other
+    strategies take their precision from the Trainer.
+
+    Args:
+        activation_checkpointing: False, True (every block) or N (every N-th block).
+        compile: torch.compile each block.
+        fsdp_param_dtype / fsdp_reduce_dtype: FSDP2 mixed precision: compute in this dtype, reduce gradients
+            in that one (None: the parameters' own, fp32 under `precision: 32-true`).
+        cpu_offload: FSDP2: sharded parameters, gradients and optimizer state in host memory.
+        fsdp_sync_every_micro_batch: FSDP2 with gradient accumulation: False (default) keeps the micro-batches'
+            gradients unsharded on each rank and reduce-scatters once per optimizer step (1/N of the traffic for
+            N micro-batches, at the memory of one unsharded gradient copy); True reduce-scatters after every
+            micro-batch (less memory, N times the traffic).
+        fsdp_shard_size: FSDP2. None (default) shards parameters, gradients and optimizer state over every rank;
+            N (or `node`: the GPUs per node) shards within groups of N consecutive ranks and replicates across
+            them (hybrid sharding, HSDP): all-gathers and reduce-scatters stay inside a node and only one
+            gradient all-reduce per step crosses the network.
+    """
+
+    activation_checkpointing: bool | int = False
+    compile: bool = False
+    fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = "bfloat16"
+    fsdp_reduce_dtype: Literal["bfloat16", "float32"] | None = "float32"
+    cpu_offload: bool = False
+    fsdp_sync_every_micro_batch: bool = False
+    fsdp_shard_size: int | Literal["node"] | None = None
+
+    def __post_init__(self) -> None:
+        problem = self._problem()
+        if problem:
+            raise UsageError(f"model.parallel.{problem}")
+
+    def _problem(self) -> str | None:
+        every = self.activation_checkpointing
+        if not isinstance(every, (bool, int)) or every < 0:  # bools are ints: False 0, True 1
+            return f"activation_checkpointing={every!r} must be false, true (every block) or N >= 1 (every N-th block)."
+        for name in ("compile", "cpu_offload", "fsdp_sync_every_micro_batch"):
+            if not isinstance(getattr(self, name), bool):
+                return f"{name}={getattr(self, name)!r} must be true or false."
+        for name, allowed in (("fsdp_param_dtype", tuple(DTYPES)), ("fsdp_reduce_dtype", REDUCE_DTYPES)):
+            if getattr(self, name) not in (*allowed, None):
+                return f"{name}={getattr(self, name)!r} is not one of: {', '.join(allowed)}, null."
+        size = self.fsdp_shard_size
+        if size not in (None, "node") and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            return f"fsdp_shard_size={size!r} must be null (every rank), node (the GPUs of a node) or N >= 1."
+        return None
+
+    @classmethod
+    def of(cls, value: "ParallelSettings | dict | None") -> "ParallelSettings":
+        """From a recipe's mapping or a checkpoint's plain dict (which names only the keys it was given)."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UsageError(f"model.parallel.{unknown[0]} is not a parallelism setting; the settings: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}.")
+        return cls(**value)
+
+
+# The settings that were DecoderLM arguments of their own before they were grouped (issue 21.5): a config
+# that still names one is refused with its new key.
+MOVED_TO_PARALLEL = {f"model.{f.name}": f"model.parallel.{f.name}" for f in dataclasses.fields(ParallelSettings)}
 
 
 def parallelize(model: nn.Module, device_mesh=None, activation_checkpointing: bool | int = False,
@@ -93,7 +164,7 @@ def fsdp_mesh(device_mesh, shard_size: int | None = None):
     if shard_size is None or shard_size == mesh.size():
         return mesh
     if shard_size < 1 or mesh.size() % shard_size:
-        raise UsageError(f"model.fsdp_shard_size={shard_size} must divide the {mesh.size()} data-parallel ranks "
+        raise UsageError(f"model.parallel.fsdp_shard_size={shard_size} must divide the {mesh.size()} data-parallel ranks "
                          "(the GPUs per node, or null to shard over every rank).")
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -17,7 +17,7 @@ from tests.faults.helpers import MAX_STEPS, env, fit_args, output, run_dir, scal
 
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
-         "model:\n  fsdp_param_dtype: null\n  fsdp_reduce_dtype: null\n")
+         "model:\n  parallel:\n    fsdp_param_dtype: null\n    fsdp_reduce_dtype: null\n")
 
 
 def _slow(tmp_path, seconds: float, at_step: int | None = None) -> list[str]:

@@ -95,8 +95,8 @@ def test_out_of_memory_on_the_first_step_suggests_the_knobs(tmp_path):
     assert "global batch 8 = 4 per device x 1 device(s) x 2 accumulation step(s)" in result.stdout
     assert ("diffv2-lit fit: error: out of memory: MemoryError: injected: could not allocate 17179869184 bytes"
             in result.stderr)
-    for knob in ("--data.init_args.batch_size N", "--global_batch_size G", "--model.activation_checkpointing true",
-                 "--model.cpu_offload true", "--data.init_args.seq_len N"):
+    for knob in ("--data.init_args.batch_size N", "--global_batch_size G", "--model.parallel.activation_checkpointing true",
+                 "--model.parallel.cpu_offload true", "--data.init_args.seq_len N"):
         assert knob in result.stderr
     assert "Traceback" not in result.stderr
 

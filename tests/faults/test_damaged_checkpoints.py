@@ -21,7 +21,7 @@ MODEL = ("--model.architecture.vocab_size", "320")  # the byte tokenizer's ids f
 # One process is enough for a real sharded folder (shards, .metadata, meta.pt, complete.json): half the time of two.
 FSDP2 = ("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 1, tensor_parallel_size: 1}\n"
-         "model:\n  fsdp_param_dtype: null\n  fsdp_reduce_dtype: null\n")
+         "model:\n  parallel:\n    fsdp_param_dtype: null\n    fsdp_reduce_dtype: null\n")
 # pickle protocol 4, a 2-byte BINUNICODE string that is not UTF-8: pickle.load raises UnicodeDecodeError.
 NOT_UTF8_PICKLE = b"\x80\x04X\x02\x00\x00\x00\xff\xfe"
 TOOLS = ("consolidate", "generate", "export")

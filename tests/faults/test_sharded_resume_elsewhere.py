@@ -12,7 +12,7 @@ from tests.faults.helpers import output, run_dir, tool
 MODEL = ("--model.architecture.vocab_size", "320")
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
-         "model:\n  fsdp_param_dtype: null\n  fsdp_reduce_dtype: null\n")
+         "model:\n  parallel:\n    fsdp_param_dtype: null\n    fsdp_reduce_dtype: null\n")
 
 
 def test_a_sharded_folder_under_one_process_names_fsdp2_and_consolidate_and_the_fix_resumes(tmp_path):

@@ -30,7 +30,7 @@ TRUST_ENV = "DIFFV2_LIT_TRUST_CHECKPOINTS"
 MODEL = ("--model.architecture.vocab_size", "320")
 FSDP2 = ("trainer:\n  devices: 2\n  strategy:\n    class_path: lightning.pytorch.strategies.ModelParallelStrategy\n"
          "    init_args: {data_parallel_size: 2, tensor_parallel_size: 1}\n"
-         "model:\n  fsdp_param_dtype: null\n  fsdp_reduce_dtype: null\n")
+         "model:\n  parallel:\n    fsdp_param_dtype: null\n    fsdp_reduce_dtype: null\n")
 
 
 def _entry_point_args(command: str, checkpoint, tmp_path) -> list[str]:

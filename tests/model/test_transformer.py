@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffv2_lit.model import KVCache, ModelConfig, StaticKVCache, Transformer, sample_next_token
+from diffv2_lit.inference.decoding import Decoder
 
 VARIANTS = ["baseline", "diffv2", "diffv1"]
 
@@ -163,7 +164,7 @@ def test_static_decoding_generates_what_the_growing_cache_does(attention):
     model = tiny(attention)
     prompt = torch.randint(0, 97, (2, 6))
     eager = model.generate(prompt, max_new_tokens=10, temperature=0, decode="eager")
-    static = model.generate(prompt, max_new_tokens=10, temperature=0, decode="static")
+    static = model.generate(prompt, max_new_tokens=10, temperature=0, decode=Decoder("static"))
     assert torch.equal(static, eager)
 
 
@@ -173,7 +174,8 @@ def test_compiled_decode_step_equals_the_uncompiled_one():
     after token, and a second generate call, for another length in the same cache bucket, compiles no new graph."""
     from torch._dynamo.utils import counters
 
-    from diffv2_lit.model import DecodeStep, StaticKVCache
+    from diffv2_lit.inference.decoding import DecodeStep, shared_decoder
+    from diffv2_lit.model import StaticKVCache
 
     model = tiny("diffv2", n_layers=1).float()  # one block: inductor compiles half the graph
     prompt = torch.randint(0, 97, (2, 6))
@@ -188,11 +190,12 @@ def test_compiled_decode_step_equals_the_uncompiled_one():
 
     eager = model.generate(prompt, max_new_tokens=9, temperature=0)
     before = counters["stats"]["unique_graphs"]
-    assert torch.equal(model.generate(prompt, max_new_tokens=9, temperature=0, decode="compile"), eager)
+    assert torch.equal(model.generate(prompt, max_new_tokens=9, temperature=0, decode=shared_decoder(model, "compile")),
+                       eager)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > before  # the first call compiled (the counter is live)
     with torch.compiler.set_stance("fail_on_recompile"):
-        again = model.generate(prompt, max_new_tokens=5, temperature=0, decode="compile")
+        again = model.generate(prompt, max_new_tokens=5, temperature=0, decode=shared_decoder(model, "compile"))
     assert torch.equal(again, eager[:, :11]) and counters["stats"]["unique_graphs"] == graphs
 
 
@@ -203,8 +206,6 @@ def test_decoders_for_many_models_modes_and_batches_stay_within_the_recompile_li
     is dynamo's "eager" (graphs traced, guarded and counted as with inductor, minus inductor's code
     generation, minutes on 2 cores); the inductor path is the slow test above."""
     from torch._dynamo.utils import counters
-
-    from diffv2_lit.model import Decoder
 
     models = {variant: tiny(variant, n_layers=1).float() for variant in VARIANTS}
     decoders = {(variant, mode): Decoder(mode, backend="eager") for variant in VARIANTS
@@ -230,8 +231,6 @@ def test_decoders_for_many_models_modes_and_batches_stay_within_the_recompile_li
 def test_a_decoder_reuses_its_static_cache_reset_between_calls():
     """The same (batch, bucket) gets the same buffers back, emptied: a second generate decodes as the first
     did (stale keys from the first call would change its logits), and a captured step sees the same addresses."""
-    from diffv2_lit.model import Decoder
-
     model = tiny("diffv2")
     decoder = Decoder("static")
     first_prompt, second_prompt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 4))
@@ -265,12 +264,12 @@ def test_availability_probes_are_asked_once_per_process(monkeypatch):
     walks sys.path. On the CPU a training forward reaches neither probe (both need CUDA inputs first), so the
     probes themselves are counted too: three calls, at most one find_spec each (before: one per call)."""
     from diffv2_lit.model.attention import flash_installed
-    from diffv2_lit.model.loss import liger_available
+    from diffv2_lit.model.loss import liger_available, resolve_loss_impl
 
     probes = counting_find_spec(monkeypatch)
     model = tiny("diffv2", attn_backend="auto").float().train()
     ids = torch.randint(0, 97, (2, 12))
-    model(ids, targets=ids, loss_impl="auto").backward()
+    model(ids, targets=ids, loss_impl=resolve_loss_impl("auto", ids.device)).backward()
     for _ in range(3):
         flash_installed(), liger_available()
     assert probes.count("flash_attn") <= 1 and probes.count("liger_kernel") <= 1, probes

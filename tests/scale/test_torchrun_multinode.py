@@ -16,7 +16,7 @@ from tests.faults.forked import fit
 from tests.faults.helpers import MAX_STEPS, TINY, env, output, run_dir, scalars
 
 ROOT = Path(__file__).parents[2]
-FP32 = ("--model.fsdp_param_dtype", "null", "--model.fsdp_reduce_dtype", "null")  # compare with the fp32 process
+FP32 = ("--model.parallel.fsdp_param_dtype", "null", "--model.parallel.fsdp_reduce_dtype", "null")  # compare with the fp32 process
 
 
 def cpu_twin_of_multinode(path: Path) -> Path:

@@ -37,7 +37,7 @@ def main() -> None:
     recorder = LossRecorder()
     trainer = tiny_trainer(max_steps=args.steps, callbacks=[recorder], devices=args.devices,
                            strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1))
-    module = tiny_module(max_steps=args.steps, warmup_steps=1, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
+    module = tiny_module(max_steps=args.steps, warmup_steps=1, parallel={"fsdp_param_dtype": None, "fsdp_reduce_dtype": None},
                          float8=float8)
     trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices, seq_len=args.seq_len))
     if trainer.is_global_zero:

@@ -52,8 +52,8 @@ def main() -> None:
                            enable_checkpointing=True,
                            strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
                            accumulate_grad_batches=args.accumulate)
-    module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
-                         fsdp_shard_size=args.shard_size)
+    module = tiny_module(max_steps=SCHEDULE_STEPS, parallel={"fsdp_param_dtype": None, "fsdp_reduce_dtype": None,
+                                                                    "fsdp_shard_size": args.shard_size})
     micro_batch = args.global_batch // args.devices // args.accumulate
     trainer.fit(module, tiny_data(batch_size=micro_batch), ckpt_path=args.resume_from)
     mesh = module.model.layers[0].self_attn.q_proj.weight.device_mesh

@@ -13,6 +13,7 @@ FSDP2 computes in bf16 and reduces in fp32, as the GPU recipes do. Writes one JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -93,7 +94,7 @@ class MemoryProbe(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         mode = self._mode(trainer)
         if mode and batch_idx % self.accumulate == 0:  # the step's first micro-batch
-            pl_module.hparams.fsdp_sync_every_micro_batch = mode == "sync"
+            pl_module.parallel = dataclasses.replace(pl_module.parallel, fsdp_sync_every_micro_batch=mode == "sync")
             self.record[mode] = {"step_start": self._held(trainer, pl_module)}
 
     def on_after_backward(self, trainer, pl_module) -> None:
@@ -118,8 +119,8 @@ def main() -> None:
     probe = MemoryProbe(args.accumulate)
     trainer = tiny_trainer(max_steps=3, callbacks=[probe], devices=args.devices, accumulate_grad_batches=args.accumulate,
                            strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1))
-    module = tiny_module(architecture=ARCHITECTURE, max_steps=4, fsdp_param_dtype="bfloat16",
-                         fsdp_reduce_dtype="float32")
+    module = tiny_module(architecture=ARCHITECTURE, max_steps=4, parallel={"fsdp_param_dtype": "bfloat16",
+                                                                                      "fsdp_reduce_dtype": "float32"})
     trainer.fit(module, tiny_data(batch_size=2, vocab_size=ARCHITECTURE["vocab_size"], seq_len=SEQ_LEN))
     with open(f"{args.out}.rank{trainer.global_rank}", "w") as f:
         json.dump(probe.record, f)

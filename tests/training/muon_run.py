@@ -66,7 +66,7 @@ def fit(args, max_steps: int, resume: bool):
     trainer = tiny_trainer(max_steps=max_steps, callbacks=callbacks, devices=args.devices, strategy=strategy,
                            enable_checkpointing=bool(args.ckpt_dir))
     # fp32 everywhere on CPU (FSDP2 mixed precision off); a Muon decay and LR that move the weights visibly.
-    module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None, optimizer="muon",
+    module = tiny_module(max_steps=SCHEDULE_STEPS, parallel={"fsdp_param_dtype": None, "fsdp_reduce_dtype": None}, optimizer="muon",
                          muon_lr=0.05, muon_weight_decay=0.1)
     trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices), ckpt_path="last" if resume else None)
     return module, recorder.losses

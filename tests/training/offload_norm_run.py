@@ -75,7 +75,8 @@ def main() -> None:
     trainer = tiny_trainer(max_steps=8, devices=2, callbacks=[detector, ScaleGradientsAt(SPIKE_STEP, 100.0), recorder],
                            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                            logger=L.pytorch.loggers.CSVLogger("logs"))
-    trainer.fit(tiny_module(max_steps=8, cpu_offload=True, fsdp_param_dtype=None, fsdp_reduce_dtype=None),
+    trainer.fit(tiny_module(max_steps=8, parallel={"cpu_offload": True, "fsdp_param_dtype": None,
+                                                          "fsdp_reduce_dtype": None}),
                 tiny_data(batch_size=2))
     if trainer.is_global_zero:
         with open(args.out, "w") as f:

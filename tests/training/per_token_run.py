@@ -74,7 +74,7 @@ def main() -> None:
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = tiny_trainer(max_steps=1, callbacks=[AppliedGradients(args.out)], devices=args.devices,
                            strategy=strategy, accumulate_grad_batches=args.accumulate, gradient_clip_val=None)
-    module = tiny_module(architecture={"max_seq_len": SEQ}, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
+    module = tiny_module(architecture={"max_seq_len": SEQ}, parallel={"fsdp_param_dtype": None, "fsdp_reduce_dtype": None},
                          max_steps=10)
     trainer.fit(module, DataLoader(TensorDataset(*rows()), batch_size=1, shuffle=False))
 

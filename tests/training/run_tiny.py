@@ -22,6 +22,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
+from diffv2_lit.training.parallel import ParallelSettings  # noqa: E402
 from tests.training.helpers import LossRecorder, tiny_data, tiny_module, tiny_trainer  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -54,9 +55,10 @@ def main() -> None:
     trainer = tiny_trainer(max_steps=args.max_steps, callbacks=callbacks, devices=args.devices, strategy=strategy,
                            enable_checkpointing=bool(args.ckpt_dir), accumulate_grad_batches=args.accumulate)
     # fp32 everywhere on CPU: FSDP2 mixed precision off, so sharded and single runs compare closely.
-    module = tiny_module(max_steps=SCHEDULE_STEPS, fsdp_param_dtype=None, fsdp_reduce_dtype=None,
-                         cpu_offload=args.cpu_offload, fsdp_sync_every_micro_batch=args.sync_every_micro_batch,
-                         compile=args.compile, activation_checkpointing=args.activation_checkpointing)
+    module = tiny_module(max_steps=SCHEDULE_STEPS, parallel=ParallelSettings(
+                             fsdp_param_dtype=None, fsdp_reduce_dtype=None, cpu_offload=args.cpu_offload,
+                             fsdp_sync_every_micro_batch=args.sync_every_micro_batch, compile=args.compile,
+                             activation_checkpointing=args.activation_checkpointing))
     trainer.fit(module, tiny_data(batch_size=GLOBAL_BATCH // args.devices // args.accumulate),
                 ckpt_path="last" if args.resume else None)
     if trainer.is_global_zero:

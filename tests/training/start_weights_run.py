@@ -70,8 +70,8 @@ def main() -> None:
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     callbacks = ([PerturbRng()] if args.perturb_rng else []) + [SaveWeights(args.out, opens)]
     trainer = tiny_trainer(max_steps=1, devices=args.devices, strategy=strategy, callbacks=callbacks)
-    module = DecoderLM(architecture=eval(args.architecture), init_from=args.source, fsdp_param_dtype=None,
-                       fsdp_reduce_dtype=None, max_steps=10, warmup_steps=2)
+    module = DecoderLM(architecture=eval(args.architecture), init_from=args.source, max_steps=10,
+                       parallel={"fsdp_param_dtype": None, "fsdp_reduce_dtype": None}, warmup_steps=2)
     vocab = module.model_config.vocab_size
     trainer.fit(module, tiny_data(vocab_size=vocab, seq_len=16))
 

@@ -117,7 +117,7 @@ def test_activation_checkpointing_and_compile_keep_the_losses():
                          "ac2+compile": {"activation_checkpointing": 2, "compile": True}}.items():
         L.seed_everything(0)
         recorder = LossRecorder()
-        module = tiny_module(**kwargs)
+        module = tiny_module(parallel=kwargs)
         tiny_trainer(max_steps=2, callbacks=[recorder]).fit(module, tiny_data())
         runs[name] = recorder.losses
         # names stay the plain model's, so checkpoints and optimizer groups do not change

@@ -86,16 +86,16 @@ def test_a_run_that_does_not_fit_exits_1_naming_the_term(capsys):
     """The 6.7b recipe as it was before (no-sync accumulation over 8 micro-batches): its unsharded fp32
     gradients, 4 bytes x N on every GPU, push it past 80 GB."""
     recipe = str(ROOT / "recipes/6.7b-diffv2.yaml")
-    code, out, err = _plan(capsys, "--config", recipe, "--config", FSDP2, "--model.fsdp_sync_every_micro_batch", "false")
+    code, out, err = _plan(capsys, "--config", recipe, "--config", FSDP2, "--model.parallel.fsdp_sync_every_micro_batch", "false")
     assert code == 1
     n_params = count_parameters(resolve_model_config({"preset": "6.7b", "attention": "diffv2"}))["total"]
     accumulated = float(re.search(r"^  accumulated gradients +([\d.]+) GiB", out, re.M).group(1))
     assert accumulated == pytest.approx(4 * n_params / 2**30, abs=0.05)
     assert float(re.search(r"^peak per GPU: ([\d.]+) GiB$", out, re.M).group(1)) > 74.5
     assert "exceeds --gpu_memory_gib 74.5; change accumulated gradients" in err
-    assert "--model.fsdp_sync_every_micro_batch true" in err
+    assert "--model.parallel.fsdp_sync_every_micro_batch true" in err
     # A larger card takes it.
-    code, _, _ = _plan(capsys, "--config", recipe, "--config", FSDP2, "--model.fsdp_sync_every_micro_batch", "false",
+    code, _, _ = _plan(capsys, "--config", recipe, "--config", FSDP2, "--model.parallel.fsdp_sync_every_micro_batch", "false",
                        "--gpu_memory_gib", "130")
     assert code == 0
 
@@ -104,7 +104,7 @@ def test_activations_are_named_when_they_are_what_to_change(capsys):
     code, _, err = _plan(capsys, "--config", str(ROOT / "recipes/1.3b-diffv2.yaml"), "--config", FSDP2,
                          "--data.init_args.batch_size", "32", "--trainer.accumulate_grad_batches", "2")
     assert code == 1
-    assert "change activations" in err and "--model.activation_checkpointing true" in err
+    assert "change activations" in err and "--model.parallel.activation_checkpointing true" in err
 
 
 def test_a_configuration_mistake_is_one_line_and_exit_2(capsys):

@@ -82,7 +82,7 @@ def _twin_fits(twin: Path, micro_batch: int, accumulation: int, sync: bool) -> b
         code = plan.main(["--config", str(twin), "--gpu_memory_gib", str(RECIPE_BUDGET_GIB),
                           "--data.init_args.batch_size", str(micro_batch),
                           "--trainer.accumulate_grad_batches", str(accumulation),
-                          "--model.fsdp_sync_every_micro_batch", str(sync).lower()])
+                          "--model.parallel.fsdp_sync_every_micro_batch", str(sync).lower()])
     assert code in (0, 1), code
     return code == 0
 
@@ -120,7 +120,7 @@ def test_recipe_size_states_and_the_plan_its_comment_quotes(path):
     n_gpus = config.trainer.devices * config.trainer.num_nodes
     memory = planned.memory
     assert memory.states == pytest.approx(16 * n_params / n_gpus, rel=5e-3)
-    sync = config.model.fsdp_sync_every_micro_batch
+    sync = config.model.parallel.fsdp_sync_every_micro_batch
     assert memory.accumulated == (0 if sync else 4 * n_params)
     assert ("reduce-scattered every micro-batch" in text) == sync
     data = config.data.init_args
@@ -162,7 +162,7 @@ def test_recipe_comment_quotes_the_activations_and_logits_measured_here(path):
     assert quoted, "the comment names its activation and logits terms and the plain loss"
     data, n_layers = config.data.init_args, model_config.n_layers
     tokens = data.batch_size * data.seq_len
-    every = int(config.model.activation_checkpointing or 0)
+    every = int(config.model.parallel.activation_checkpointing or 0)
     full = _measured_block_bytes_per_token(model_config, checkpointed=False)
     if every:
         kept_inputs = -(-n_layers // every)  # blocks 0, k, 2k, ... keep only their input
@@ -181,8 +181,8 @@ def test_recipe_batch_is_gpt3s_with_the_micro_batches_written_out(path):
     size = path.stem.split("-")[0]
     data, trainer = config.data.init_args, config.trainer
     assert (trainer.devices * trainer.num_nodes, data.seq_len) == (8, 2048)
-    assert (data.batch_size, trainer.accumulate_grad_batches, config.model.fsdp_sync_every_micro_batch,
-            config.model.activation_checkpointing) == MICRO_BATCHES[size]
+    assert (data.batch_size, trainer.accumulate_grad_batches, config.model.parallel.fsdp_sync_every_micro_batch,
+            config.model.parallel.activation_checkpointing) == MICRO_BATCHES[size]
     assert 8 * data.batch_size * trainer.accumulate_grad_batches * data.seq_len == GPT3_BATCH_TOKENS[size]
 
 
@@ -214,10 +214,10 @@ def test_gpu_recipe_fills_its_gpus_and_compiles(path):
     def fits(micro_batch: int, sync: bool) -> bool:
         return _twin_fits(twin, micro_batch, max(1, per_gpu // micro_batch), sync)
 
-    assert config.model.fsdp_sync_every_micro_batch == (not fits(data.batch_size, sync=False))
+    assert config.model.parallel.fsdp_sync_every_micro_batch == (not fits(data.batch_size, sync=False))
     assert fits(data.batch_size, sync=True)  # syncing holds less: implied where no-sync fits
     assert 2 * data.batch_size > per_gpu or not fits(2 * data.batch_size, sync=True)
-    assert config.model.compile is True
+    assert config.model.parallel.compile is True
     # Validation every 1000 optimizer steps whatever the accumulation (callbacks/validation.py).
     assert trainer.val_check_interval == 1000
     assert any(c.class_path.endswith("ValidationInOptimizerSteps") for c in trainer.callbacks)
