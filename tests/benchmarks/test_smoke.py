@@ -26,7 +26,8 @@ SMOKE = {
     "bench_document_mask.py": (["--presets", "quickstart", "--seq-len", "32", "--batch-size", "1", "--repeats", "1",
                                 "--doc-len", "8"], "| quickstart 1x32 | diffv1 |"),
     "bench_muon.py": (["--dim", "128", "--layers", "1", "--steps", "2"], "Muon / AdamW step"),
-    "study.py": (["--models", "diffv2", "--lrs", "3e-3", "--seeds", "1", "--steps", "2", "--dry-run"], "fit"),
+    "study.py": (["--arms", "diffv2", "--optimizers", "muon", "--stress-arms", "--seeds", "1", "--steps", "2",
+                  "--dry-run"], "fit"),
 }
 COVERED_ELSEWHERE = {"gpu_suite.py": "tests/benchmarks/test_gpu_suite.py runs its --dry mode",
                      "sync_count.py": "a callback, not a script: the GPU suite's --dry training row runs it"}
