@@ -55,7 +55,7 @@ ARMS: dict[str, dict] = {
 OPTIMIZERS = ("adamw", "muon")
 # In this order within each seed and optimizer: an interrupted study holds the headline pair first.
 DEFAULT_ARMS = ["baseline", "diffv2", "baseline-qknorm", "control-baseline"]
-DEFAULT_STRESS_ARMS = ["baseline", "baseline-qknorm", "diffv2"]
+DEFAULT_STRESS_ARMS = ["baseline", "diffv2", "baseline-qknorm"]
 REFERENCE_ARM = "baseline"  # every other arm is compared with it at the same optimizer and LR
 DROP_CALLBACKS = ("SampleText", "ModelCheckpoint")
 
